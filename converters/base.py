@@ -1,0 +1,100 @@
+"""What every converter provides, and the result one conversion yields."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from converters.source import SourceModel
+from edgekit.manifest import Attempt, Coverage, Manifest, TensorSpec
+from edgekit.profiles import HardwareProfile
+
+__all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantize: a name for reports and the options the converter reads."""
+
+    name: str
+    description: str
+    weights: str = "int8"
+    activations: str = "int8"
+    per_channel: bool = True
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, key: str, default: object = None) -> object:
+        """The value of one option."""
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a converter learns by opening the model it produced."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    ops: tuple[str, ...]
+    activation_bytes: int
+    dtype_violations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """One bundle built for one (profile, format)."""
+
+    profile: str
+    format: str
+    bundle_dir: Path
+    manifest: Manifest
+    coverage: Coverage
+    attempts: tuple[Attempt, ...]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary for report.json and --json."""
+        m = self.manifest
+        return {
+            "profile": self.profile,
+            "format": self.format,
+            "bundle": str(self.bundle_dir),
+            "file": m.file,
+            "sha256": m.sha256,
+            "size_bytes": m.size_bytes,
+            "recipe": m.quantization.recipe,
+            "metrics": {k: v.model_dump() for k, v in m.metrics.items()},
+            "coverage": self.coverage.model_dump(),
+            "attempts": [a.model_dump() for a in self.attempts],
+            "warnings": list(self.warnings),
+        }
+
+
+class Converter(ABC):
+    """One target format. Heavy imports happen inside the methods, never at import time."""
+
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+
+    @abstractmethod
+    def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
+        """Raise IncompatibleError if the profile cannot take this model; return warnings."""
+
+    @abstractmethod
+    def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:
+        """Recipes to try in order, the first being the plain post-training default."""
+
+    @abstractmethod
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+        """Write the quantized model under ``out`` and return its path."""
+
+    @abstractmethod
+    def convert_float(self, source: SourceModel, out: Path) -> Path:
+        """Write the unquantized model in this format, the baseline for size and latency."""
+
+    @abstractmethod
+    def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
+        """Open the produced model: I/O specs with quantization, op list, activation memory."""

@@ -1,0 +1,158 @@
+"""Full-integer INT8 TFLite with TensorFlow's converter; checked with LiteRT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import Converter, ModelFacts, Recipe
+from converters.source import SourceModel, import_tensorflow
+from edgekit.errors import ConversionError, IncompatibleError
+from edgekit.manifest import QuantParams, TensorSpec
+from edgekit.nativelog import captured_stderr
+from edgekit.profiles import HardwareProfile, TFLiteConstraints
+
+__all__ = ["TFLiteConverter"]
+
+_INT_TYPES = {"int8", "uint8", "int16", "int32", "int64", "bool"}
+
+
+def _constraints(profile: HardwareProfile) -> TFLiteConstraints:
+    c = profile.formats.tflite
+    if c is None:
+        raise IncompatibleError(
+            f"profile '{profile.id}' does not take TFLite models (it supports: {', '.join(profile.formats.supported()) or 'nothing'})",
+            f"Use --format {profile.formats.supported()[0]} for this profile." if profile.formats.supported() else "Pick another profile.",
+        )
+    return c
+
+
+class TFLiteConverter(Converter):
+    """Post-training full-integer quantization (TFLITE_BUILTINS_INT8) with a representative dataset."""
+
+    format = "tflite"
+    suffix = ".tflite"
+
+    def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
+        c = _constraints(profile)
+        warnings: list[str] = []
+        weights_mb = source.param_count / 1e6  # int8: one byte per weight
+        budget = profile.memory.model_budget_mb
+        if weights_mb > budget:
+            raise IncompatibleError(
+                f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
+                f"'{profile.id}''s model budget of {budget:g} MB",
+                "Use a smaller model or a profile with more memory.",
+            )
+        for acc in profile.accelerators_for("tflite"):
+            if c.full_integer and not ({"int8", "uint8"} & set(acc.dtypes)):
+                raise IncompatibleError(f"accelerator '{acc.id}' of profile '{profile.id}' takes no int8 tensors", "Fix the profile's dtypes.")
+            if acc.memory_mb is not None and weights_mb > acc.memory_mb:
+                warnings.append(
+                    f"{acc.name}: about {weights_mb:.1f} MB of int8 weights exceed its {acc.memory_mb:g} MB on-chip memory; "
+                    "the rest streams from host memory at every inference"
+                )
+        return warnings
+
+    def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:
+        c = _constraints(profile)
+        io = c.io_dtype
+        out = [
+            Recipe("int8-per-channel", "full int8, per-channel weights (TFLite default)", options=(("io", io),)),
+            Recipe("int8-per-tensor", "full int8, per-tensor weights", per_channel=False, options=(("io", io),)),
+        ]
+        if calibration_count > calibration_cap:
+            out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
+                              options=(("io", io), ("calibration_all", True))))
+        out.append(Recipe("int8-legacy-calibrator", "full int8, per-channel, TFLite's legacy quantizer and its range estimation",
+                          options=(("io", io), ("legacy_quantizer", True))))
+        if c.activations_int16:
+            out.append(Recipe("int16x8", "int8 weights with int16 activations (16x8 mode)", activations="int16",
+                              options=(("io", "int16"), ("int16x8", True))))
+        return out
+
+    def _converter(self, tf, source: SourceModel):
+        return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
+
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+        tf = import_tensorflow()
+        conv = self._converter(tf, source)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        data = calibration
+
+        def representative():
+            for i in range(len(data)):
+                yield [data[i : i + 1]]
+
+        conv.representative_dataset = representative
+        io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[str(recipe.option("io", "int8"))]
+        if recipe.option("int16x8"):
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        else:
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = io
+        conv.inference_output_type = io
+        if not recipe.per_channel:
+            conv._experimental_disable_per_channel = True  # documented private switch; no public equivalent
+        if recipe.option("legacy_quantizer"):
+            conv.experimental_new_quantizer = False
+        with captured_stderr() as log:
+            try:
+                flat = conv.convert()
+            except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
+                err = e
+            else:
+                err = None
+        if err is not None:
+            detail = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+            raise ConversionError(
+                f"TFLite conversion ({recipe.name}) failed: {detail}",
+                "The model has ops without int8 kernels; run with --debug for the converter log.",
+            ) from err
+        del log
+        path = out / f"model{self.suffix}"
+        path.write_bytes(flat)
+        return path
+
+    def convert_float(self, source: SourceModel, out: Path) -> Path:
+        tf = import_tensorflow()
+        conv = self._converter(tf, source)
+        with captured_stderr():
+            flat = conv.convert()
+        path = out / f"float{self.suffix}"
+        path.write_bytes(flat)
+        return path
+
+    def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        with captured_stderr():
+            interp = Interpreter(model_path=str(model_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interp.allocate_tensors()
+        ops = interp._get_ops_details()  # the only API that lists the graph's ops
+        tensors = {t["index"]: t for t in interp.get_tensor_details()}
+
+        def spec(d: dict) -> TensorSpec:
+            scale, zp = d["quantization"]
+            q = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
+            return TensorSpec(name=d["name"], shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name, quantization=q)
+
+        activation_ids = {int(i) for op in ops for i in op["outputs"] if i >= 0}
+        activation_ids |= {d["index"] for d in interp.get_input_details()}
+        activation_bytes = sum(int(np.prod(tensors[i]["shape"])) * np.dtype(tensors[i]["dtype"]).itemsize for i in activation_ids if i in tensors)
+        violations: list[str] = []
+        c = profile.formats.tflite
+        if c is not None and c.full_integer:
+            for op in ops:
+                types = {np.dtype(t).name for t in [*op["operand_types"], *op["result_types"]]}
+                floats = sorted(types - _INT_TYPES)
+                if floats:
+                    violations.append(f"{op['op_name']} (op {op['index']}) uses {', '.join(floats)}")
+        return ModelFacts(
+            inputs=tuple(spec(d) for d in interp.get_input_details()),
+            outputs=tuple(spec(d) for d in interp.get_output_details()),
+            ops=tuple(op["op_name"] for op in ops),
+            activation_bytes=activation_bytes,
+            dtype_violations=tuple(violations),
+        )

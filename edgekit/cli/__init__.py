@@ -1,0 +1,86 @@
+"""The ``edgekit`` command. Subcommands are imported only when invoked, so ``--help`` is fast
+and an agent-only install (no TensorFlow) works."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+
+__all__ = ["cli", "main"]
+
+# name -> "module:attribute"; the one registry of subcommands.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("edgekit.cli.convert:convert", "Convert a model to INT8 bundles for hardware profiles."),
+    "bench": ("edgekit.cli.bench:bench", "Measure a bundle's load time and latency on this machine."),
+    "bundle": ("edgekit.cli.bundle:bundle", "Inspect, verify and pack bundles."),
+    "profiles": ("edgekit.cli.profiles:profiles", "List, show and validate hardware profiles."),
+    "profile": ("edgekit.cli.profiles:profile", "Describe this machine as a hardware profile."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands live in modules loaded on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _COMMANDS:
+            return None
+        module, attr = _COMMANDS[cmd_name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, _COMMANDS[name][1]) for name in sorted(_COMMANDS)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(__version__, prog_name="edgekit")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """edgekit: from a trained model to a fleet of edge devices."""
+    ctx.obj = {"debug": debug}
+
+
+def _print_error(message: str, hint: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Hint: {hint}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn every error into Error/Hint lines and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="edgekit", standalone_mode=False)
+    except EdgekitError as e:
+        if debug:
+            raise
+        _print_error(e.message, e.hint)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as e:
+        _print_error(e.format_message(), "See --help for the command's options.")
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+        if debug:
+            raise
+        _print_error(f"internal error: {type(e).__name__}: {e}", "Run again with --debug and report the traceback.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``edgekit bundle inspect|verify|pack``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgekit.bundle import open_bundle, pack as pack_bundle, verify_bundle
+from edgekit.cli.output import emit, stdout
+from edgekit.errors import BundleError
+
+__all__ = ["bundle"]
+
+
+@click.group()
+def bundle() -> None:
+    """Inspect, verify and pack bundles."""
+
+
+@bundle.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show a bundle's manifest: model, I/O, quantization, metrics, op coverage."""
+    b = open_bundle(path)
+    m = b.manifest
+
+    def render() -> None:
+        from rich.table import Table
+
+        stdout.print(f"[bold]{m.name} {m.version}[/] · {m.format} for [bold]{m.profile}[/] · {m.file} ({m.size_bytes:,} bytes)")
+        stdout.print(f"sha256 {m.sha256}")
+        for role, specs in (("input", m.inputs), ("output", m.outputs)):
+            for s in specs:
+                q = f" scale={s.quantization.scale:.6g} zero_point={s.quantization.zero_point}" if s.quantization else ""
+                stdout.print(f"{role}: {s.name} {list(s.shape)} {s.dtype}{q}")
+        q = m.quantization
+        stdout.print(f"quantization: {q.recipe} (weights {q.weights}, activations {q.activations}, per-channel {q.per_channel}, "
+                     f"{q.calibration_samples} calibration samples, {len(q.attempts)} attempt(s))")
+        t = Table("metric", "value", "status", "note")
+        for k, v in m.metrics.items():
+            t.add_row(k, "n/a" if v.value is None else f"{v.value:.4g} {v.unit}", v.status, v.note)
+        stdout.print(t)
+        if m.coverage:
+            c = m.coverage
+            stdout.print(f"ops: {c.ops_on_target}/{c.total_ops} on {c.target}; fallbacks: {', '.join(c.fallbacks) or 'none'}")
+
+    emit(json.loads(m.model_dump_json()), as_json, render)
+
+
+@bundle.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--trusted-key", multiple=True, help="Base64 Ed25519 public key the signer must match (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def verify(path: Path, trusted_key: tuple[str, ...], as_json: bool) -> None:
+    """Check the signature and every file hash; exits non-zero on any changed byte."""
+    result = verify_bundle(path, trusted_key)
+
+    def render() -> None:
+        for check, ok, detail in result.checks:
+            stdout.print(f"{'[green]ok[/]  ' if ok else '[red]FAIL[/]'} {check}: {detail}", highlight=False)
+
+    emit(result.to_dict(), as_json, render)
+    if not result.ok:
+        failed = [c for c, ok, _ in result.checks if not ok]
+        raise BundleError(f"{path}: verification failed ({', '.join(failed)})", "Do not deploy this bundle; rebuild or re-fetch it.")
+
+
+@bundle.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Archive path (default: PATH.ekb).")
+def pack(path: Path, out: Path | None) -> None:
+    """Pack a bundle directory into one .ekb archive."""
+    target = pack_bundle(path, out)
+    click.echo(str(target))

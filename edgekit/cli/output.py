@@ -1,0 +1,48 @@
+"""Printing results: one JSON path, one rich path, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+
+__all__ = ["emit", "progress", "stderr", "stdout"]
+
+stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+stderr = Console(stderr=True)
+
+
+def emit(data: Any, as_json: bool, render: Callable[[], None]) -> None:
+    """Print ``data`` as JSON, or call ``render`` to print it for people."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render()
+
+
+@contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner with elapsed time on stderr; yields a function that names the current step."""
+    if not enabled:
+        yield lambda _msg: None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        done: list[str] = []
+
+        def step(msg: str) -> None:
+            if done:
+                stderr.print(f"[green]✓[/] {done[-1]}", highlight=False)
+            done.append(msg)
+            bar.update(task, description=msg)
+
+        yield step
+        if done:
+            stderr.print(f"[green]✓[/] {done[-1]}", highlight=False)

@@ -1,0 +1,143 @@
+"""Run a bundle's model on this machine with float in, float out.
+
+``load(bundle_path)`` picks the runtime from the manifest's format (LiteRT for ``.tflite``)
+and does the int8/uint8/int16 quantize and dequantize from the manifest's scales, so callers
+never see integer tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.bundle import open_bundle, sha256_file
+from edgekit.errors import BundleError, InputError, RuntimeUnavailableError
+from edgekit.manifest import Manifest, QuantParams, TensorSpec
+from edgekit.nativelog import captured_stderr
+
+__all__ = ["LocalModel", "TFLiteModel", "dequantize", "load", "load_model_file", "quantize", "timed_load"]
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Float to the tensor's integer dtype with its scale/zero point (round, saturate)."""
+    dtype = np.dtype(spec.dtype)
+    if spec.quantization is None or dtype.kind == "f":
+        return np.asarray(x, dtype=dtype)
+    q = spec.quantization
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The tensor's integer values back to float32."""
+    if spec.quantization is None or q.dtype.kind == "f":
+        return q.astype(np.float32, copy=False)
+    p = spec.quantization
+    return (q.astype(np.float32) - p.zero_point) * np.float32(p.scale)
+
+
+class LocalModel(ABC):
+    """A model loaded on this machine; ``predict`` takes and returns float arrays."""
+
+    runtime: str = ""
+    delegate: str = "none"
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    manifest: Manifest | None = None
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Outputs of the first output for a batch ``x`` (float, the model's layout)."""
+
+    def predict_one(self, x: np.ndarray) -> np.ndarray:
+        """Outputs for one example without a batch axis."""
+        return self.predict(x[None])[0]
+
+
+def _litert():
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        raise RuntimeUnavailableError(
+            "LiteRT (ai-edge-litert) is not installed, so .tflite models cannot run here",
+            "Install it with: pip install 'edgekit[agent]'",
+        ) from None
+    return Interpreter, OpResolverType
+
+
+def _spec_from_detail(d: dict) -> TensorSpec:
+    scale, zp = d["quantization"]
+    quant = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
+    return TensorSpec(name=d["name"], shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name, quantization=quant)
+
+
+class TFLiteModel(LocalModel):
+    """A .tflite model run by LiteRT, batch 1 per invoke (edge models are static-shaped)."""
+
+    runtime = "litert"
+
+    def __init__(self, path: Path, *, num_threads: int | None = None, use_xnnpack: bool = True) -> None:
+        Interpreter, OpResolverType = _litert()
+        resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            with captured_stderr():  # LiteRT prints an INFO line per XNNPACK delegate
+                self._interp = Interpreter(model_path=str(path), num_threads=num_threads, experimental_op_resolver_type=resolver)
+                self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{path}: LiteRT cannot load this model ({e})", "Rebuild it with 'edgekit convert'.") from None
+        self.delegate = "xnnpack" if use_xnnpack else "none"
+        ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
+        self.inputs = tuple(_spec_from_detail(d) for d in ins)
+        self.outputs = tuple(_spec_from_detail(d) for d in outs)
+        self._in_index = ins[0]["index"]
+        self._out_index = outs[0]["index"]
+        self._in_spec, self._out_spec = self.inputs[0], self.outputs[0]
+        self._in_shape = self._in_spec.shape
+
+    def invoke_raw(self, q: np.ndarray) -> np.ndarray:
+        """One invoke on an already-quantized batch-1 input; the raw integer output."""
+        self._interp.set_tensor(self._in_index, q)
+        self._interp.invoke()
+        return self._interp.get_tensor(self._out_index)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[1:] != self._in_shape[1:]:
+            raise InputError(
+                f"input shape {tuple(x.shape)} does not fit the model input {self._in_shape} (batch first)",
+                "Pass float32 data in the model's layout.",
+            )
+        q = quantize(x, self._in_spec)
+        outs = [self.invoke_raw(q[i : i + 1]) for i in range(q.shape[0])]
+        return dequantize(np.concatenate(outs, axis=0), self._out_spec)
+
+
+def load_model_file(path: Path, fmt: str, *, num_threads: int | None = None) -> LocalModel:
+    """Load a bare model file of a format (used by converters before a bundle exists)."""
+    if fmt == "tflite":
+        return TFLiteModel(path, num_threads=num_threads)
+    raise RuntimeUnavailableError(f"no runtime for format '{fmt}' in this version", "Use a .tflite bundle.")
+
+
+def load(bundle_path: str | os.PathLike[str], *, num_threads: int | None = None) -> LocalModel:
+    """Load a bundle's model with its runtime; checks the file hash first."""
+    bundle = open_bundle(bundle_path)
+    if sha256_file(bundle.model_path) != bundle.manifest.sha256:
+        raise BundleError(
+            f"{bundle.model_path}: sha256 does not match the manifest; the model file was changed",
+            "Run 'edgekit bundle verify' and rebuild or re-fetch the bundle.",
+        )
+    model = load_model_file(bundle.model_path, bundle.manifest.format, num_threads=num_threads)
+    model.manifest = bundle.manifest
+    return model
+
+
+def timed_load(bundle_path: str | os.PathLike[str], *, num_threads: int | None = None) -> tuple[LocalModel, float]:
+    """``load`` plus the seconds it took."""
+    t0 = time.perf_counter()
+    model = load(bundle_path, num_threads=num_threads)
+    return model, time.perf_counter() - t0

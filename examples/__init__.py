@@ -1,0 +1,1 @@
+"""Example models and data built from datasets shipped inside packages (no downloads)."""

@@ -1,0 +1,1 @@
+"""Shipped hardware profile YAML files (package data for edgekit.profiles)."""
