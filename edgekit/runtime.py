@@ -29,7 +29,9 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
         return np.asarray(x, dtype=dtype)
     q = spec.quantization
     info = np.iinfo(dtype)
-    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    v = np.asarray(x, dtype=np.float32) / np.float32(q.scale)
+    # LiteRT rounds half away from zero (std::round); np.rint would round half to even.
+    return np.clip(np.trunc(v + np.copysign(np.float32(0.5), v)) + q.zero_point, info.min, info.max).astype(dtype)
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:

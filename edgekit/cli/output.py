@@ -31,6 +31,9 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda _msg: None
         return
+    if not stderr.is_terminal:  # logs and pipes get one plain line per step
+        yield lambda msg: stderr.print(f"- {msg}", highlight=False, markup=False)
+        return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=stderr, transient=True) as bar:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System packages the test-suite needs beyond Python. Installed here, never by hand.
+# (Today the suite needs none; the SSH and PostgreSQL tests of the fleet work will add
+#  openssh-server and postgresql to NEEDED.)
+set -euo pipefail
+NEEDED=()
+missing=()
+for pkg in "${NEEDED[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "missing system packages: ${missing[*]} (install them as root)" >&2
+    exit 1
+  fi
+fi
