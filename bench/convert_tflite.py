@@ -21,7 +21,7 @@ calibration images one at a time, ``TFLITE_BUILTINS_INT8``, int8 input and outpu
 Accuracy: top-1 of each .tflite on the 1,000 eval images with a bare LiteRT Interpreter,
 inputs quantized with the model's own input scale and zero point.
 
-    python bench/convert_tflite.py [--reps 7]
+    python bench/convert_tflite.py [--reps 9]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def install_phase_clock() -> PhaseClock:
 
     clock = PhaseClock()
     for attr, label, opaque in [
+        ("find_profile", "profile lookup (YAML parse)", False),
         ("load_source", "keras load + SavedModel export", False),
         ("load_dataset", lambda *a, **k: "read eval .npz" if k.get("role") == "eval" else "read calibration .npz", False),
         ("accuracy", "accuracy/agreement", False),
@@ -187,7 +188,7 @@ def _fresh_session() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7, help="Timed repetitions of each side (default 7).")
+    ap.add_argument("--reps", type=int, default=9, help="Timed repetitions of each side (default 9).")
     args = ap.parse_args(argv)
     scratch = prepare_process()
     host = host_facts()

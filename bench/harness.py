@@ -46,9 +46,9 @@ def prepare_process() -> Path:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Python prints, warnings and native stderr (TensorFlow's converter is chatty)."""
-    from edgekit.nativelog import captured_stderr
+    from edgekit.nativelog import captured_output
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), captured_stderr():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), captured_output():
         warnings.simplefilter("ignore")
         yield
 

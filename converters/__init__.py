@@ -15,6 +15,8 @@ __all__ = ["FORMATS", "get_converter"]
 # format -> "module:Class"; modules are imported only when their format is used.
 _REGISTRY: dict[str, str] = {
     "tflite": "converters.tflite:TFLiteConverter",
+    "onnx": "converters.onnx:ONNXConverter",
+    "coreml": "converters.coreml:CoreMLConverter",
 }
 FORMATS: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from converters.source import SourceModel
-from edgekit.manifest import Attempt, Coverage, Manifest, TensorSpec
+from edgekit.manifest import Attempt, Coverage, Manifest, Metric, TensorSpec
 from edgekit.profiles import HardwareProfile
 
 __all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe"]
@@ -41,6 +41,11 @@ class ModelFacts:
     ops: tuple[str, ...]
     activation_bytes: int
     dtype_violations: tuple[str, ...] = ()
+    # Format-specific measured facts for the manifest's metrics (e.g. Core ML int8 weight bytes).
+    metrics: tuple[tuple[str, Metric], ...] = ()
+    # Files next to the model that belong in the bundle (e.g. ORT's required_operators.config).
+    extra_files: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ class Converter(ABC):
 
     format: ClassVar[str]
     suffix: ClassVar[str]
+    sources: ClassVar[tuple[str, ...]] = ("keras", "saved_model")
+
+    def runs_here(self) -> tuple[bool, str]:
+        """Whether this host can execute the format's models, and if not, why (shown to the user)."""
+        return True, ""
 
     @abstractmethod
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:

@@ -26,7 +26,7 @@ from converters.evaluate import Agreement, accuracy, compare, latency_ms
 from converters.report import write_reports
 from converters.source import SourceModel, load_source
 from edgekit import signing
-from edgekit.bundle import write_bundle
+from edgekit.bundle import _size, write_bundle
 from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError, OutputError, UsageError
 from edgekit.manifest import Attempt, Metric, Preprocessing
 from edgekit.profiles import HardwareProfile, find_profile
@@ -57,6 +57,7 @@ class ConvertOptions:
     labels: tuple[str, ...] = ()
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     signing_key: Path | None = None
+    input_shape: tuple[int, ...] | None = None  # fixes dynamic dims of an ONNX source
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,23 @@ def _jobs(opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
     return jobs
 
 
+def _jobs_for_source(jobs: list[tuple[HardwareProfile, str]], source: SourceModel, opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
+    """Drop (with --format all) or refuse (when asked for) formats that cannot be built from this kind of source."""
+    kept = []
+    for prof, f in jobs:
+        if source.kind in get_converter(f).sources:
+            kept.append((prof, f))
+        elif "all" not in opts.formats:
+            raise IncompatibleError(f"--format {f} needs a Keras or SavedModel source; {source.path.name} is {source.kind}",
+                                    "Convert from the original Keras/SavedModel, or use --format onnx.")
+    if not kept:
+        raise IncompatibleError(f"none of the requested profiles takes a format buildable from a {source.kind} model", "Use profiles with an onnx format.")
+    return kept
+
+
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("edgekit", "tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "numpy"):
+    for dist in ("edgekit", "tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "tf2onnx", "onnx", "onnxruntime", "coremltools", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -153,14 +168,18 @@ def _baseline(ctx: _Context, conv: Converter) -> dict[str, float]:
         d = ctx.work / f"float-{conv.format}"
         d.mkdir()
         path = conv.convert_float(ctx.source, d)
-        model = load_model_file(path, conv.format)
-        lat = latency_ms(model, ctx.evalset.x[:1], ctx.opts.latency_runs)
-        ctx.baselines[conv.format] = {"size_bytes": float(path.stat().st_size), "latency_ms_p50": float(np.percentile(lat, 50))}
+        base = {"size_bytes": float(_size(path))}
+        if conv.runs_here()[0]:
+            lat = latency_ms(load_model_file(path, conv.format), ctx.evalset.x[:1], ctx.opts.latency_runs)
+            base["latency_ms_p50"] = float(np.percentile(lat, 50))
+        ctx.baselines[conv.format] = base
     return ctx.baselines[conv.format]
 
 
 def _try_recipe(ctx: _Context, conv: Converter, prof: HardwareProfile, recipe: Recipe, calib_x: np.ndarray, d: Path):
     path = conv.convert(ctx.source, prof, recipe, calib_x, d)
+    if not conv.runs_here()[0]:
+        return path, None, None, None
     model = load_model_file(path, conv.format)
     outputs = model.predict(ctx.evalset.x)
     return path, model, outputs, compare(outputs, ctx.float_out, ctx.evalset.y)
@@ -184,9 +203,13 @@ def _convert_job(ctx: _Context, prof: HardwareProfile, conv: Converter, stage: P
         except ConversionError as e:
             attempts.append(Attempt(recipe=recipe.name, description=recipe.description, error=e.message))
             continue
+        if agr is None:  # cannot run here: the first recipe that builds is kept, unmeasured
+            attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=_size(path), chosen=True))
+            warnings.append(f"accuracy not measured: {conv.runs_here()[1]}")
+            return _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, None, None, None, attempts, warnings)
         drop = agr.drop_from(ctx.float_accuracy)
         ok = drop <= ctx.budget + 1e-9
-        attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=path.stat().st_size,
+        attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=_size(path),
                                 accuracy=agr.accuracy, accuracy_drop=drop, agreement=agr.agreement, within_budget=ok))
         candidate = (recipe, path, model, outputs, agr, len(attempts) - 1)
         if best is None or drop < best[4].drop_from(ctx.float_accuracy):
@@ -211,27 +234,49 @@ def _convert_job(ctx: _Context, prof: HardwareProfile, conv: Converter, stage: P
     return _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr, attempts, warnings)
 
 
-def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr: Agreement, attempts, warnings) -> ConversionResult:
+def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr: Agreement | None, attempts, warnings) -> ConversionResult:
     opts = ctx.opts
     facts = conv.inspect(path, prof)
+    warnings = [*warnings, *facts.notes]
     coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations)
     if facts.dtype_violations:
         raise IncompatibleError(f"{prof.id}/{conv.format}: ops outside full-integer: {'; '.join(facts.dtype_violations[:5])}",
                                 "The profile requires full-integer models; this model has ops without int8 kernels.")
-    size = path.stat().st_size
+    size = _size(path)
     peak_mb = (size + facts.activation_bytes) / 1e6
     if peak_mb > prof.memory.model_budget_mb:
         raise IncompatibleError(f"{prof.id}/{conv.format}: model {size/1e6:.2f} MB + activations {facts.activation_bytes/1e6:.2f} MB "
                                 f"exceed the profile's model budget of {prof.memory.model_budget_mb:g} MB", "Use a smaller model or another profile.")
     base = _baseline(ctx, conv)
-    lat = latency_ms(model, ctx.evalset.x[:1], opts.latency_runs)
-    p50 = float(np.percentile(lat, 50))
+    runs, why_not = conv.runs_here()
+    p50 = float(np.percentile(latency_ms(model, ctx.evalset.x[:1], opts.latency_runs), 50)) if model is not None else None
     out_spec = facts.outputs[0]
     step = out_spec.quantization.scale if out_spec.quantization else 1e-3
     g = min(GOLDEN_COUNT, len(ctx.evalset))
-    golden = {"x": ctx.evalset.x[:g], "y_float": ctx.float_out[:g], "y_host": outputs[:g].astype(np.float32)}
-    on_host = "on this conversion host (LiteRT with XNNPACK)"
-    metrics = {
+    golden = {"x": ctx.evalset.x[:g], "y_float": ctx.float_out[:g]}
+    if outputs is not None:
+        golden["y_host"] = outputs[:g].astype(np.float32)
+    on_host = f"on this conversion host ({model.runtime}+{model.delegate})" if model is not None else ""
+    if agr is None:
+        metrics = _unmeasured_metrics(ctx, size, base, why_not)
+        verification = (f"numerics unverified on this host: {why_not}",)
+    else:
+        metrics = _measured_metrics(ctx, agr, size, base, p50, on_host, opts)
+        verification = (f"accuracy, agreement and latency measured {on_host}",)
+    metrics.update({
+        "activation_bytes": Metric(value=float(facts.activation_bytes), unit="B", status="estimated", note="sum of activation tensors, no buffer reuse: an upper bound"),
+        "peak_memory_mb": Metric(value=peak_mb, unit="MB", status="estimated", note="model file + activation upper bound"),
+        "op_coverage": _measured(coverage.share_on_target, "share", f"ops on {coverage.target}"),
+        **dict(facts.metrics),
+    })
+    verification += facts.notes
+    labels = opts.labels or tuple(str(i) for i in range(ctx.source.num_classes))
+    return _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings,
+                   verification, outputs is not None)
+
+
+def _measured_metrics(ctx: _Context, agr: Agreement, size: int, base: dict, p50: float, on_host: str, opts: ConvertOptions) -> dict[str, Metric]:
+    return {
         "float_accuracy": _measured(ctx.float_accuracy, "%", "float source model"),
         "int8_accuracy": _measured(agr.accuracy, "%", "this model, " + on_host),
         "accuracy_drop": Metric(value=agr.drop_from(ctx.float_accuracy), unit="pt", status="measured",
@@ -239,16 +284,32 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         "agreement": _measured(agr.agreement, "%", "top-1 equal to the float model's"),
         "max_abs_error": _measured(agr.max_abs_error, "", "largest output difference from the float model"),
         "size_bytes": _measured(float(size), "B"),
-        "float_size_bytes": _measured(base["size_bytes"], "B", f"float {conv.format} of the same model"),
+        "float_size_bytes": _measured(base["size_bytes"], "B", "float model in the same format"),
         "size_ratio": _measured(size / base["size_bytes"], "x", "int8 / float"),
         "host_latency_ms_p50": _measured(p50, "ms", f"batch 1, {opts.latency_runs} runs, {on_host}"),
         "float_host_latency_ms_p50": _measured(base["latency_ms_p50"], "ms", "float model, same conditions"),
         "latency_ratio": _measured(p50 / base["latency_ms_p50"], "x", "int8 / float on this host"),
-        "activation_bytes": Metric(value=float(facts.activation_bytes), unit="B", status="estimated", note="sum of activation tensors, no buffer reuse: an upper bound"),
-        "peak_memory_mb": Metric(value=peak_mb, unit="MB", status="estimated", note="model file + activation upper bound"),
-        "op_coverage": _measured(coverage.share_on_target, "share", f"ops on {coverage.target}"),
     }
-    labels = opts.labels or tuple(str(i) for i in range(ctx.source.num_classes))
+
+
+def _unmeasured_metrics(ctx: _Context, size: int, base: dict, why: str) -> dict[str, Metric]:
+    na = lambda unit="": Metric(value=None, unit=unit, status="not_measurable", note=why)  # noqa: E731
+    return {
+        "float_accuracy": _measured(ctx.float_accuracy, "%", "float source model"),
+        "int8_accuracy": na("%"),
+        "accuracy_drop": na("pt"),
+        "agreement": na("%"),
+        "size_bytes": _measured(float(size), "B"),
+        "float_size_bytes": _measured(base["size_bytes"], "B", "float model in the same format"),
+        "size_ratio": _measured(size / base["size_bytes"], "x", "quantized / float"),
+        "host_latency_ms_p50": na("ms"),
+        "latency_ratio": na("x"),
+    }
+
+
+def _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings, verification,
+            measured: bool) -> ConversionResult:
+    opts = ctx.opts
     fields = {
         "name": _name(opts),
         "version": opts.version,
@@ -271,6 +332,7 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         },
         "metrics": {k: v.model_dump() for k, v in metrics.items()},
         "coverage": coverage.model_dump(),
+        "verification": list(verification),
         "provenance": {
             "source": ctx.source.path.name,
             "source_sha256": ctx.source.sha256,
@@ -280,10 +342,12 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         },
     }
     bundle_dir = stage / f"{_name(opts)}-{prof.id}-{conv.format}"
-    final = path.with_name(f"{_name(opts)}{conv.suffix}")
+    final = path.with_name(f"{_name(opts)}{path.suffix}")
     path.rename(final)
-    bundle = write_bundle(bundle_dir, fields, final, golden, signing_key=key, min_top1_agreement=0.9, atol=float(3 * step))
-    return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts), tuple(warnings))
+    extras = tuple((f, "ONNX Runtime reduced-operator build config") for f in facts.extra_files)
+    bundle = write_bundle(bundle_dir, fields, final, golden, signing_key=key, min_top1_agreement=0.9 if measured else 0.0,
+                          atol=float(3 * step), extra_files=extras)
+    return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts), tuple(dict.fromkeys(warnings)))
 
 
 def _name(opts: ConvertOptions) -> str:
@@ -308,7 +372,8 @@ def run_convert(opts: ConvertOptions, progress: Progress = lambda _msg: None) ->
     work = Path(tempfile.mkdtemp(dir=opts.out, prefix=".edgekit-tmp-"))
     try:
         progress("loading the float model")
-        source = load_source(opts.model, work)
+        source = load_source(opts.model, work, opts.input_shape)
+        jobs = _jobs_for_source(jobs, source, opts)
         calib = load_dataset(opts.calibration, role="calibration", input_shape=source.input_shape)
         if opts.labels and len(opts.labels) != source.num_classes:
             raise UsageError(f"--labels gives {len(opts.labels)} names but the model has {source.num_classes} outputs", "Give one label per line, one per class.")

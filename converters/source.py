@@ -18,6 +18,7 @@ import numpy as np
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import IncompatibleError, ModelLoadError
+from edgekit.nativelog import captured_output
 
 __all__ = ["SourceModel", "load_source", "import_tensorflow"]
 
@@ -48,7 +49,9 @@ class SourceModel:
     input_shape: tuple[int, ...]  # static, batch 1
     output_shape: tuple[int, ...]
     param_count: int
-    saved_model_dir: Path  # static batch-1 export
+    saved_model_dir: Path | None  # static batch-1 export (Keras and SavedModel sources)
+    workdir: Path = Path(".")  # scratch space converters may share (e.g. the float ONNX export)
+    onnx_path: Path | None = None  # ONNX sources
     _predict: Any = field(repr=False, default=None)
 
     @property
@@ -101,6 +104,7 @@ def _load_keras(path: Path, workdir: Path, tf: Any) -> SourceModel:
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return SourceModel(
+        workdir=workdir,
         path=path,
         kind="keras",
         sha256=sha256_file(path),
@@ -146,6 +150,7 @@ def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
         return np.concatenate([sig(**{in_name: tf.constant(x[i : i + 1], tf.float32)})[out_key] for i in range(len(x))])
 
     return SourceModel(
+        workdir=workdir,
         path=path,
         kind="saved_model",
         sha256=sha256_file(path),
@@ -157,15 +162,70 @@ def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
     )
 
 
-def load_source(path: str | os.PathLike[str], workdir: Path) -> SourceModel:
-    """Load a .keras/.h5 file or a SavedModel directory and export it for the converters."""
+def _load_onnx(path: Path, workdir: Path, input_shape: tuple[int, ...] | None) -> SourceModel:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelLoadError("onnx/onnxruntime are not installed, so .onnx models cannot be converted",
+                             "Install the conversion tools with: pip install 'edgekit[convert]'") from None
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # DecodeError, ValidationError, ...
+        raise ModelLoadError(f"{path}: not a valid ONNX model (onnx.checker: {str(e).strip().splitlines()[0][:200]})",
+                             "Export the model again, or check it with onnx.checker.check_model.") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    if len(inputs) != 1:
+        raise IncompatibleError(f"{path}: the model has {len(inputs)} inputs", "edgekit converts single-input models.")
+    v = inputs[0]
+    if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise IncompatibleError(f"{path}: input '{v.name}' is not float32", "Export the model with a float32 input.")
+    dims = [d.dim_value if d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
+    if input_shape is not None:
+        if len(input_shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], input_shape[1:])):
+            raise IncompatibleError(f"{path}: --input-shape {input_shape} does not fit the model input {tuple(dims)}",
+                                    "Give one size per dimension, batch first.")
+        static = (1, *input_shape[1:])
+    elif any(d is None for d in dims[1:]):
+        raise IncompatibleError(f"{path}: input '{v.name}' has dynamic dimensions {tuple(d if d else '?' for d in dims)}",
+                                "Fix them with --input-shape, e.g. --input-shape 1,3,224,224.")
+    else:
+        static = (1, *(int(d) for d in dims[1:]))
+    # Pin the batch (and any dynamic dims) so the exported and quantized graphs are static.
+    for d, size in zip(v.type.tensor_type.shape.dim, static):
+        d.ClearField("dim_param")
+        d.dim_value = size
+    fixed = workdir / "source.onnx"
+    onnx.save(model, str(fixed))
+    with captured_output():
+        session = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    out_shape = session.get_outputs()[0].shape
+    name = session.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+
+    from onnx import numpy_helper
+
+    params = int(sum(numpy_helper.to_array(i).size for i in model.graph.initializer))
+    return SourceModel(path=path, kind="onnx", sha256=sha256_file(path), input_shape=static,
+                       output_shape=(1, *(int(d) if isinstance(d, int) else 1 for d in out_shape[1:])), param_count=params,
+                       saved_model_dir=None, workdir=workdir, onnx_path=fixed, _predict=predict)
+
+
+def load_source(path: str | os.PathLike[str], workdir: Path, input_shape: tuple[int, ...] | None = None) -> SourceModel:
+    """Load a .keras/.h5/.onnx file or a SavedModel directory and export it for the converters."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory", "Check the model path.")
-    if p.is_file() and p.suffix not in (".keras", ".h5", ".hdf5"):
+    if p.is_file() and p.suffix not in (".keras", ".h5", ".hdf5", ".onnx"):
         raise ModelLoadError(
             f"{p}: '{p.suffix or p.name}' is not a model format edgekit converts",
-            "Pass a .keras/.h5 file or a SavedModel directory.",
+            "Pass a .keras/.h5/.onnx file or a SavedModel directory.",
         )
+    if p.suffix == ".onnx":
+        return _load_onnx(p, workdir, input_shape)
     tf = import_tensorflow()
     return _load_keras(p, workdir, tf) if p.is_file() else _load_saved_model(p, workdir, tf)

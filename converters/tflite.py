@@ -10,7 +10,7 @@ from converters.base import Converter, ModelFacts, Recipe
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
-from edgekit.nativelog import captured_stderr
+from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, TFLiteConstraints
 
 __all__ = ["TFLiteConverter"]
@@ -97,7 +97,7 @@ class TFLiteConverter(Converter):
             conv._experimental_disable_per_channel = True  # documented private switch; no public equivalent
         if recipe.option("legacy_quantizer"):
             conv.experimental_new_quantizer = False
-        with captured_stderr() as log:
+        with captured_output() as log:
             try:
                 flat = conv.convert()
             except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
@@ -118,7 +118,7 @@ class TFLiteConverter(Converter):
     def convert_float(self, source: SourceModel, out: Path) -> Path:
         tf = import_tensorflow()
         conv = self._converter(tf, source)
-        with captured_stderr():
+        with captured_output():
             flat = conv.convert()
         path = out / f"float{self.suffix}"
         path.write_bytes(flat)
@@ -127,7 +127,7 @@ class TFLiteConverter(Converter):
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        with captured_stderr():
+        with captured_output():
             interp = Interpreter(model_path=str(model_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
             interp.allocate_tensors()
         ops = interp._get_ops_details()  # the only API that lists the graph's ops

@@ -87,6 +87,7 @@ def write_bundle(
     signing_key: signing.Ed25519PrivateKey,
     min_top1_agreement: float,
     atol: float,
+    extra_files: tuple[tuple[Path, str], ...] = (),
 ) -> Bundle:
     """Write a complete bundle into ``root`` (an empty or new directory) and sign it.
 
@@ -96,6 +97,10 @@ def write_bundle(
     dest = root / model_file.name
     if model_file.resolve() != dest.resolve():
         (shutil.copytree if model_file.is_dir() else shutil.copy2)(model_file, dest)
+    extras = []
+    for src, purpose in extra_files:
+        shutil.copy2(src, root / src.name)
+        extras.append({"file": src.name, "sha256": sha256_file(root / src.name), "purpose": purpose})
     np.savez(root / GOLDEN_FILE, **golden)
     first = next(iter(golden.values()))
     manifest = Manifest.model_validate(
@@ -104,6 +109,7 @@ def write_bundle(
             "file": dest.name,
             "sha256": sha256_file(dest),
             "size_bytes": _size(dest),
+            "extra_files": extras,
             "golden": {
                 "file": GOLDEN_FILE,
                 "sha256": sha256_file(root / GOLDEN_FILE),
@@ -152,8 +158,9 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise BundleError(f"{mpath}: invalid manifest: {loc}: {first['msg']}", "Rebuild the bundle with 'edgekit convert'.") from None
-    if Path(manifest.file).name != manifest.file or manifest.file in (MANIFEST_FILE, SIGNATURE_FILE, GOLDEN_FILE):
-        raise BundleError(f"{mpath}: model file name '{manifest.file}' is not allowed", "Rebuild the bundle.")
+    for name in (manifest.file, *(e.file for e in manifest.extra_files)):
+        if Path(name).name != name or name in (MANIFEST_FILE, SIGNATURE_FILE, GOLDEN_FILE):
+            raise BundleError(f"{mpath}: file name '{name}' is not allowed in a bundle", "Rebuild the bundle.")
     return Bundle(p, manifest)
 
 
@@ -201,7 +208,9 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
         checks.append(("signature", False, f"{SIGNATURE_FILE} is malformed"))
     except BundleError as e:
         checks.append(("signature", False, e.message))
-    for label, rel, expected in ((f"model {m.file}", m.file, m.sha256), (f"golden {m.golden.file}", m.golden.file, m.golden.sha256)):
+    files = [(f"model {m.file}", m.file, m.sha256), (f"golden {m.golden.file}", m.golden.file, m.golden.sha256)]
+    files += [(f"file {e.file}", e.file, e.sha256) for e in m.extra_files]
+    for label, rel, expected in files:
         f = root / rel
         if not f.exists():
             checks.append((label, False, "missing"))

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "Attempt",
     "Coverage",
+    "ExtraFile",
     "GoldenSet",
     "Manifest",
     "Metric",
@@ -121,6 +122,14 @@ class GoldenSet(_Model):
     atol: float = Field(description="Largest expected absolute difference from y_host on a conforming runtime.")
 
 
+class ExtraFile(_Model):
+    """A file shipped next to the model (e.g. ORT's required_operators.config)."""
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    purpose: str = ""
+
+
 class Provenance(_Model):
     """Where the model came from and what built it."""
 
@@ -150,5 +159,7 @@ class Manifest(_Model):
     metrics: dict[str, Metric]
     coverage: Coverage | None = None
     golden: GoldenSet
+    extra_files: tuple[ExtraFile, ...] = ()
+    verification: tuple[str, ...] = Field(default=(), description="What was and was not verified on the conversion host.")
     router_policy: dict[str, Any] | None = None
     provenance: Provenance

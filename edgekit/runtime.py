@@ -17,9 +17,9 @@ import numpy as np
 from edgekit.bundle import open_bundle, sha256_file
 from edgekit.errors import BundleError, InputError, RuntimeUnavailableError
 from edgekit.manifest import Manifest, QuantParams, TensorSpec
-from edgekit.nativelog import captured_stderr
+from edgekit.nativelog import captured_output
 
-__all__ = ["LocalModel", "TFLiteModel", "dequantize", "load", "load_model_file", "quantize", "timed_load"]
+__all__ = ["CoreMLModel", "LocalModel", "ONNXModel", "TFLiteModel", "dequantize", "load", "load_model_file", "quantize", "timed_load"]
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -86,7 +86,7 @@ class TFLiteModel(LocalModel):
         Interpreter, OpResolverType = _litert()
         resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            with captured_stderr():  # LiteRT prints an INFO line per XNNPACK delegate
+            with captured_output():  # LiteRT prints an INFO line per XNNPACK delegate
                 self._interp = Interpreter(model_path=str(path), num_threads=num_threads, experimental_op_resolver_type=resolver)
                 self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
@@ -118,11 +118,90 @@ class TFLiteModel(LocalModel):
         return dequantize(np.concatenate(outs, axis=0), self._out_spec)
 
 
+class ONNXModel(LocalModel):
+    """An .onnx or .ort model run by ONNX Runtime on the CPU execution provider."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, *, num_threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeUnavailableError("onnxruntime is not installed, so ONNX models cannot run here",
+                                          "Install it with: pip install 'edgekit[agent]'") from None
+        opts = ort.SessionOptions()
+        if num_threads:
+            opts.intra_op_num_threads = num_threads
+        opts.log_severity_level = 3
+        if path.suffix == ".ort":
+            # ORT-format models built with the "Runtime" style carry their fused-kernel optimizations;
+            # replaying them is safe here because load() checked the file's sha256 against the manifest.
+            opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: ONNX Runtime cannot load this model ({str(e)[:200]})", "Rebuild it with 'edgekit convert'.") from None
+        self.delegate = "cpu"
+        ins, outs = self._session.get_inputs(), self._session.get_outputs()
+
+        def spec(v) -> TensorSpec:
+            dtype = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(float16)": "float16"}.get(v.type, v.type)
+            return TensorSpec(name=v.name, shape=tuple(d if isinstance(d, int) else -1 for d in v.shape), dtype=dtype)
+
+        self.inputs = tuple(spec(v) for v in ins)
+        self.outputs = tuple(spec(v) for v in outs)
+        self._in_name, self._out_name = ins[0].name, outs[0].name
+        self._in_shape = self.inputs[0].shape
+        self._dtype = np.dtype(self.inputs[0].dtype)
+        self._static_batch = self._in_shape[0] if self._in_shape and self._in_shape[0] > 0 else None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if tuple(x.shape[1:]) != tuple(self._in_shape[1:]):
+            raise InputError(f"input shape {tuple(x.shape)} does not fit the model input {self._in_shape} (batch first)",
+                             "Pass data in the model's layout.")
+        x = x.astype(self._dtype, copy=False)
+        run = self._session.run
+        if self._static_batch == 1 and len(x) != 1:
+            return np.concatenate([run([self._out_name], {self._in_name: x[i : i + 1]})[0] for i in range(len(x))]).astype(np.float32, copy=False)
+        return run([self._out_name], {self._in_name: x})[0].astype(np.float32, copy=False)
+
+
 def load_model_file(path: Path, fmt: str, *, num_threads: int | None = None) -> LocalModel:
     """Load a bare model file of a format (used by converters before a bundle exists)."""
     if fmt == "tflite":
         return TFLiteModel(path, num_threads=num_threads)
-    raise RuntimeUnavailableError(f"no runtime for format '{fmt}' in this version", "Use a .tflite bundle.")
+    if fmt == "onnx":
+        return ONNXModel(path, num_threads=num_threads)
+    if fmt == "coreml":
+        import sys
+
+        if sys.platform != "darwin":
+            raise RuntimeUnavailableError(
+                f"{path.name}: Core ML models can only run on macOS (Core ML's runtime does not exist on {sys.platform})",
+                "Run it on a Mac or iPhone; on Linux use the tflite or onnx bundle of the same model.",
+            )
+        return CoreMLModel(path)
+    raise RuntimeUnavailableError(f"no runtime for format '{fmt}'", "Formats: tflite, onnx, coreml.")
+
+
+class CoreMLModel(LocalModel):
+    """A Core ML package run by Core ML through coremltools (macOS only)."""
+
+    runtime = "coreml"
+
+    def __init__(self, path: Path) -> None:
+        import coremltools as ct
+
+        self._model = ct.models.MLModel(str(path))
+        spec = self._model.get_spec()
+        self._in_name = spec.description.input[0].name
+        self._out_name = spec.description.output[0].name
+        self.delegate = "ALL"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return np.concatenate([np.asarray(self._model.predict({self._in_name: x[i : i + 1]})[self._out_name]) for i in range(len(x))]).astype(np.float32)
 
 
 def load(bundle_path: str | os.PathLike[str], *, num_threads: int | None = None) -> LocalModel:

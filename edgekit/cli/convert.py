@@ -43,10 +43,22 @@ def _labels(path: Path | None) -> tuple[str, ...]:
         raise InputError(f"--labels {path}: {e.strerror}", "Pass a text file with one label per line.") from None
 
 
+def _shape(spec: str | None) -> tuple[int, ...] | None:
+    if not spec:
+        return None
+    try:
+        dims = tuple(int(d) for d in spec.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape '{spec}' is not a list of integers", "Example: --input-shape 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape '{spec}' must be positive sizes", "Example: --input-shape 1,3,224,224")
+    return dims
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", "profiles", multiple=True, required=True, help="Hardware profile id (repeat for several).")
-@click.option("--format", "formats", multiple=True, default=("all",), show_default=True, help="tflite, or all the formats each profile takes.")
+@click.option("--format", "formats", multiple=True, default=("all",), show_default=True, help="tflite, onnx, coreml, or all: every format each profile takes.")
 @click.option("--calibration", type=click.Path(path_type=Path), required=True, help=".npz with float32 'x' in the model's input layout.")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help=".npz with 'x' and integer labels 'y' to measure accuracy.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bundles"), show_default=True, help="Directory for the bundles and report.")
@@ -58,11 +70,12 @@ def _labels(path: Path | None) -> tuple[str, ...]:
 @click.option("--latency-runs", type=click.IntRange(min=1), default=50, show_default=True, help="Runs for the host latency figures.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), help="Text file of class names, one per line.")
 @click.option("--preprocessing", help="How raw data maps to x: scale=...,mean=a:b:c,std=a:b:c,layout=NHWC,raw_dtype=uint8.")
+@click.option("--input-shape", help="Fix an ONNX model's dynamic input dims, e.g. 1,3,224,224.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], calibration: Path, eval_: Path | None, out: Path,
             name: str | None, version: str, max_accuracy_drop: float | None, allow_over_budget: bool, calibration_samples: int,
-            latency_runs: int, labels_file: Path | None, preprocessing: str | None, as_json: bool) -> None:
-    """Convert MODEL (.keras/.h5 or SavedModel dir) to INT8 bundles, checked against each profile."""
+            latency_runs: int, labels_file: Path | None, preprocessing: str | None, input_shape: str | None, as_json: bool) -> None:
+    """Convert MODEL (.keras/.h5/.onnx or a SavedModel dir) to INT8 bundles, checked against each profile."""
     from converters.pipeline import ConvertOptions, run_convert
     from converters.report import fallback_lines, render_table
 
@@ -72,7 +85,7 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         model=model, profiles=profiles, calibration=calibration, out=out, formats=tuple(f.lower() for f in formats), eval=eval_,
         name=name, version=version, max_accuracy_drop=max_accuracy_drop, allow_over_budget=allow_over_budget,
         calibration_samples=calibration_samples, latency_runs=latency_runs, labels=_labels(labels_file),
-        preprocessing=_preprocessing(preprocessing),
+        preprocessing=_preprocessing(preprocessing), input_shape=_shape(input_shape),
     )
     with progress(enabled=not as_json) as step:
         report = run_convert(opts, step)

@@ -127,6 +127,8 @@ def test_profile_without_tflite(run_cli, digits, tmp_path: Path, monkeypatch) ->
     out = tmp_path / "out"
     _assert_clean_failure(_convert(run_cli, digits["model"], digits["calib"], out, "--format", "tflite", profile="coreml-only"), out, 4,
                           "does not take tflite")
+    data["formats"] = {}
+    (d / "c.yaml").write_text(yaml.safe_dump(data))
     _assert_clean_failure(_convert(run_cli, digits["model"], digits["calib"], out, profile="coreml-only"), out, 4, "supports none")
 
 

@@ -1,0 +1,247 @@
+"""Static INT8 ONNX (QDQ) with ONNX Runtime's quantizer, packaged in the ORT format for mobile."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import Converter, ModelFacts, Recipe
+from converters.source import SourceModel, import_tensorflow
+from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
+from edgekit.manifest import Metric, TensorSpec
+from edgekit.nativelog import captured_output
+from edgekit.profiles import HardwareProfile, ONNXConstraints
+
+__all__ = ["ONNXConverter", "export_float_onnx"]
+
+# Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
+HISTOGRAM_SAMPLES = 200
+# Execution providers that partition QDQ groups themselves need the ORT "Runtime" optimization style.
+_RUNTIME_STYLE_EPS = {"NnapiExecutionProvider", "CoreMLExecutionProvider", "XnnpackExecutionProvider", "QNNExecutionProvider"}
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _constraints(profile: HardwareProfile) -> ONNXConstraints:
+    c = profile.formats.onnx
+    if c is None:
+        raise IncompatibleError(
+            f"profile '{profile.id}' does not take ONNX models (it supports: {', '.join(profile.formats.supported()) or 'nothing'})",
+            "Pick a profile with an 'onnx' format, or another --format.",
+        )
+    return c
+
+
+def _ort():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise RuntimeUnavailableError("onnx/onnxruntime are not installed, so ONNX models cannot be built",
+                                      "Install the conversion tools with: pip install 'edgekit[convert]'") from None
+    return onnx, onnxruntime
+
+
+def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
+    """The float source as an ONNX file with a static batch-1 input named like the source's."""
+    path = out / f"float-opset{opset}.onnx"
+    if path.exists():
+        return path
+    if source.kind == "onnx":
+        shutil.copyfile(source.onnx_path, path)
+        return path
+    tf = import_tensorflow()
+    import tf2onnx
+
+    loaded = tf.saved_model.load(str(source.saved_model_dir))
+    sig = loaded.signatures["serving_default"]
+    _, kwargs = sig.structured_input_signature
+    (name,) = kwargs
+    fn = tf.function(lambda a: next(iter(sig(**{name: a}).values())))
+    with captured_output() as log:
+        try:
+            tf2onnx.convert.from_function(fn, input_signature=[tf.TensorSpec(source.input_shape, tf.float32, name="input")],
+                                          opset=opset, output_path=str(path))
+        except Exception as e:  # tf2onnx raises bare Exceptions for unsupported ops
+            err = e
+        else:
+            err = None
+    if err is not None:
+        raise ConversionError(f"tf2onnx could not export the model at opset {opset}: {str(err)[:300]}",
+                              "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
+    del log
+    return path
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over an array, one example per call."""
+
+    def __init__(self, name: str, x: np.ndarray) -> None:
+        self._name, self._x, self._i = name, x, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._x):
+            return None
+        self._i += 1
+        return {self._name: self._x[self._i - 1 : self._i]}
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def _weighted_nodes(model) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and any(i in inits for i in n.input[1:])]
+
+
+class ONNXConverter(Converter):
+    """Static QDQ INT8 with quant_pre_process + quantize_static, then the ORT format."""
+
+    format = "onnx"
+    suffix = ".ort"
+    sources = ("keras", "saved_model", "onnx")
+
+    def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
+        _constraints(profile)
+        _ort()
+        weights_mb = source.param_count / 1e6
+        if weights_mb > profile.memory.model_budget_mb:
+            raise IncompatibleError(
+                f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
+                f"'{profile.id}''s model budget of {profile.memory.model_budget_mb:g} MB", "Use a smaller model or a profile with more memory.")
+        return []
+
+    def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:
+        c = _constraints(profile)
+        act = c.activation_dtype
+        pc = c.per_channel
+        layout = "per-channel" if pc else "per-tensor"
+        out = [
+            Recipe(f"qdq-minmax-{layout}", f"QDQ, MinMax calibration, {layout} int8 weights, {act} activations",
+                   activations=act, per_channel=pc, options=(("method", "MinMax"),)),
+        ]
+        if pc:
+            out.append(Recipe("qdq-minmax-per-tensor", f"QDQ, MinMax, per-tensor weights, {act} activations", activations=act, per_channel=False,
+                              options=(("method", "MinMax"),)))
+        out += [
+            Recipe(f"qdq-percentile-{layout}", f"QDQ, 99.999th-percentile ranges, {layout}, {act} activations", activations=act, per_channel=pc,
+                   options=(("method", "Percentile"),)),
+            Recipe(f"qdq-entropy-{layout}", f"QDQ, entropy (KL) ranges, {layout}, {act} activations", activations=act, per_channel=pc,
+                   options=(("method", "Entropy"),)),
+            Recipe(f"qdq-minmax-{layout}-float-ends", f"QDQ, MinMax, {layout}; first and last weighted layers kept in float (most sensitive)",
+                   activations=act, per_channel=pc, options=(("method", "MinMax"), ("exclude_ends", True))),
+        ]
+        return out
+
+    def _float(self, source: SourceModel, profile: HardwareProfile) -> Path:
+        cache = source.workdir / "onnx"
+        cache.mkdir(exist_ok=True)
+        return export_float_onnx(source, _constraints(profile).opset, cache)
+
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+        onnx, ort = _ort()
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        c = _constraints(profile)
+        float_path = self._float(source, profile)
+        pre = source.workdir / "onnx" / f"{float_path.stem}-pre.onnx"
+        if not pre.exists():
+            with captured_output():
+                quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+        input_name = model.graph.input[0].name
+        method = str(recipe.option("method"))
+        data = calibration[:HISTOGRAM_SAMPLES] if method != "MinMax" else calibration
+        exclude = []
+        if recipe.option("exclude_ends"):
+            weighted = _weighted_nodes(model)
+            exclude = sorted({weighted[0], weighted[-1]}) if weighted else []
+        qdq = out / "model.onnx"
+        act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
+        extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers}
+        if method == "Percentile":
+            extra["CalibPercentile"] = 99.999
+        try:
+            with captured_output():
+                quantize_static(str(pre), str(qdq), _Reader(input_name, data), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                                activation_type=act, weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                                nodes_to_exclude=exclude, extra_options=extra)
+        except Exception as e:  # the quantizer raises assorted types on odd graphs
+            raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
+        if not c.ort_format:
+            return qdq
+        return self._to_ort(qdq, out, c)
+
+    def _to_ort(self, qdq: Path, out: Path, c: ONNXConstraints) -> Path:
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+        style = OptimizationStyle.Runtime if _RUNTIME_STYLE_EPS & set(c.execution_providers) else OptimizationStyle.Fixed
+        ort_dir = out / "ort"
+        ort_dir.mkdir(exist_ok=True)
+        with captured_output():
+            convert_onnx_models_to_ort(qdq, output_dir=ort_dir, optimization_styles=[style])
+        produced = next(ort_dir.glob("*.ort"), None)
+        config = next(ort_dir.glob("*.required_operators*.config"), None)
+        if produced is None or config is None:
+            raise ConversionError("ONNX Runtime did not write the ORT-format model", "Run with --debug for details.")
+        target = out / "model.ort"
+        produced.rename(target)
+        config.rename(out / "required_operators.config")
+        shutil.rmtree(ort_dir, ignore_errors=True)
+        return target
+
+    def convert_float(self, source: SourceModel, out: Path) -> Path:
+        # The baseline is the float ONNX a user would ship: the export at the first ONNX profile's opset.
+        path = export_float_onnx(source, 17, out)
+        return path
+
+    def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
+        onnx, _ = _ort()
+        from onnx import numpy_helper
+
+        qdq = model_path.with_suffix(".onnx")
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(qdq)))
+        g = model.graph
+        inits = {i.name: i for i in g.initializer}
+
+        def spec(v) -> TensorSpec:
+            t = v.type.tensor_type
+            dims = tuple(int(d.dim_value) if d.dim_value else -1 for d in t.shape.dim)
+            return TensorSpec(name=v.name, shape=dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
+
+        act_bytes = 0
+        for v in [*g.value_info, *g.input, *g.output]:
+            t = v.type.tensor_type
+            dims = [d.dim_value for d in t.shape.dim]
+            if dims and all(dims) and v.name not in inits:
+                act_bytes += int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        int8_bytes = sum(numpy_helper.to_array(i).nbytes for i in g.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+        float_bytes = sum(numpy_helper.to_array(i).nbytes for i in g.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+        from onnxruntime.quantization.registry import QDQRegistry
+
+        quantizable = set(QDQRegistry)
+        dq_outputs = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        # Compute nodes the quantizer could have wrapped but did not (constant-only subgraphs don't count).
+        float_nodes = [f"{n.op_type} '{n.name}'" for n in g.node if n.op_type not in _QDQ and n.op_type in quantizable
+                       and not any(i in dq_outputs for i in n.input if i) and not all(i in inits for i in n.input if i)]
+        unquantizable = sorted({n.op_type for n in g.node if n.op_type not in _QDQ and n.op_type not in quantizable})
+        notes = []
+        if float_nodes:
+            notes.append(f"left in float: {', '.join(float_nodes)}")
+        if unquantizable:
+            notes.append(f"op types the ORT quantizer has no int8 rule for (run in float between QDQ pairs): {', '.join(unquantizable)}")
+        extra = tuple(p for p in (model_path.parent / "required_operators.config",) if p.exists() and model_path.suffix == ".ort")
+        return ModelFacts(
+            inputs=tuple(spec(v) for v in g.input if v.name not in inits),
+            outputs=tuple(spec(v) for v in g.output),
+            ops=tuple(n.op_type for n in g.node),
+            activation_bytes=act_bytes,
+            metrics=(
+                ("int8_weight_bytes", Metric(value=float(int8_bytes), unit="B", status="measured", note="int8/uint8 initializers")),
+                ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note="float initializers (scales, biases, excluded layers)")),
+            ),
+            extra_files=extra,
+            notes=tuple(notes),
+        )
