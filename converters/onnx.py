@@ -10,11 +10,11 @@ import numpy as np
 from converters.base import Converter, ModelFacts, Recipe
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
-from edgekit.manifest import Metric, TensorSpec
+from edgekit.manifest import Metric, Preprocessing, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 
-__all__ = ["ONNXConverter", "export_float_onnx"]
+__all__ = ["ONNXConverter", "embed_preprocessing", "export_float_onnx"]
 
 # Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
 HISTOGRAM_SAMPLES = 200
@@ -72,6 +72,38 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
                               "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
     del log
     return path
+
+
+def embed_preprocessing(path: Path, pre: Preprocessing) -> None:
+    """Rewrite the model in place to take raw input: Cast -> Mul(scale) -> Sub(mean) -> Div(std) in plain ONNX ops."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    old = g.input[0]
+    dims = [d.dim_value for d in old.type.tensor_type.shape.dim]
+    raw_type = helper.np_dtype_to_tensor_dtype(np.dtype(pre.raw_dtype))
+    raw = helper.make_tensor_value_info("raw", raw_type, dims)
+    ndim = len(dims)
+    consts = {
+        "pre_scale": np.asarray(pre.scale, np.float32),
+        "pre_mean": pre._broadcast(pre.mean, ndim).astype(np.float32),
+        "pre_std": pre._broadcast(pre.std, ndim).astype(np.float32),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Cast", ["raw"], ["pre_raw_f"], to=TensorProto.FLOAT, name="pre_cast"),
+        helper.make_node("Mul", ["pre_raw_f", "pre_scale"], ["pre_scaled"], name="pre_mul"),
+        helper.make_node("Sub", ["pre_scaled", "pre_mean"], ["pre_centered"], name="pre_sub"),
+        helper.make_node("Div", ["pre_centered", "pre_std"], [old.name], name="pre_div"),
+    ]
+    for i, n in enumerate(nodes):
+        g.node.insert(i, n)
+    g.input.remove(old)
+    g.input.insert(0, raw)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 class _Reader:
@@ -170,6 +202,9 @@ class ONNXConverter(Converter):
                                 nodes_to_exclude=exclude, extra_options=extra)
         except Exception as e:  # the quantizer raises assorted types on odd graphs
             raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
+        embed = recipe.option("embed")
+        if isinstance(embed, Preprocessing):
+            embed_preprocessing(qdq, embed)
         if not c.ort_format:
             return qdq
         return self._to_ort(qdq, out, c)

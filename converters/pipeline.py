@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -58,6 +58,7 @@ class ConvertOptions:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     signing_key: Path | None = None
     input_shape: tuple[int, ...] | None = None  # fixes dynamic dims of an ONNX source
+    embed_preprocessing: bool = False  # bake the preprocessing into ONNX graphs (raw input)
 
 
 @dataclass(frozen=True)
@@ -176,11 +177,22 @@ def _baseline(ctx: _Context, conv: Converter) -> dict[str, float]:
     return ctx.baselines[conv.format]
 
 
+def _embedded(ctx: _Context, conv: Converter) -> Preprocessing | None:
+    if ctx.opts.embed_preprocessing and conv.format == "onnx":
+        return ctx.opts.preprocessing.model_copy(update={"embedded": True})
+    return None
+
+
 def _try_recipe(ctx: _Context, conv: Converter, prof: HardwareProfile, recipe: Recipe, calib_x: np.ndarray, d: Path):
+    embedded = _embedded(ctx, conv)
+    if embedded is not None:
+        recipe = replace(recipe, options=(*recipe.options, ("embed", embedded)))
     path = conv.convert(ctx.source, prof, recipe, calib_x, d)
     if not conv.runs_here()[0]:
         return path, None, None, None
     model = load_model_file(path, conv.format)
+    if embedded is not None:
+        model.embedded = embedded  # type: ignore[attr-defined]  # the graph takes raw input
     outputs = model.predict(ctx.evalset.x)
     return path, model, outputs, compare(outputs, ctx.float_out, ctx.evalset.y)
 
@@ -318,7 +330,7 @@ def _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics,
         "inputs": [s.model_dump() for s in facts.inputs],
         "outputs": [s.model_dump() for s in facts.outputs],
         "labels": list(labels),
-        "preprocessing": opts.preprocessing.model_dump(),
+        "preprocessing": (_embedded(ctx, conv) or opts.preprocessing).model_dump(),
         "quantization": {
             "recipe": recipe.name,
             "weights": recipe.weights,
@@ -367,6 +379,9 @@ def _install(stage: Path, out: Path, trash: Path) -> None:
 def run_convert(opts: ConvertOptions, progress: Progress = lambda _msg: None) -> RunReport:
     """Convert for every requested (profile, format); nothing is written unless all succeed."""
     jobs = _jobs(opts)  # unknown profiles and unsupported formats fail before any work
+    if opts.embed_preprocessing and opts.preprocessing.raw_dtype == "float32" and opts.preprocessing.scale == 1.0:
+        raise UsageError("--embed-preprocessing needs a --preprocessing spec to embed",
+                         "Example: --preprocessing scale=0.00392157,raw_dtype=uint8,layout=NHWC --embed-preprocessing")
     _check_out_dir(opts.out)
     key = signing.load_or_create_key(opts.signing_key)
     work = Path(tempfile.mkdtemp(dir=opts.out, prefix=".edgekit-tmp-"))

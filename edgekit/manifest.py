@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -45,13 +46,42 @@ class TensorSpec(_Model):
 
 
 class Preprocessing(_Model):
-    """How raw data becomes the model's float input: x = (raw * scale - mean) / std."""
+    """How raw data becomes the model's float input: x = (raw * scale - mean) / std.
+
+    ``mean``/``std`` hold one value, or one per channel (the last axis for NHWC, axis 1 for
+    NCHW). ``embedded``: the model file already does this and takes ``raw_dtype`` input.
+    """
 
     layout: Literal["NHWC", "NCHW", "NC", "other"] = "other"
     scale: float = 1.0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     raw_dtype: str = "float32"
+    embedded: bool = False
+
+    def _broadcast(self, values: tuple[float, ...], ndim: int) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float32)
+        if v.size == 1:
+            return v.reshape(())
+        if self.layout == "NCHW":
+            return v.reshape((1, -1) + (1,) * (ndim - 2))
+        return v  # channels last
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Raw data to the model's float input."""
+        raw = np.asarray(raw)
+        return ((raw.astype(np.float32) * np.float32(self.scale) - self._broadcast(self.mean, raw.ndim))
+                / self._broadcast(self.std, raw.ndim)).astype(np.float32)
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        """The model's float input back to raw data, rounded and clipped to ``raw_dtype``."""
+        x = np.asarray(x, dtype=np.float32)
+        raw = (x * self._broadcast(self.std, x.ndim) + self._broadcast(self.mean, x.ndim)) / np.float32(self.scale)
+        dtype = np.dtype(self.raw_dtype)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            return np.clip(np.rint(raw), info.min, info.max).astype(dtype)
+        return raw.astype(dtype)
 
 
 class Metric(_Model):

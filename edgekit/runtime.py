@@ -16,7 +16,7 @@ import numpy as np
 
 from edgekit.bundle import open_bundle, sha256_file
 from edgekit.errors import BundleError, InputError, RuntimeUnavailableError
-from edgekit.manifest import Manifest, QuantParams, TensorSpec
+from edgekit.manifest import Manifest, Preprocessing, QuantParams, TensorSpec
 from edgekit.nativelog import captured_output
 
 __all__ = ["CoreMLModel", "LocalModel", "ONNXModel", "TFLiteModel", "dequantize", "load", "load_model_file", "quantize", "timed_load"]
@@ -54,6 +54,15 @@ class LocalModel(ABC):
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Outputs of the first output for a batch ``x`` (float, the model's layout)."""
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The manifest's preprocessing spec (identity for a bare model file)."""
+        return self.manifest.preprocessing if self.manifest is not None else Preprocessing()
+
+    def predict_raw(self, raw: np.ndarray) -> np.ndarray:
+        """Outputs for raw data (e.g. uint8 pixels): the bundle's preprocessing is applied here or in the model."""
+        return self.predict(self.preprocessing.apply(raw))
 
     def predict_one(self, x: np.ndarray) -> np.ndarray:
         """Outputs for one example without a batch axis."""
@@ -155,8 +164,22 @@ class ONNXModel(LocalModel):
         self._dtype = np.dtype(self.inputs[0].dtype)
         self._static_batch = self._in_shape[0] if self._in_shape and self._in_shape[0] > 0 else None
 
+    embedded: Preprocessing | None = None  # set when the graph takes raw input (--embed-preprocessing)
+
+    def predict_raw(self, raw: np.ndarray) -> np.ndarray:
+        if self._embedded() is not None:
+            return self._run(np.asarray(raw))
+        return super().predict_raw(raw)
+
+    def _embedded(self) -> Preprocessing | None:
+        pre = self.embedded or (self.manifest.preprocessing if self.manifest is not None else None)
+        return pre if pre is not None and pre.embedded else None
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
+        pre = self._embedded()
+        return self._run(pre.invert(x) if pre is not None else np.asarray(x))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         if tuple(x.shape[1:]) != tuple(self._in_shape[1:]):
             raise InputError(f"input shape {tuple(x.shape)} does not fit the model input {self._in_shape} (batch first)",
                              "Pass data in the model's layout.")

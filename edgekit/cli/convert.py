@@ -70,11 +70,12 @@ def _shape(spec: str | None) -> tuple[int, ...] | None:
 @click.option("--latency-runs", type=click.IntRange(min=1), default=50, show_default=True, help="Runs for the host latency figures.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), help="Text file of class names, one per line.")
 @click.option("--preprocessing", help="How raw data maps to x: scale=...,mean=a:b:c,std=a:b:c,layout=NHWC,raw_dtype=uint8.")
+@click.option("--embed-preprocessing", is_flag=True, help="Bake --preprocessing into ONNX graphs so apps feed raw data (e.g. uint8 pixels).")
 @click.option("--input-shape", help="Fix an ONNX model's dynamic input dims, e.g. 1,3,224,224.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], calibration: Path, eval_: Path | None, out: Path,
             name: str | None, version: str, max_accuracy_drop: float | None, allow_over_budget: bool, calibration_samples: int,
-            latency_runs: int, labels_file: Path | None, preprocessing: str | None, input_shape: str | None, as_json: bool) -> None:
+            latency_runs: int, labels_file: Path | None, preprocessing: str | None, embed_preprocessing: bool, input_shape: str | None, as_json: bool) -> None:
     """Convert MODEL (.keras/.h5/.onnx or a SavedModel dir) to INT8 bundles, checked against each profile."""
     from converters.pipeline import ConvertOptions, run_convert
     from converters.report import fallback_lines, render_table
@@ -86,6 +87,7 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         name=name, version=version, max_accuracy_drop=max_accuracy_drop, allow_over_budget=allow_over_budget,
         calibration_samples=calibration_samples, latency_runs=latency_runs, labels=_labels(labels_file),
         preprocessing=_preprocessing(preprocessing), input_shape=_shape(input_shape),
+        embed_preprocessing=embed_preprocessing,
     )
     with progress(enabled=not as_json) as step:
         report = run_convert(opts, step)

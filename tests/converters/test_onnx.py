@@ -154,3 +154,38 @@ def test_profile_without_onnx(digits, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli("convert", digits["model"], "--profile", "coral-edgetpu", "--format", "onnx", "--calibration", digits["calib"], "--out", out)
     assert code == 4 and "does not take onnx" in err and not out.exists() or list(out.iterdir()) == []
+
+
+def test_embedded_preprocessing_takes_raw_pixels(digits, tmp_path: Path) -> None:
+    from edgekit.manifest import Preprocessing
+
+    pre = Preprocessing(layout="NHWC", scale=1 / 16, raw_dtype="uint8")  # digits are 0..16 counts
+    opts = ConvertOptions(model=digits["model"], profiles=("pixel-8",), formats=("onnx",), calibration=digits["calib"], eval=digits["eval"],
+                          out=tmp_path, latency_runs=3, preprocessing=pre, embed_preprocessing=True)
+    (r,) = run_convert(opts).results
+    assert r.manifest.preprocessing.embedded and r.manifest.inputs[0].dtype == "uint8"
+    model = runtime.load(r.bundle_dir)
+    x = np.load(digits["eval"])["x"][:50]
+    raw = np.rint(x * 16).astype(np.uint8)
+    assert np.array_equal(model.predict_raw(raw), model.predict(x))
+    assert r.manifest.metrics["agreement"].value >= 95
+
+
+def test_runtime_applies_preprocessing_for_every_format(digits, tmp_path: Path) -> None:
+    from edgekit.manifest import Preprocessing
+
+    pre = Preprocessing(layout="NHWC", scale=1 / 16, raw_dtype="uint8")
+    opts = ConvertOptions(model=digits["model"], profiles=("raspberry-pi-5",), formats=("tflite", "onnx"), calibration=digits["calib"],
+                          out=tmp_path, latency_runs=3, preprocessing=pre)
+    x = np.load(digits["eval"])["x"][:20]
+    raw = np.rint(x * 16).astype(np.uint8)
+    for r in run_convert(opts).results:
+        model = runtime.load(r.bundle_dir)
+        assert not r.manifest.preprocessing.embedded
+        assert np.allclose(model.predict_raw(raw), model.predict(x)), r.format
+
+
+def test_embed_without_a_spec_is_a_usage_error(digits, tmp_path: Path, run_cli) -> None:
+    code, _, err = run_cli("convert", digits["model"], "--profile", "pixel-8", "--calibration", digits["calib"], "--out", tmp_path / "o",
+                           "--embed-preprocessing")
+    assert code == 2 and "needs a --preprocessing spec" in err
