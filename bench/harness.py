@@ -150,5 +150,6 @@ def write_result(name: str, host: dict, payload: dict) -> Path:
     """Write ``bench/results/<name>.json``: the host facts (taken at the start), then the figures."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
+    host = {**host, "loadavg_at_end": list(os.getloadavg())}  # the machine is shared: say how busy it was
     path.write_text(json.dumps({"benchmark": name, "host": host, **payload}, indent=2) + "\n")
     return path

@@ -14,7 +14,7 @@ from edgekit.manifest import Metric, Preprocessing, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 
-__all__ = ["ONNXConverter", "embed_preprocessing", "export_float_onnx"]
+__all__ = ["ONNXConverter", "compact_names", "embed_preprocessing", "export_float_onnx", "sensitive_nodes"]
 
 # Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
 HISTOGRAM_SAMPLES = 200
@@ -50,6 +50,7 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
         return path
     if source.kind == "onnx":
         shutil.copyfile(source.onnx_path, path)
+        compact_names(path)
         return path
     tf = import_tensorflow()
     import tf2onnx
@@ -71,6 +72,7 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
         raise ConversionError(f"tf2onnx could not export the model at opset {opset}: {str(err)[:300]}",
                               "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
     del log
+    compact_names(path)
     return path
 
 
@@ -106,6 +108,60 @@ def embed_preprocessing(path: Path, pre: Preprocessing) -> None:
     onnx.save(model, str(path))
 
 
+def compact_names(path: Path) -> None:
+    """Rename nodes and intermediate tensors to short ids, in place.
+
+    tf2onnx keeps TensorFlow's scoped names ('StatefulPartitionedCall/.../BiasAdd__8:0'); every QDQ
+    node and scale repeats them, which on small models makes the INT8 file larger than the float one.
+    Graph inputs and outputs keep their names.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    keep = {v.name for v in [*g.input, *g.output]}
+    mapping: dict[str, str] = {}
+
+    def short(name: str, prefix: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in mapping:
+            mapping[name] = f"{prefix}{len(mapping)}"
+        return mapping[name]
+
+    for init in g.initializer:
+        init.name = short(init.name, "w")
+    for vi in g.value_info:
+        vi.name = short(vi.name, "t")
+    for i, node in enumerate(g.node):
+        node.name = f"{node.op_type.lower()}_{i}"
+        node.input[:] = [short(n, "t") for n in node.input]
+        node.output[:] = [short(n, "t") for n in node.output]
+    onnx.save(model, str(path))
+
+
+def sensitive_nodes(float_path: Path, qdq_path: Path, input_name: str, x: np.ndarray, work: Path) -> list[str]:
+    """Nodes of the float graph ranked from most to least hurt by quantization.
+
+    ORT's QDQ debugger runs both graphs on the same inputs and gives each tensor's
+    signal-to-quantization-noise ratio; the producers of the lowest-SQNR tensors come first.
+    """
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error, create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    aug_f, aug_q = work / "sens-float.onnx", work / "sens-qdq.onnx"
+    with captured_output():
+        modify_model_output_intermediate_tensors(str(float_path), str(aug_f))
+        modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
+        fa = collect_activations(str(aug_f), _Reader(input_name, x), execution_providers=["CPUExecutionProvider"])
+        qa = collect_activations(str(aug_q), _Reader(input_name, x), execution_providers=["CPUExecutionProvider"])
+        errors = compute_activation_error(create_activation_matching(qa, fa))
+    producer = {o: n.name for n in onnx.load(str(float_path)).graph.node for o in n.output}
+    ranked = sorted((e.get("qdq_err", np.inf), t) for t, e in errors.items() if t in producer and np.isfinite(e.get("qdq_err", np.inf)))
+    return list(dict.fromkeys(producer[t] for _, t in ranked))
+
+
 class _Reader:
     """ONNX Runtime CalibrationDataReader over an array, one example per call."""
 
@@ -121,10 +177,10 @@ class _Reader:
     def rewind(self) -> None:
         self._i = 0
 
-
-def _weighted_nodes(model) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and any(i in inits for i in n.input[1:])]
+    def __iter__(self):  # the QDQ debugger iterates instead of calling get_next
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
 
 
 class ONNXConverter(Converter):
@@ -161,8 +217,11 @@ class ONNXConverter(Converter):
                    options=(("method", "Percentile"),)),
             Recipe(f"qdq-entropy-{layout}", f"QDQ, entropy (KL) ranges, {layout}, {act} activations", activations=act, per_channel=pc,
                    options=(("method", "Entropy"),)),
-            Recipe(f"qdq-minmax-{layout}-float-ends", f"QDQ, MinMax, {layout}; first and last weighted layers kept in float (most sensitive)",
-                   activations=act, per_channel=pc, options=(("method", "MinMax"), ("exclude_ends", True))),
+        ]
+        out += [
+            Recipe(f"qdq-minmax-per-tensor-keep{k}", f"QDQ, MinMax, per-tensor; the {k} layer(s) with the worst quantization SQNR kept in float",
+                   activations=act, per_channel=False, options=(("method", "MinMax"), ("exclude_sensitive", k)))
+            for k in (1, 2, 3)
         ]
         return out
 
@@ -186,12 +245,15 @@ class ONNXConverter(Converter):
         input_name = model.graph.input[0].name
         method = str(recipe.option("method"))
         data = calibration[:HISTOGRAM_SAMPLES] if method != "MinMax" else calibration
-        exclude = []
-        if recipe.option("exclude_ends"):
-            weighted = _weighted_nodes(model)
-            exclude = sorted({weighted[0], weighted[-1]}) if weighted else []
         qdq = out / "model.onnx"
         act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
+        exclude: list[str] = []
+        k = int(recipe.option("exclude_sensitive", 0) or 0)
+        if k:
+            try:
+                exclude = self._sensitive(source, pre, input_name, calibration, act, recipe.per_channel)[:k]
+            except Exception as e:  # the QDQ debugger is best-effort on unusual graphs
+                raise ConversionError(f"sensitivity analysis failed: {str(e)[:200]}", "The other recipes are unaffected.") from e
         extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
@@ -202,6 +264,12 @@ class ONNXConverter(Converter):
                                 nodes_to_exclude=exclude, extra_options=extra)
         except Exception as e:  # the quantizer raises assorted types on odd graphs
             raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
+        try:  # the quantizer can emit graphs ORT rejects (seen: Gemm bias DequantizeLinear with uint8 activations)
+            with captured_output():
+                ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ConversionError(f"ONNX Runtime's quantizer produced a graph ONNX Runtime cannot load ({recipe.name}): "
+                                  f"{str(e).strip().splitlines()[-1][:200]}", "Another recipe may work; see the attempts.") from e
         embed = recipe.option("embed")
         if isinstance(embed, Preprocessing):
             embed_preprocessing(qdq, embed)
@@ -209,14 +277,34 @@ class ONNXConverter(Converter):
             return qdq
         return self._to_ort(qdq, out, c)
 
+    def _sensitive(self, source: SourceModel, pre: Path, input_name: str, calibration: np.ndarray, act, per_channel: bool) -> list[str]:
+        """Sensitivity ranking of ``pre``'s nodes, computed once per run and activation type."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        key = f"{pre.stem}-{act.name}-{per_channel}"
+        cache = source.cache.setdefault("onnx_sensitivity", {})
+        if key not in cache:
+            work = source.workdir / "onnx" / f"sens-{key}"
+            work.mkdir(exist_ok=True)
+            probe = work / "probe.onnx"
+            with captured_output():
+                quantize_static(str(pre), str(probe), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            cache[key] = sensitive_nodes(pre, probe, input_name, calibration[:64], work)
+        return cache[key]
+
     def _to_ort(self, qdq: Path, out: Path, c: ONNXConstraints) -> Path:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         style = OptimizationStyle.Runtime if _RUNTIME_STYLE_EPS & set(c.execution_providers) else OptimizationStyle.Fixed
         ort_dir = out / "ort"
         ort_dir.mkdir(exist_ok=True)
-        with captured_output():
-            convert_onnx_models_to_ort(qdq, output_dir=ort_dir, optimization_styles=[style])
+        try:
+            with captured_output():
+                convert_onnx_models_to_ort(qdq, output_dir=ort_dir, optimization_styles=[style])
+        except Exception as e:
+            raise ConversionError(f"conversion to the ORT format failed: {str(e).strip().splitlines()[-1][:200]}",
+                                  "Set ort_format: false in the profile to ship plain ONNX.") from e
         produced = next(ort_dir.glob("*.ort"), None)
         config = next(ort_dir.glob("*.required_operators*.config"), None)
         if produced is None or config is None:

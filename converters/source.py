@@ -52,6 +52,7 @@ class SourceModel:
     saved_model_dir: Path | None  # static batch-1 export (Keras and SavedModel sources)
     workdir: Path = Path(".")  # scratch space converters may share (e.g. the float ONNX export)
     onnx_path: Path | None = None  # ONNX sources
+    cache: dict[str, Any] = field(default_factory=dict)  # per-run results converters reuse across profiles
     _predict: Any = field(repr=False, default=None)
 
     @property

@@ -94,7 +94,7 @@ def test_recipe_search_reports_every_attempt(digits, tmp_path: Path) -> None:
     (r,) = run_convert(opts).results
     names = [a.recipe for a in r.attempts]
     assert names == ["qdq-minmax-per-channel", "qdq-minmax-per-tensor", "qdq-percentile-per-channel", "qdq-entropy-per-channel",
-                     "qdq-minmax-per-channel-float-ends"]
+                     "qdq-minmax-per-tensor-keep1", "qdq-minmax-per-tensor-keep2", "qdq-minmax-per-tensor-keep3"]
     assert all(a.error is None and a.agreement is not None for a in r.attempts)
     assert sum(a.chosen for a in r.attempts) == 1
 
@@ -189,3 +189,28 @@ def test_embed_without_a_spec_is_a_usage_error(digits, tmp_path: Path, run_cli) 
     code, _, err = run_cli("convert", digits["model"], "--profile", "pixel-8", "--calibration", digits["calib"], "--out", tmp_path / "o",
                            "--embed-preprocessing")
     assert code == 2 and "needs a --preprocessing spec" in err
+
+
+def test_sensitivity_ranking_names_real_float_nodes(digits_onnx: Path, digits, tmp_path: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from converters.onnx import _Reader, sensitive_nodes
+
+    x = np.load(digits["calib"])["x"][:32]
+    qdq = tmp_path / "q.onnx"
+    quantize_static(str(digits_onnx), str(qdq), _Reader("input", x), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+    ranked = sensitive_nodes(digits_onnx, qdq, "input", x, tmp_path)
+    names = {n.name for n in onnx.load(str(digits_onnx)).graph.node}
+    assert ranked and set(ranked) <= names and len(ranked) == len(set(ranked))
+
+
+def test_compact_names_keep_io_and_numerics(digits_onnx: Path, digits, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    g = onnx.load(str(digits_onnx)).graph
+    assert all(len(n.name) < 20 for n in g.node) and g.input[0].name == "input"
+    x = np.load(digits["eval"])["x"][:1]
+    ort.InferenceSession(str(digits_onnx)).run(None, {"input": x})
