@@ -96,8 +96,9 @@ def test_io_and_ops_come_from_the_spec(built) -> None:
     assert "const" not in facts.ops
     assert {"conv", "linear", "softmax", "constexpr_affine_dequantize"} <= set(facts.ops)
     assert facts.ops.index("conv") < facts.ops.index("linear") < facts.ops.index("softmax")
-    # float16 activations: 1x8x8 input (f32) + casts, transposes, conv, relu, reshape, linear... all counted once.
-    assert 0 < facts.activation_bytes < 10_000
+    # float32 input 256 B; float16 cast 128, transpose 128, conv/transpose/relu/reshape 4 x 576, linear/relu 2 x 64,
+    # linear/softmax 2 x 20; float32 output cast 40.
+    assert facts.activation_bytes == 3024
     assert built["float_facts"].ops == ("transpose", "conv", "transpose", "relu", "reshape", "linear", "relu", "linear", "softmax")
 
 
@@ -120,12 +121,26 @@ def test_saved_model_source(digits, tmp_path: Path) -> None:
     conv = CoreMLConverter()
     profile = find_profile("iphone-15-pro")
     source = load_source(digits["saved_model"], tmp_path)
-    assert conv.check(source, profile) == ([] if ON_MAC else [conv.check(source, profile)[0]])
+    assert len(conv.check(source, profile)) == (0 if ON_MAC else 1)  # the W8A16 note off macOS
     path = conv.convert(source, profile, W8A16, np.load(digits["calib"])["x"][:8], tmp_path)
     facts = conv.inspect(path, profile)
     assert facts.inputs[0].shape == (1, 8, 8, 1)
     assert _metrics(facts)["int8_weight_tensors"].value == 3
     assert {"conv", "linear"} <= set(facts.ops)
+
+
+def test_ios18_target_uses_blockwise_int8_ops(keras_source: SourceModel, digits, tmp_path: Path) -> None:
+    import coremltools as ct
+
+    base = find_profile("iphone-15-pro")
+    coreml = base.formats.coreml.model_copy(update={"minimum_deployment_target": "iOS18"})
+    profile = base.model_copy(update={"formats": base.formats.model_copy(update={"coreml": coreml})})
+    path = CoreMLConverter().convert(keras_source, profile, W8A16, np.load(digits["calib"])["x"][:8], tmp_path)
+    assert _spec(path).specificationVersion == ct.target.iOS18.value
+    facts = CoreMLConverter().inspect(path, profile)
+    m = _metrics(facts)
+    assert "constexpr_blockwise_shift_scale" in facts.ops and "constexpr_affine_dequantize" not in facts.ops
+    assert (m["int8_weight_tensors"].value, m["int8_weight_bytes"].value) == (3, _kernel_weights(digits["model"]))
 
 
 def test_runs_here_only_on_macos() -> None:
