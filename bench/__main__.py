@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["goal"] is not None:
                 rows.append([name, r["name"], f"{r['value']:.3f}", f"<= {r['goal']:g} {'met' if r['met'] else 'NOT met'}", f"{took:.0f}"])
     print()
-    print_table("Goals", ["benchmark", "ratio", "value", "goal", "run s"], rows)
+    print_table("Goals", ["benchmark", "ratio", "value", "goal", "run s"], rows, text_columns=2)
     return 1 if failed else 0
 
 

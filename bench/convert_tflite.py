@@ -133,7 +133,8 @@ def edgekit_convert(files: dict[str, Path], out: Path):
     """One ``run_convert`` as ``edgekit convert --profile raspberry-pi-5 --format tflite --eval`` runs it."""
     from converters.pipeline import ConvertOptions, run_convert
 
-    opts = ConvertOptions(model=files["model"], profiles=(PROFILE,), calibration=files["calib"], out=out, formats=("tflite",), eval=files["eval"])
+    opts = ConvertOptions(model=files["model"], profiles=(PROFILE,), calibration=files["calib"], out=out,
+                          formats=("tflite",), eval=files["eval"])
     return run_convert(opts)
 
 

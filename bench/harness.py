@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -45,10 +44,10 @@ def prepare_process() -> Path:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence Python prints, warnings and native stderr (TensorFlow's converter is chatty)."""
+    """Silence prints, warnings and native log lines (TensorFlow's converter is chatty)."""
     from edgekit.nativelog import captured_output
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), captured_output():
+    with warnings.catch_warnings(), captured_output():
         warnings.simplefilter("ignore")
         yield
 
@@ -121,8 +120,11 @@ class Ratio:
         return {**asdict(self), "met": self.met}
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A rich table when rich is installed (edgekit depends on it), plain columns otherwise."""
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns: int = 1) -> None:
+    """A rich table when rich is installed (edgekit depends on it), plain columns otherwise.
+
+    The first ``text_columns`` columns are left-aligned, the rest (numbers) right-aligned.
+    """
     try:
         from rich.console import Console
         from rich.table import Table
@@ -134,7 +136,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
         return
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i < text_columns else "right")
     for row in rows:
         table.add_row(*(str(c) for c in row))
     Console().print(table)

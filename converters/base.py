@@ -45,7 +45,8 @@ class ModelFacts:
     metrics: tuple[tuple[str, Metric], ...] = ()
     # Files next to the model that belong in the bundle (e.g. ORT's required_operators.config).
     extra_files: tuple[Path, ...] = ()
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what was and was not verified on this host (manifest "verification")
+    warnings: tuple[str, ...] = ()  # quantization gaps the user should know about
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ConversionResult:
     coverage: Coverage
     attempts: tuple[Attempt, ...]
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    verification: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
         """JSON-ready summary for report.json and --json."""
@@ -75,6 +77,7 @@ class ConversionResult:
             "coverage": self.coverage.model_dump(),
             "attempts": [a.model_dump() for a in self.attempts],
             "warnings": list(self.warnings),
+            "verification": list(self.verification),
         }
 
 

@@ -1,9 +1,10 @@
 """Core ML ML Program packages (.mlpackage) with coremltools; int8 weights, W8A8 where Core ML runs.
 
-The source is the static batch-1 SavedModel every converter gets. coremltools 9 cannot convert
-a Keras 3 model or its SavedModel directory directly on Linux ("Only a single concrete function
-is supported"), so the one path used everywhere is the SavedModel's ``serving_default``
-signature, itself a concrete function: ``ct.convert([fn], source="tensorflow", ...)``.
+The source is the static batch-1 SavedModel every converter gets. coremltools 9 converts neither
+a Keras 3 model object (AttributeError inside its TF frontend) nor a Keras 3 SavedModel directory
+("Only a single concrete function is supported"), so the one path, for Keras and SavedModel
+sources alike, is the SavedModel's ``serving_default`` signature, itself a concrete function:
+``ct.convert([fn], source="tensorflow", convert_to="mlprogram", ...)``.
 
 What a Linux host can and cannot do (coremltools 9.0): conversion, ``linear_quantize_weights``
 and reading the package's spec work; ``MLModel.predict`` and activation calibration
@@ -15,7 +16,9 @@ a Mac the W8A8 recipe (activations calibrated on real data) is offered first.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +193,8 @@ class CoreMLConverter(Converter):
                     # Core ML's activation quantizer is per-tensor (min/max of each tensor over the samples).
                     acts = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                                                                             granularity="per_tensor"))
-                    samples = [{model.get_spec().description.input[0].name: calibration[i : i + 1]} for i in range(len(calibration))]
+                    name = model.get_spec().description.input[0].name
+                    samples = [{name: calibration[i : i + 1]} for i in range(len(calibration))]
                     model = cto.linear_quantize_activations(model, acts, samples)
                 model = cto.linear_quantize_weights(model, weights)
             except Exception as e:  # coremltools raises ValueError, RuntimeError, bare Exception...
@@ -257,52 +261,13 @@ class CoreMLConverter(Converter):
         main = spec.mlProgram.functions["main"]
         block = main.block_specializations[main.opset]
         program = list(_walk(block.operations))
-        const_values: dict[str, Any] = {op.outputs[0].name: op.attributes["val"] for op in program if op.type == "const"}
-        mil_name = MIL_pb2.DataType.Name
+        tensor = partial(_tensor, MIL_pb2.DataType.Name)
 
-        def tensor(value) -> tuple[str, int] | None:
-            """(dtype, elements) of a tensor value with known dimensions."""
-            t = value.type.tensorType if value.type.WhichOneof("type") == "tensorType" else None
-            if t is None or any(d.WhichOneof("dimension") != "constant" for d in t.dimensions):
-                return None
-            dtype = _MIL_DTYPES.get(mil_name(t.dataType))
-            return (dtype, int(np.prod([d.constant.size for d in t.dimensions], dtype=np.int64))) if dtype else None
-
-        def values(op) -> Iterator[tuple[str, Any]]:
-            """Every (key, Value) an op holds: attributes and inline or const-bound inputs."""
-            for key, v in op.attributes.items():
-                if key != "name":
-                    yield key, v
-            for key, arg in op.inputs.items():
-                for b in arg.arguments:
-                    if b.WhichOneof("binding") == "value":
-                        yield key, b.value
-                    elif op.type.startswith("constexpr_") and b.name in const_values:
-                        yield key, const_values[b.name]
-
-        feeds_constexpr = _bound_to_constexpr(program)
-        int8_ops: dict[str, int] = {}
-        int8_tensors = int8_bytes = float_bytes = act_bytes = 0
-        for op in program:
-            held = list(values(op)) if op.type == "const" or op.type.startswith("constexpr_") else []
-            for key, v in held:
-                t = tensor(v)
-                if t is None:
-                    continue
-                dtype, n = t
-                if op.type.startswith("constexpr_") and key in _QUANTIZED_DATA_KEYS and dtype in ("int8", "uint8"):
-                    int8_tensors += 1
-                    int8_bytes += n
-                    int8_ops[op.type] = int8_ops.get(op.type, 0) + 1
-                elif dtype in _FLOATS and not (op.type == "const" and op.outputs[0].name in feeds_constexpr):
-                    float_bytes += n * _ITEMSIZE[dtype]
-            if op.type != "const" and not op.type.startswith("constexpr_"):
-                for o in op.outputs:
-                    t = tensor(o)
-                    act_bytes += t[1] * _ITEMSIZE[t[0]] if t else 0
-        for v in main.inputs:
-            t = tensor(v)
-            act_bytes += t[1] * _ITEMSIZE[t[0]] if t else 0
+        w = _tally(program, tensor)
+        _check_blobs(model_path, Path(mlmodel.weights_dir), w.blobs)
+        int8_tensors, int8_bytes, float_bytes, int8_ops = w.int8_tensors, w.int8_bytes, w.float_bytes, w.int8_ops
+        act_bytes = sum(t[1] * _ITEMSIZE[t[0]] for v in main.inputs if (t := tensor(v)))
+        act_bytes += sum(t[1] * _ITEMSIZE[t[0]] for op in program if not _holds_weights(op) for o in op.outputs if (t := tensor(o)))
 
         ops = tuple(op.type for op in program if op.type != "const")
         n_const = len(program) - len(ops)
@@ -341,6 +306,68 @@ class CoreMLConverter(Converter):
         )
 
 
+@dataclass
+class _WeightTally:
+    """What the program's constants hold."""
+
+    int8_tensors: int = 0
+    int8_bytes: int = 0
+    float_bytes: int = 0
+    int8_ops: dict[str, int] = field(default_factory=dict)
+    blobs: list[tuple[str, int]] = field(default_factory=list)  # (fileName, offset) of every weight-file value
+
+
+def _holds_weights(op: Any) -> bool:
+    return op.type == "const" or op.type.startswith("constexpr_")
+
+
+def _tally(program: list[Any], tensor: Callable[[Any], tuple[str, int] | None]) -> _WeightTally:
+    """int8 weight data of the constexpr_* decompression ops and the float constants left, each counted once."""
+    const_values = {op.outputs[0].name: op.attributes["val"] for op in program if op.type == "const"}
+    feeds_constexpr = {b.name for op in program if op.type.startswith("constexpr_")
+                       for arg in op.inputs.values() for b in arg.arguments if b.WhichOneof("binding") == "name"}
+
+    def values(op: Any) -> Iterator[tuple[str, Any]]:
+        """Every (key, Value) an op holds: attributes (iOS16/17 constexpr ops) and inline or const-bound inputs (iOS18)."""
+        for key, v in op.attributes.items():
+            if key != "name":
+                yield key, v
+        for key, arg in op.inputs.items():
+            for b in arg.arguments:
+                if b.WhichOneof("binding") == "value":
+                    yield key, b.value
+                elif op.type.startswith("constexpr_") and b.name in const_values:
+                    yield key, const_values[b.name]
+
+    w = _WeightTally()
+    for op in program:
+        if not _holds_weights(op) or (op.type == "const" and op.outputs[0].name in feeds_constexpr):
+            continue  # a const feeding a constexpr op is counted through that op
+        for key, v in values(op):
+            if v.WhichOneof("value") == "blobFileValue":
+                w.blobs.append((v.blobFileValue.fileName, int(v.blobFileValue.offset)))
+            t = tensor(v)
+            if t is None:
+                continue
+            dtype, n = t
+            if op.type.startswith("constexpr_") and key in _QUANTIZED_DATA_KEYS and dtype in ("int8", "uint8"):
+                w.int8_tensors += 1
+                w.int8_bytes += n
+                w.int8_ops[op.type] = w.int8_ops.get(op.type, 0) + 1
+            elif dtype in _FLOATS:
+                w.float_bytes += n * _ITEMSIZE[dtype]
+    return w
+
+
+def _check_blobs(model_path: Path, weights_dir: Path, blobs: list[tuple[str, int]]) -> None:
+    """Every weight the spec points to lies inside a weight file of the package."""
+    for name, offset in blobs:
+        f = weights_dir / name.removeprefix("@model_path/weights/")
+        if not f.is_file() or offset >= f.stat().st_size:
+            raise ConversionError(f"{model_path.name}: the spec points to {name} at offset {offset}, which the package lacks",
+                                  "The package is incomplete; rebuild it with 'edgekit convert'.")
+
+
 def _walk(operations) -> Iterator[Any]:
     """Ops in execution order, descending into nested blocks (cond, while_loop) after their parent."""
     for op in operations:
@@ -349,17 +376,20 @@ def _walk(operations) -> Iterator[Any]:
             yield from _walk(b.operations)
 
 
-def _bound_to_constexpr(program: list[Any]) -> set[str]:
-    """Names of const ops that feed a constexpr op (counted through that op, not twice)."""
-    return {b.name for op in program if op.type.startswith("constexpr_")
-            for arg in op.inputs.values() for b in arg.arguments if b.WhichOneof("binding") == "name"}
+def _tensor(dtype_name: Callable[[int], str], value: Any) -> tuple[str, int] | None:
+    """(numpy dtype name, elements) of a MIL tensor value or named value with known dimensions, else None."""
+    t = value.type.tensorType if value.type.WhichOneof("type") == "tensorType" else None
+    if t is None or any(d.WhichOneof("dimension") != "constant" for d in t.dimensions):
+        return None
+    dtype = _MIL_DTYPES.get(dtype_name(t.dataType))
+    return (dtype, int(np.prod([d.constant.size for d in t.dimensions], dtype=np.int64))) if dtype else None
 
 
-def _compute_dtype(block: Any, tensor: Any) -> str:
+def _compute_dtype(block: Any, tensor: Callable[[Any], tuple[str, int] | None]) -> str:
     """The float dtypes compute ops produce (float16 for a W8A16 program)."""
     seen = set()
     for op in _walk(block.operations):
-        if op.type in ("const", "cast") or op.type.startswith("constexpr_"):
+        if op.type == "cast" or _holds_weights(op):
             continue
         for o in op.outputs:
             t = tensor(o)

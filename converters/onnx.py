@@ -350,11 +350,11 @@ class ONNXConverter(Converter):
         float_nodes = [f"{n.op_type} '{n.name}'" for n in g.node if n.op_type not in _QDQ and n.op_type in quantizable
                        and not any(i in dq_outputs for i in n.input if i) and not all(i in inits for i in n.input if i)]
         unquantizable = sorted({n.op_type for n in g.node if n.op_type not in _QDQ and n.op_type not in quantizable})
-        notes = []
+        warnings = []
         if float_nodes:
-            notes.append(f"left in float: {', '.join(float_nodes)}")
+            warnings.append(f"left in float: {', '.join(float_nodes)}")
         if unquantizable:
-            notes.append(f"op types the ORT quantizer has no int8 rule for (run in float between QDQ pairs): {', '.join(unquantizable)}")
+            warnings.append(f"op types the ORT quantizer has no int8 rule for (run in float between QDQ pairs): {', '.join(unquantizable)}")
         extra = tuple(p for p in (model_path.parent / "required_operators.config",) if p.exists() and model_path.suffix == ".ort")
         return ModelFacts(
             inputs=tuple(spec(v) for v in g.input if v.name not in inits),
@@ -366,5 +366,5 @@ class ONNXConverter(Converter):
                 ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note="float initializers (scales, biases, excluded layers)")),
             ),
             extra_files=extra,
-            notes=tuple(notes),
+            warnings=tuple(warnings),
         )

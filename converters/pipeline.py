@@ -217,7 +217,6 @@ def _convert_job(ctx: _Context, prof: HardwareProfile, conv: Converter, stage: P
             continue
         if agr is None:  # cannot run here: the first recipe that builds is kept, unmeasured
             attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=_size(path), chosen=True))
-            warnings.append(f"accuracy not measured: {conv.runs_here()[1]}")
             return _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, None, None, None, attempts, warnings)
         drop = agr.drop_from(ctx.float_accuracy)
         ok = drop <= ctx.budget + 1e-9
@@ -249,7 +248,7 @@ def _convert_job(ctx: _Context, prof: HardwareProfile, conv: Converter, stage: P
 def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr: Agreement | None, attempts, warnings) -> ConversionResult:
     opts = ctx.opts
     facts = conv.inspect(path, prof)
-    warnings = [*warnings, *facts.notes]
+    warnings = [*warnings, *facts.warnings]
     coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations)
     if facts.dtype_violations:
         raise IncompatibleError(f"{prof.id}/{conv.format}: ops outside full-integer: {'; '.join(facts.dtype_violations[:5])}",
@@ -281,7 +280,7 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         "op_coverage": _measured(coverage.share_on_target, "share", f"ops on {coverage.target}"),
         **dict(facts.metrics),
     })
-    verification += facts.notes
+    verification += facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
     labels = opts.labels or tuple(str(i) for i in range(ctx.source.num_classes))
     return _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings,
                    verification, outputs is not None)
@@ -359,7 +358,8 @@ def _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics,
     extras = tuple((f, "ONNX Runtime reduced-operator build config") for f in facts.extra_files)
     bundle = write_bundle(bundle_dir, fields, final, golden, signing_key=key, min_top1_agreement=0.9 if measured else 0.0,
                           atol=float(3 * step), extra_files=extras)
-    return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts), tuple(dict.fromkeys(warnings)))
+    return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts),
+                            tuple(dict.fromkeys(warnings)), tuple(verification))
 
 
 def _name(opts: ConvertOptions) -> str:

@@ -84,6 +84,8 @@ def _markdown(report: RunReport) -> str:
         lines += ["", "Op placement:", ""] + [f"- {p.op} x{p.count}: {p.placement}" + (f" ({p.reason})" if p.reason else "") for p in r.coverage.ops]
         if r.warnings:
             lines += ["", "Warnings:", ""] + [f"- {w}" for w in r.warnings]
+        if r.verification:
+            lines += ["", "Verification on the conversion host:", ""] + [f"- {v}" for v in r.verification]
         lines += ["", "Metrics (measured on the conversion host unless marked estimated):", ""]
         lines += [f"- {k}: {_fmt(v.value, '.4g')} {v.unit} [{v.status}] {v.note}".rstrip() for k, v in r.manifest.metrics.items()]
     return "\n".join(lines) + "\n"

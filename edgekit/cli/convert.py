@@ -98,7 +98,10 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
             stdout.print(f"[cyan]fallback[/] {line}", highlight=False)
         for r in report.results:
             for w in r.warnings:
-                stdout.print(f"[yellow]warning[/] {r.profile}/{r.format}: {w}")
+                stdout.print(f"[yellow]warning[/] {r.profile}/{r.format}: {w}", highlight=False)
+            if r.manifest.metrics.get("int8_accuracy") and r.manifest.metrics["int8_accuracy"].status == "not_measurable":
+                for v in r.verification:
+                    stdout.print(f"[cyan]checked[/] {r.profile}/{r.format}: {v}", highlight=False)
         stdout.print(f"Bundles and report.json / report.md in {report.out}")
 
     emit(report.to_dict(), as_json, render)

@@ -13,7 +13,7 @@ pytest.importorskip("coremltools")
 from converters.base import ModelFacts  # noqa: E402
 from converters.coreml import W8A8, W8A16, CoreMLConverter  # noqa: E402
 from converters.source import SourceModel, load_source  # noqa: E402
-from edgekit.errors import IncompatibleError, RuntimeUnavailableError  # noqa: E402
+from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError  # noqa: E402
 from edgekit.profiles import find_profile  # noqa: E402
 
 ON_MAC = sys.platform == "darwin"
@@ -107,7 +107,7 @@ def test_notes_say_what_this_host_verified(built) -> None:
     text = "\n".join(facts.notes)
     assert "loads with coremltools" in text and "weights int8: 3 tensors, 9,608 B" in text
     on_list = next(n for n in facts.notes if n.startswith("ops on the ane list"))
-    n_on = sum(op in built["profile"].accelerators[0].supported_ops for op in facts.ops)
+    n_on = sum(op in built["profile"].accelerators_for("coreml")[0].supported_ops for op in facts.ops)
     assert f"{n_on}/{len(facts.ops)}" in on_list
     numerics = _metrics(facts).get("numerics")
     if ON_MAC:
@@ -115,6 +115,17 @@ def test_notes_say_what_this_host_verified(built) -> None:
     else:
         assert numerics.status == "not_measurable" and numerics.value is None
         assert "unverified on this host" in text
+
+
+def test_inspect_rejects_a_package_missing_its_weights(built, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "model.mlpackage"
+    shutil.copytree(built["path"], broken)
+    weights = broken / "Data/com.apple.CoreML/weights/weight.bin"
+    weights.write_bytes(weights.read_bytes()[:64])  # the blob file header only
+    with pytest.raises(ConversionError, match="package lacks"):
+        CoreMLConverter().inspect(broken, built["profile"])
 
 
 def test_saved_model_source(digits, tmp_path: Path) -> None:
