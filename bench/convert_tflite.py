@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.harness import ROOT, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.harness import ROOT, OtherLoad, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
 
 NAME = "convert_tflite"
 PROFILE = "raspberry-pi-5"
@@ -235,24 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Path] = {}
     report = None
     print(f"convert_tflite: 1 warm-up + {args.reps} timed runs of each side, interleaved ...", flush=True)
-    for rep in range(-1, args.reps):  # rep -1 is the warm-up
-        order = sides if rep % 2 == 0 else tuple(reversed(sides))
-        for side in order:
-            _fresh_session()
-            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-                out = Path(tmp)
-                if side == "edgekit":
-                    t, phases, model, report = run_edgekit(out)
-                else:
-                    t, model = run_plain(out, via_saved_model=side == "plain_saved_model")
-                sizes[side].add(model.stat().st_size)
-                if rep == -1:
-                    models[side] = shutil.copy(model, keep / f"{side}.tflite")
-                    continue
-                times[side].append(t)
-                if side == "edgekit":
-                    phase_runs.append(phases)
-
+    with OtherLoad() as load:
+        for rep in range(-1, args.reps):  # rep -1 is the warm-up
+            order = sides if rep % 2 == 0 else tuple(reversed(sides))
+            for side in order:
+                _fresh_session()
+                with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                    out = Path(tmp)
+                    if side == "edgekit":
+                        t, phases, model, report = run_edgekit(out)
+                    else:
+                        t, model = run_plain(out, via_saved_model=side == "plain_saved_model")
+                    sizes[side].add(model.stat().st_size)
+                    if rep == -1:
+                        models[side] = shutil.copy(model, keep / f"{side}.tflite")
+                        continue
+                    times[side].append(t)
+                    if side == "edgekit":
+                        phase_runs.append(phases)
     acc = {s: litert_top1(models[s], ev["x"], ev["y"]) for s in sides}
     med = {s: median(times[s]) for s in sides}
     phase_med = {p: median([r.get(p, 0.0) for r in phase_runs]) for p in dict.fromkeys(k for r in phase_runs for k in r)}
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("edgekit run_convert phases (median s, exclusive)", ["phase", "s", "evaluation?"],
                 [[p, f"{v:.3f}", "yes" if p in EVALUATION_PHASES else ""] for p, v in sorted(phase_med.items(), key=lambda kv: -kv[1])])
     print_table("Ratios (lower is better)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    print(load.describe())
     if report is not None:
         print(f"float Keras accuracy on the eval set: {report.float_accuracy:.2f}%; edgekit's own int8 figure: "
               f"{manifest.metrics['int8_accuracy'].value:.2f}% (recipe {manifest.quantization.recipe})")
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "examples/mnist CNN (.keras), 500 calibration images, 1,000 eval images",
         "profile": PROFILE,
         "reps": args.reps,
+        "other_load_cores": load.cores,
         "seconds": {s: {"median": med[s], "runs": times[s]} for s in sides},
         "edgekit_evaluation_seconds": {"median": med_eval, "runs": eval_runs},
         "edgekit_without_evaluation_seconds": {"median": med_no_eval, "runs": no_eval_runs},

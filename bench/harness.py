@@ -16,13 +16,15 @@ import platform
 import shutil
 import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "ROOT", "Ratio", "host_facts", "median", "prepare_process", "print_table", "quiet", "ratio_rows", "write_result"]
+__all__ = ["RESULTS_DIR", "ROOT", "OtherLoad", "Ratio", "host_facts", "median", "prepare_process", "print_table", "quiet", "ratio_rows",
+           "write_result"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -94,6 +96,43 @@ def host_facts() -> dict:
         "system": f"{platform.system()} {platform.machine()}",
         "versions": versions,
     }
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a block ran: the machine is shared.
+
+    ``with OtherLoad() as load: ...`` then ``load.cores`` (None where /proc/stat is missing).
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self._busy, self._own, self._wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy = _busy_cpu_seconds()
+        if busy is None or self._busy is None:
+            return
+        own = time.process_time() - self._own
+        self.cores = max(0.0, (busy - self._busy - own) / (time.perf_counter() - self._wall))
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if self.cores is None:
+            return "load from other processes: not measurable here"
+        warn = " (figures disturbed: rerun on a quiet machine)" if self.cores > 0.25 else ""
+        return f"other processes kept {self.cores:.2f} of {os.cpu_count()} cores busy during the timed runs{warn}"
 
 
 def median(values: Sequence[float]) -> float:

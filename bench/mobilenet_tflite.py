@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from bench.harness import ROOT, Ratio, host_facts, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.harness import ROOT, OtherLoad, Ratio, host_facts, prepare_process, print_table, quiet, ratio_rows, write_result
 
 NAME = "mobilenet_tflite"
 PROFILE = "raspberry-pi-5"
@@ -140,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             interp.invoke()
     samples: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     print(f"mobilenet_tflite: timing {len(configs)} configurations, {args.rounds} rounds x {args.block} invokes ...", flush=True)
-    for r in range(args.rounds):
-        order = configs if r % 2 == 0 else list(reversed(configs))
-        for c in order:
-            invoke, times = interps[c].invoke, samples[c]
-            for _ in range(args.block):
-                t0 = time.perf_counter()
-                invoke()
-                times.append((time.perf_counter() - t0) * 1e3)
+    with OtherLoad() as load:
+        for r in range(args.rounds):
+            order = configs if r % 2 == 0 else list(reversed(configs))
+            for c in order:
+                invoke, times = interps[c].invoke, samples[c]
+                for _ in range(args.block):
+                    t0 = time.perf_counter()
+                    invoke()
+                    times.append((time.perf_counter() - t0) * 1e3)
     p50 = {c: float(np.percentile(v, 50)) for c, v in samples.items()}
     p90 = {c: float(np.percentile(v, 90)) for c, v in samples.items()}
     best = {c: float(np.min(v)) for c, v in samples.items()}  # the uncontended figure on a shared machine
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"LiteRT invoke latency, ms ({args.rounds * args.block} runs each)", ["model", "threads", "p50", "p90", "min"],
                 [[m, str(n), f"{p50[(m, n)]:.3f}", f"{p90[(m, n)]:.3f}", f"{best[(m, n)]:.3f}"] for m, n in configs])
     print_table("Ratios (lower is better)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    print(load.describe())
 
     path = write_result(NAME, host, {
         "what": __doc__,
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "gzip_bytes": gzipped,
         "convert_seconds": convert_s,
         "int8_bytes_by_content": breakdown,
+        "other_load_cores": load.cores,
         "latency_ms": {f"{m}@{n}": {"p50": p50[(m, n)], "p90": p90[(m, n)], "min": best[(m, n)], "runs": len(samples[(m, n)])}
                        for m, n in configs},
         "ratios": [r.to_dict() for r in ratios],

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.harness import ROOT, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.harness import ROOT, OtherLoad, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
 
 NAME = "runtime_overhead"
 PROFILE = "raspberry-pi-5"
@@ -227,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         time_block(sides[name][0], sides[name][1], 200)
     per_call: dict[str, list[float]] = {n: [] for n in names}
     print(f"runtime_overhead: {args.reps} interleaved reps x {args.calls} calls per side ...", flush=True)
-    for rep in range(args.reps):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            fn, xs = sides[name]
-            per_call[name].append(time_block(fn, xs, args.calls))
+    with OtherLoad() as load:
+        for rep in range(args.reps):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                fn, xs = sides[name]
+                per_call[name].append(time_block(fn, xs, args.calls))
     med = {n: median(v) * 1e6 for n, v in per_call.items()}
     edge, handq, hand_aw, raw, proto_us = (med[n] for n in names)
     ratios = [
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"Batch-1 MNIST inference, µs per call (median of {args.reps} reps x {args.calls} calls)",
                 ["side", "µs/call", "vs hand np.rint"], [[n, f"{med[n]:.2f}", f"{med[n] / handq:.3f}"] for n in names])
     print_table("Ratios (lower is better)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    print(load.describe())
     print_table(f"Outputs compared with LocalModel.predict on {len(inputs)} inputs", ["side", "identical", "max abs diff"],
                 [[k, f"{v['identical']}/{v['of']}", f"{v['max_abs_diff']:.3g}"] for k, v in same.items()])
 
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": f"examples/mnist CNN via run_convert, profile {PROFILE}, tflite ({tflite.stat().st_size} bytes)",
         "reps": args.reps,
         "calls_per_rep": args.calls,
+        "other_load_cores": load.cores,
         "us_per_call": {n: {"median": med[n], "runs": [v * 1e6 for v in per_call[n]]} for n in names},
         "outputs_vs_edgekit": same,
         "ratios": [r.to_dict() for r in ratios],

@@ -199,3 +199,51 @@ def test_model_over_the_memory_budget(keras_source: SourceModel) -> None:
     big = replace(keras_source, param_count=2_000_000_000)
     with pytest.raises(IncompatibleError, match="model budget"):
         CoreMLConverter().check(big, find_profile("iphone-15-pro"))
+
+
+# --- through the pipeline and the CLI -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coreml_run(digits, tmp_path_factory):
+    from converters.pipeline import ConvertOptions, run_convert
+
+    out = tmp_path_factory.mktemp("coreml-bundles")
+    opts = ConvertOptions(model=digits["model"], profiles=("iphone-15-pro",), formats=("coreml",), calibration=digits["calib"],
+                          eval=digits["eval"], out=out, name="digits", latency_runs=3)
+    return run_convert(opts)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS Core ML numerics are measured like the other formats")
+def test_pipeline_marks_numerics_unverified_on_linux(coreml_run) -> None:
+    from edgekit.bundle import verify_bundle
+
+    (r,) = coreml_run.results
+    m = r.manifest
+    assert m.file == "digits.mlpackage" and (r.bundle_dir / m.file).is_dir()
+    for key in ("int8_accuracy", "accuracy_drop", "agreement", "host_latency_ms_p50"):
+        assert m.metrics[key].status == "not_measurable" and "macOS" in m.metrics[key].note
+    assert m.metrics["size_ratio"].status == "measured" and m.metrics["int8_weight_bytes"].value > 0
+    assert any("unverified" in v for v in m.verification)
+    assert m.quantization.activations == "float16" and m.quantization.attempts[0].chosen
+    assert verify_bundle(r.bundle_dir).ok  # the signature covers the whole package directory
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Linux-only behaviour")
+def test_runtime_load_on_linux_says_why(coreml_run, run_cli) -> None:
+    from edgekit import runtime
+    from edgekit.errors import RuntimeUnavailableError
+
+    with pytest.raises(RuntimeUnavailableError, match="only run on macOS"):
+        runtime.load(coreml_run.results[0].bundle_dir)
+    code, _, err = run_cli("bench", coreml_run.results[0].bundle_dir)
+    assert code == 6 and "macOS" in err and "Hint:" in err and "Traceback" not in err
+
+
+def test_cli_without_coremltools(digits, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "coremltools", None)
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", digits["model"], "--profile", "iphone-15-pro", "--format", "coreml", "--calibration", digits["calib"],
+                           "--out", out)
+    assert code == 6 and "coremltools is not installed" in err and "edgekit[convert]" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
