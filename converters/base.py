@@ -10,10 +10,11 @@ from typing import ClassVar
 import numpy as np
 
 from converters.source import SourceModel
+from edgekit.errors import IncompatibleError
 from edgekit.manifest import Attempt, Coverage, Manifest, Metric, TensorSpec
 from edgekit.profiles import HardwareProfile
 
-__all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe"]
+__all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe", "check_weight_budget"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,15 @@ class Converter(ABC):
     @abstractmethod
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
         """Open the produced model: I/O specs with quantization, op list, activation memory."""
+
+
+def check_weight_budget(source: SourceModel, profile: HardwareProfile) -> None:
+    """Refuse before any work when the int8 weights alone (one byte each) exceed the profile's model budget."""
+    weights_mb = source.param_count / 1e6
+    budget = profile.memory.model_budget_mb
+    if weights_mb > budget:
+        raise IncompatibleError(
+            f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
+            f"'{profile.id}''s model budget of {budget:g} MB",
+            "Use a smaller model or a profile with more memory.",
+        )

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe
+from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, TensorSpec
@@ -121,14 +121,7 @@ class CoreMLConverter(Converter):
         if source.saved_model_dir is None:
             raise IncompatibleError(f"{source.path.name}: Core ML packages are built from Keras or SavedModel sources, not {source.kind}",
                                     "Pass the .keras file or SavedModel the ONNX model was exported from.")
-        weights_mb = source.param_count / 1e6  # int8: one byte per weight
-        budget = profile.memory.model_budget_mb
-        if weights_mb > budget:
-            raise IncompatibleError(
-                f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
-                f"'{profile.id}''s model budget of {budget:g} MB",
-                "Use a smaller model or a profile with more memory.",
-            )
+        check_weight_budget(source, profile)
         warnings: list[str] = []
         if sys.platform != "darwin":
             warnings.append("Core ML: activations can only be calibrated with Core ML's runtime (macOS), so this host builds "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe
+from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, Preprocessing, TensorSpec
@@ -193,11 +193,7 @@ class ONNXConverter(Converter):
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         _constraints(profile)
         _ort()
-        weights_mb = source.param_count / 1e6
-        if weights_mb > profile.memory.model_budget_mb:
-            raise IncompatibleError(
-                f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
-                f"'{profile.id}''s model budget of {profile.memory.model_budget_mb:g} MB", "Use a smaller model or a profile with more memory.")
+        check_weight_budget(source, profile)
         return []
 
     def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:

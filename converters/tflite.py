@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe
+from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
@@ -37,14 +37,8 @@ class TFLiteConverter(Converter):
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)
         warnings: list[str] = []
+        check_weight_budget(source, profile)
         weights_mb = source.param_count / 1e6  # int8: one byte per weight
-        budget = profile.memory.model_budget_mb
-        if weights_mb > budget:
-            raise IncompatibleError(
-                f"the model's {source.param_count:,} weights need about {weights_mb:.1f} MB as int8, over profile "
-                f"'{profile.id}''s model budget of {budget:g} MB",
-                "Use a smaller model or a profile with more memory.",
-            )
         for acc in profile.accelerators_for("tflite"):
             if c.full_integer and not ({"int8", "uint8"} & set(acc.dtypes)):
                 raise IncompatibleError(f"accelerator '{acc.id}' of profile '{profile.id}' takes no int8 tensors", "Fix the profile's dtypes.")
