@@ -8,6 +8,7 @@ the same id overrides a shipped one.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from importlib import resources
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
 FormatName = Literal["tflite", "onnx", "coreml"]
 DType = Literal["int4", "int8", "uint8", "int16", "float16", "bfloat16", "float32"]
 
@@ -181,7 +183,7 @@ def load_profile_file(path: str | os.PathLike[str]) -> HardwareProfile:
     except OSError as e:
         raise ProfileError(f"{p}: cannot read: {e.strerror}", "Check the file's permissions.") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         raise ProfileError(f"{p}: not valid YAML: {e}", "Fix the YAML syntax.") from None
     if not isinstance(data, dict):
@@ -210,11 +212,18 @@ def _user_files() -> Iterable[Path]:
 
 def list_profiles() -> dict[str, tuple[HardwareProfile, Path]]:
     """Every profile by id, with the file it came from; user files override shipped ones."""
+    files = [*_builtin_files(), *_user_files()]
+    return dict(_load_all(tuple((p, p.stat().st_mtime_ns) for p in files)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_all(files: tuple[tuple[Path, int], ...]) -> tuple[tuple[str, tuple[HardwareProfile, Path]], ...]:
+    # Keyed by (path, mtime): an edited or added file is re-read, an unchanged set is parsed once.
     found: dict[str, tuple[HardwareProfile, Path]] = {}
-    for path in [*_builtin_files(), *_user_files()]:
+    for path, _ in files:
         profile = load_profile_file(path)
         found[profile.id] = (profile, path)
-    return dict(sorted(found.items()))
+    return tuple(sorted(found.items()))
 
 
 def find_profile(profile_id: str) -> HardwareProfile:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +23,44 @@ from edgekit.nativelog import captured_output
 __all__ = ["CoreMLModel", "LocalModel", "ONNXModel", "TFLiteModel", "dequantize", "load", "load_model_file", "quantize", "timed_load"]
 
 
+@dataclass(frozen=True)
+class _Affine:
+    """A tensor's quantization, precomputed once so the per-call path does no lookups."""
+
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+    lo: int
+    hi: int
+
+    @classmethod
+    def of(cls, spec: TensorSpec) -> _Affine | None:
+        dtype = np.dtype(spec.dtype)
+        if spec.quantization is None or dtype.kind == "f":
+            return None
+        info = np.iinfo(dtype)
+        return cls(dtype, spec.quantization.scale, spec.quantization.zero_point, int(info.min), int(info.max))
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        # LiteRT rounds half away from zero (std::round). In float64 so that v + 0.5 cannot round up
+        # (in float32, 0.49999997 + 0.5 == 1.0).
+        v = np.asarray(x, dtype=np.float64) / self.scale
+        return np.clip(np.trunc(v + np.copysign(0.5, v)) + self.zero_point, self.lo, self.hi).astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return ((q.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)).astype(np.float32, copy=False)
+
+
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """Float to the tensor's integer dtype with its scale/zero point (round, saturate)."""
-    dtype = np.dtype(spec.dtype)
-    if spec.quantization is None or dtype.kind == "f":
-        return np.asarray(x, dtype=dtype)
-    q = spec.quantization
-    info = np.iinfo(dtype)
-    v = np.asarray(x, dtype=np.float32) / np.float32(q.scale)
-    # LiteRT rounds half away from zero (std::round); np.rint would round half to even.
-    return np.clip(np.trunc(v + np.copysign(np.float32(0.5), v)) + q.zero_point, info.min, info.max).astype(dtype)
+    """Float to the tensor's integer dtype with its scale/zero point (round half away from zero, saturate)."""
+    a = _Affine.of(spec)
+    return np.asarray(x, dtype=np.dtype(spec.dtype)) if a is None else a.quantize(x)
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The tensor's integer values back to float32."""
-    if spec.quantization is None or q.dtype.kind == "f":
-        return q.astype(np.float32, copy=False)
-    p = spec.quantization
-    return (q.astype(np.float32) - p.zero_point) * np.float32(p.scale)
+    a = _Affine.of(spec)
+    return q.astype(np.float32, copy=False) if a is None or q.dtype.kind == "f" else a.dequantize(q)
 
 
 class LocalModel(ABC):
@@ -106,8 +127,10 @@ class TFLiteModel(LocalModel):
         self.outputs = tuple(_spec_from_detail(d) for d in outs)
         self._in_index = ins[0]["index"]
         self._out_index = outs[0]["index"]
-        self._in_spec, self._out_spec = self.inputs[0], self.outputs[0]
-        self._in_shape = self._in_spec.shape
+        self._in_shape = self.inputs[0].shape
+        self._in_q, self._out_q = _Affine.of(self.inputs[0]), _Affine.of(self.outputs[0])
+        self._in_dtype = np.dtype(self.inputs[0].dtype)
+        self._set, self._invoke, self._get = self._interp.set_tensor, self._interp.invoke, self._interp.get_tensor
 
     def invoke_raw(self, q: np.ndarray) -> np.ndarray:
         """One invoke on an already-quantized batch-1 input; the raw integer output."""
@@ -122,9 +145,19 @@ class TFLiteModel(LocalModel):
                 f"input shape {tuple(x.shape)} does not fit the model input {self._in_shape} (batch first)",
                 "Pass float32 data in the model's layout.",
             )
-        q = quantize(x, self._in_spec)
-        outs = [self.invoke_raw(q[i : i + 1]) for i in range(q.shape[0])]
-        return dequantize(np.concatenate(outs, axis=0), self._out_spec)
+        q = self._in_q.quantize(x) if self._in_q is not None else x.astype(self._in_dtype, copy=False)
+        if len(q) == 1:  # the common edge call: no slicing or concatenation
+            self._set(self._in_index, q)
+            self._invoke()
+            out = self._get(self._out_index)
+        else:
+            outs = []
+            for i in range(len(q)):
+                self._set(self._in_index, q[i : i + 1])
+                self._invoke()
+                outs.append(self._get(self._out_index))
+            out = np.concatenate(outs, axis=0)
+        return self._out_q.dequantize(out) if self._out_q is not None else out.astype(np.float32, copy=False)
 
 
 class ONNXModel(LocalModel):

@@ -19,6 +19,8 @@ def test_quantize_round_trip_and_saturation() -> None:
     x = np.array([[0.0, 1.0, -1.25, 1000.0]], dtype=np.float32)
     q = runtime.quantize(x, spec)
     assert q.dtype == np.int8 and q.tolist() == [[-3, -1, -6, 127]]
+    one = TensorSpec(name="x", shape=(1, 3), dtype="int8", quantization=QuantParams(scale=1.0, zero_point=0))
+    assert runtime.quantize(np.array([[0.49999997, 0.5, -0.5]], np.float32), one).tolist() == [[0, 1, -1]]  # std::round, not float32 v + 0.5
     back = runtime.dequantize(q, spec)
     assert np.allclose(back[0, :2], [0.0, 1.0]) and back[0, 3] == pytest.approx(65.0)
     u = TensorSpec(name="x", shape=(1, 2), dtype="uint8", quantization=QuantParams(scale=1 / 255, zero_point=0))
