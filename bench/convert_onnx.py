@@ -240,6 +240,16 @@ def olive_worker(float_path: Path, calib: Path, out: Path) -> int:
     return 0
 
 
+def float_weight_layers(path: Path) -> tuple[int, int]:
+    """(layers with weights left in float, layers with weights) among Conv/Gemm/MatMul of a QDQ model."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    layers = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1]
+    return sum(n.input[1] not in dq_out for n in layers), len(layers)
+
+
 def ort_session(path: Path, threads: int = 1):
     """A CPU-EP session with ``threads`` intra-op threads, sequential execution."""
     import onnxruntime as ort
@@ -353,6 +363,7 @@ def bench_model(label: str, model_path: Path, files: dict[str, Path], scratch: P
         "float_top1_ort": float_acc,
         "int8_top1_ort": acc,
         "drop_pt": {s: report.float_accuracy - acc[s] for s in sides},
+        "float_weight_layers": {s: float_weight_layers(models[s][1]) for s in sides},
         "bytes": sizes,
         "size_ratio": {s: sizes[s]["int8"] / sizes[s]["float"] for s in sides},
         "latency_ms_p50_1thread": p50,
@@ -406,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     for r in results:
         for s in r["int8_top1_ort"]:
-            rows.append([r["model"], names[s], f"{r['int8_top1_ort'][s]:.1f}%", f"{r['drop_pt'][s]:+.1f}", f"{r['bytes'][s]['int8']:,}",
+            fl, total = r["float_weight_layers"][s]
+            rows.append([r["model"], names[s], f"{r['int8_top1_ort'][s]:.1f}%", f"{r['drop_pt'][s]:+.1f}", f"{fl}/{total}", f"{r['bytes'][s]['int8']:,}",
                          f"{r['size_ratio'][s]:.2f}", f"{r['latency_ms_p50_1thread'][f'{s} int8'] * 1e3:.1f}",
                          f"{r['latency_ratio'][s]:.2f}", f"{r['wall_s'][s]['median']:.2f}"])
         e, o = r["edgekit"], r["olive"]
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{r['model']}: Olive process {o['process_s_median']:.2f} s = Python start + import {o['import_s_median']:.2f} s "
                          f"+ olive.workflows.run {o['workflow_run_s_median']:.2f} s")
     print_table(f"INT8 ONNX: edgekit vs plain vs Olive (ONNX Runtime CPU; wall: median of {args.reps})",
-                ["model", "side", "int8 top-1", "drop pt", "bytes", "size/float", "p50 µs 1T", "lat/float", "wall s"], rows,
+                ["model", "side", "int8 top-1", "drop pt", "float layers", "bytes", "size/float", "p50 µs 1T", "lat/float", "wall s"], rows,
                 text_columns=2)
     print("\n".join(notes))
     for r in results:

@@ -118,7 +118,7 @@ class CoreMLConverter(Converter):
         c = _constraints(profile)
         ct = _coremltools()
         _target(ct, c, profile.id)
-        if source.saved_model_dir is None:
+        if source.kind == "onnx":
             raise IncompatibleError(f"{source.path.name}: Core ML packages are built from Keras or SavedModel sources, not {source.kind}",
                                     "Pass the .keras file or SavedModel the ONNX model was exported from.")
         check_weight_budget(source, profile)

@@ -49,11 +49,21 @@ class SourceModel:
     input_shape: tuple[int, ...]  # static, batch 1
     output_shape: tuple[int, ...]
     param_count: int
-    saved_model_dir: Path | None  # static batch-1 export (Keras and SavedModel sources)
     workdir: Path = Path(".")  # scratch space converters may share (e.g. the float ONNX export)
     onnx_path: Path | None = None  # ONNX sources
     cache: dict[str, Any] = field(default_factory=dict)  # per-run results converters reuse across profiles
+    keras_model: Any = field(repr=False, default=None)  # Keras sources
     _predict: Any = field(repr=False, default=None)
+    _export: Any = field(repr=False, default=None)  # writes the static batch-1 SavedModel, on first use
+
+    @property
+    def saved_model_dir(self) -> Path | None:
+        """A static batch-1 SavedModel of the source (exported once, when a converter first asks); None for ONNX."""
+        if self._export is None:
+            return None
+        if "saved_model_dir" not in self.cache:
+            self.cache["saved_model_dir"] = self._export()
+        return self.cache["saved_model_dir"]
 
     @property
     def num_classes(self) -> int:
@@ -92,13 +102,13 @@ def _load_keras(path: Path, workdir: Path, tf: Any) -> SourceModel:
         raise IncompatibleError(f"{path}: the model has {len(model.inputs)} inputs", "edgekit converts single-input models.")
     input_shape = _static_shape(model.inputs[0].shape, str(path))
     out_shape = tuple(model.outputs[0].shape)
-    export_dir = workdir / "source_saved_model"
-    model.export(
-        str(export_dir),
-        format="tf_saved_model",
-        input_signature=[tf.TensorSpec(input_shape, tf.float32, name="input")],
-        verbose=False,
-    )
+
+    def export() -> Path:
+        export_dir = workdir / "source_saved_model"
+        with captured_output():
+            model.export(str(export_dir), format="tf_saved_model", input_signature=[tf.TensorSpec(input_shape, tf.float32, name="input")],
+                         verbose=False)
+        return export_dir
 
     def predict(x: np.ndarray) -> np.ndarray:
         out = model(x, training=False)
@@ -112,7 +122,8 @@ def _load_keras(path: Path, workdir: Path, tf: Any) -> SourceModel:
         input_shape=input_shape,
         output_shape=(1, *(int(d) for d in out_shape[1:])),
         param_count=int(model.count_params()),
-        saved_model_dir=export_dir,
+        keras_model=model,
+        _export=export,
         _predict=predict,
     )
 
@@ -140,8 +151,11 @@ def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
     module = tf.Module()
     module.inner = loaded
     module.serve = tf.function(lambda a: sig(**{in_name: a})[out_key], input_signature=[tf.TensorSpec(input_shape, tf.float32, name="input")])
-    export_dir = workdir / "source_saved_model"
-    tf.saved_model.save(module, str(export_dir), signatures={"serving_default": module.serve})
+
+    def export() -> Path:
+        export_dir = workdir / "source_saved_model"
+        tf.saved_model.save(module, str(export_dir), signatures={"serving_default": module.serve})
+        return export_dir
     params = int(sum(np.prod(v.shape) for v in getattr(loaded, "variables", [])))
     dynamic_batch = spec.shape.as_list()[0] is None
 
@@ -158,7 +172,7 @@ def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
         input_shape=input_shape,
         output_shape=(1, *(int(d) for d in out_shape[1:])),
         param_count=params,
-        saved_model_dir=export_dir,
+        _export=export,
         _predict=predict,
     )
 
@@ -213,7 +227,7 @@ def _load_onnx(path: Path, workdir: Path, input_shape: tuple[int, ...] | None) -
     params = int(sum(numpy_helper.to_array(i).size for i in model.graph.initializer))
     return SourceModel(path=path, kind="onnx", sha256=sha256_file(path), input_shape=static,
                        output_shape=(1, *(int(d) if isinstance(d, int) else 1 for d in out_shape[1:])), param_count=params,
-                       saved_model_dir=None, workdir=workdir, onnx_path=fixed, _predict=predict)
+                       workdir=workdir, onnx_path=fixed, _predict=predict)
 
 
 def load_source(path: str | os.PathLike[str], workdir: Path, input_shape: tuple[int, ...] | None = None) -> SourceModel:

@@ -28,6 +28,17 @@ def _constraints(profile: HardwareProfile) -> TFLiteConstraints:
     return c
 
 
+def _batch1_clone(source: SourceModel):
+    import keras
+
+    try:
+        clone = keras.models.clone_model(source.keras_model, input_tensors=keras.Input(batch_shape=source.input_shape))
+        clone.set_weights(source.keras_model.get_weights())
+    except Exception:  # subclassed or custom models: use the SavedModel export instead
+        return None
+    return clone
+
+
 class TFLiteConverter(Converter):
     """Post-training full-integer quantization (TFLITE_BUILTINS_INT8) with a representative dataset."""
 
@@ -67,6 +78,18 @@ class TFLiteConverter(Converter):
         return out
 
     def _converter(self, tf, source: SourceModel):
+        """A TFLite converter over a static batch-1 graph of the source.
+
+        Keras models are cloned with a batch-1 input (cheaper than a SavedModel export and the
+        same graph); models clone_model cannot rebuild (subclassed) and SavedModels go through
+        the static SavedModel export.
+        """
+        if source.keras_model is not None:
+            if "tflite_batch1_clone" not in source.cache:
+                source.cache["tflite_batch1_clone"] = _batch1_clone(source)
+            clone = source.cache["tflite_batch1_clone"]
+            if clone is not None:
+                return tf.lite.TFLiteConverter.from_keras_model(clone)
         return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
