@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ class TFLiteConverter(Converter):
             conv._experimental_disable_per_channel = True  # documented private switch; no public equivalent
         if recipe.option("legacy_quantizer"):
             conv.experimental_new_quantizer = False
-        with captured_output() as log:
+        with captured_output() as log, warnings.catch_warnings():
+            # "Statistics for quantized inputs were expected": the representative dataset provides them.
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 flat = conv.convert()
             except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
