@@ -280,6 +280,8 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         "op_coverage": _measured(coverage.share_on_target, "share", f"ops on {coverage.target}"),
         **dict(facts.metrics),
     })
+    if any("unverified" in n for n in facts.notes):  # the converter already says it, in its own words
+        verification = ()
     verification += facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
     labels = opts.labels or tuple(str(i) for i in range(ctx.source.num_classes))
     return _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings,
