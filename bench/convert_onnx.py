@@ -31,6 +31,10 @@ images (batch 1), file size against the float ONNX it came from, and latency aga
 float model: batch 1, 1 intra-op thread, ``--rounds`` interleaved rounds of ``--block`` runs,
 p50 over all.
 
+The Olive venv: ``python3.11 -m venv /tmp/olive-venv && /tmp/olive-venv/bin/pip install torch==2.13.0
+'olive-ai[cpu]' requests`` (torch 2.13.0 is a local CPU wheel, plain ``torch`` pulls CUDA; olive-ai 0.13
+imports ``requests`` without declaring it).
+
     python bench/convert_onnx.py [--reps 5] [--olive-python /tmp/olive-venv/bin/python]
 """
 
@@ -44,6 +48,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -157,18 +162,33 @@ def plain_convert(model_path: Path, calib_path: Path, out: Path, *, activations:
     return float_path, int8_path
 
 
-def edgekit_convert(model_path: Path, calib: Path, evalset: Path, out: Path):
-    """One ``run_convert`` as ``edgekit convert --profile x86-64-avx512-server --format onnx --eval ... --max-accuracy-drop 0.5`` runs it."""
+PHASES = {"loading": "load .keras, SavedModel export, read data", "running": "float model on the eval set",
+          "/onnx: ": "recipe attempts (convert + evaluate)", "baseline": "float ONNX baseline (export again, latency), bundle, report"}
+
+
+def edgekit_convert(model_path: Path, calib: Path, evalset: Path, out: Path) -> tuple[object, dict[str, float]]:
+    """One ``run_convert`` as ``edgekit convert --profile x86-64-avx512-server --format onnx --eval ... --max-accuracy-drop 0.5`` runs it.
+
+    Also returns seconds per phase, from the times its progress messages arrive.
+    """
     from converters.pipeline import ConvertOptions, run_convert
 
+    marks: list[tuple[str, float]] = []
     opts = ConvertOptions(model=model_path, profiles=(PROFILE,), calibration=calib, out=out, formats=("onnx",), eval=evalset,
                           max_accuracy_drop=MAX_DROP, allow_over_budget=True)
-    return run_convert(opts)
+    t0 = time.perf_counter()
+    report = run_convert(opts, progress=lambda msg: marks.append((msg, time.perf_counter())))
+    marks.append(("end", time.perf_counter()))
+    phases = {v: 0.0 for v in PHASES.values()}
+    phases["before the first progress message"] = marks[0][1] - t0
+    for (msg, t), (_, t_next) in itertools.pairwise(marks):
+        phases[next((v for k, v in PHASES.items() if k in msg), "other")] += t_next - t
+    return report, phases
 
 
 def install_attempt_clock() -> list[tuple[str, float]]:
     """Time each recipe attempt (convert + evaluation) of ``run_convert``; the list fills as runs go."""
-    import converters.pipeline as pipeline
+    from converters import pipeline
 
     attempts: list[tuple[str, float]] = []
     inner = pipeline._try_recipe
@@ -203,7 +223,7 @@ def olive_convert(python: Path, float_path: Path, calib: Path, out: Path) -> dic
            "CI": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--olive-worker", str(float_path), str(calib), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"Olive worker exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}")
@@ -298,11 +318,15 @@ def bench_model(label: str, model_path: Path, files: dict[str, Path], scratch: P
     ev = np.load(files["eval"])
     keep = scratch / label
     keep.mkdir()
-    olive_skip = None if args.olive_python.exists() else f"{args.olive_python} not found (create the venv as docs/benchmarks-onnx.md says)"
+    olive_skip = None
+    if not args.olive_python.exists():
+        olive_skip = (f"{args.olive_python} not found; create it with: python3.11 -m venv /tmp/olive-venv && "
+                      "/tmp/olive-venv/bin/pip install torch==2.13.0 'olive-ai[cpu]' requests")
     sides = [s for s in SIDES if s != "olive" or olive_skip is None]
     times: dict[str, list[float]] = {s: [] for s in sides}
     olive_runs: list[dict] = []
     attempt_runs: list[list[tuple[str, float]]] = []
+    phase_runs: list[dict[str, float]] = []
     models: dict[str, tuple[Path, Path]] = {}  # side -> (float, int8)
     report = None
     print(f"{label}: 1 warm-up + {args.reps} timed runs of {', '.join(sides)}, interleaved ...", flush=True)
@@ -315,7 +339,7 @@ def bench_model(label: str, model_path: Path, files: dict[str, Path], scratch: P
             t0 = time.perf_counter()
             if side == "edgekit":
                 with quiet():
-                    report = edgekit_convert(model_path, files["calib"], files["eval"], out)
+                    report, phases = edgekit_convert(model_path, files["calib"], files["eval"], out)
                 int8 = next(report.results[0].bundle_dir.glob("*.onnx"))
                 fl = None
             elif side == "olive":
@@ -340,6 +364,7 @@ def bench_model(label: str, model_path: Path, files: dict[str, Path], scratch: P
                 times[side].append(took)
                 if side == "edgekit":
                     attempt_runs.append(list(attempts_log))
+                    phase_runs.append(phases)
                 if side == "olive":
                     olive_runs.append(res)
             shutil.rmtree(out, ignore_errors=True)
@@ -378,12 +403,67 @@ def bench_model(label: str, model_path: Path, files: dict[str, Path], scratch: P
             "attempts": [{"recipe": a.recipe, "top1": a.accuracy, "drop_pt": a.accuracy_drop, "bytes": a.size_bytes, "error": a.error,
                           "chosen": a.chosen} for a in manifest.quantization.attempts],
             "attempt_s_median": median(per_attempt) if per_attempt else None,
+            "phases_s_median": {k: median([p.get(k, 0.0) for p in phase_runs]) for k in phase_runs[0]},
             "attempt_s_by_recipe": {name: median([t for run in attempt_runs for n, t in run if n == name]) for name, _ in attempt_runs[0]},
             "manifest_int8_top1": manifest.metrics["int8_accuracy"].value,
             "manifest_size_ratio": manifest.metrics["size_ratio"].value,
             "warnings": list(report.results[0].warnings),
         },
     }
+
+
+def print_results(results: list[dict], reps: int) -> None:
+    """The main table, edgekit's attempts and phases."""
+    names = {"edgekit": "edgekit convert", "plain": "plain U8S8 script", "plain_s8s8": "plain, ORT default S8S8", "olive": "Olive static QDQ"}
+    rows, notes = [], []
+    for r in results:
+        for s in r["int8_top1_ort"]:
+            fl, total = r["float_weight_layers"][s]
+            rows.append([r["model"], names[s], f"{r['int8_top1_ort'][s]:.1f}%", f"{r['drop_pt'][s]:+.1f}", f"{fl}/{total}", f"{r['bytes'][s]['int8']:,}",
+                         f"{r['size_ratio'][s]:.2f}", f"{r['latency_ms_p50_1thread'][f'{s} int8'] * 1e3:.1f}",
+                         f"{r['latency_ratio'][s]:.2f}", f"{r['wall_s'][s]['median']:.2f}"])
+        e, o = r["edgekit"], r["olive"]
+        notes.append(f"{r['model']}: edgekit made {len(e['attempts'])} attempt(s), median {e['attempt_s_median']:.2f} s each "
+                     f"(convert + evaluation), chose {e['recipe']}")
+        if o["skipped"]:
+            notes.append(f"{r['model']}: Olive skipped: {o['skipped']}")
+        else:
+            notes.append(f"{r['model']}: Olive process {o['process_s_median']:.2f} s = Python start + import {o['import_s_median']:.2f} s "
+                         f"+ olive.workflows.run {o['workflow_run_s_median']:.2f} s")
+    print_table(f"INT8 ONNX: edgekit vs plain vs Olive (ONNX Runtime CPU; wall: median of {reps})",
+                ["model", "side", "int8 top-1", "drop pt", "float weight layers", "bytes", "size/float", "p50 µs 1T", "lat/float", "wall s"], rows,
+                text_columns=2)
+    print("\n".join(notes))
+    for r in results:
+        print(f"{r['model']}: float top-1 {r['float_top1_keras']:.1f}% (Keras), ORT float "
+              + ", ".join(f"{k} {v:.1f}%" for k, v in r["float_top1_ort"].items())
+              + f"; float p50 µs 1 thread: edgekit float {r['latency_ms_p50_1thread']['edgekit float'] * 1e3:.0f}, "
+              f"plain float {r['latency_ms_p50_1thread']['plain float'] * 1e3:.0f}; float bytes edgekit "
+              f"{r['bytes']['edgekit']['float']:,}, plain {r['bytes']['plain']['float']:,}")
+        print_table(f"{r['model']}: edgekit attempts", ["recipe", "top-1", "drop pt", "bytes", "median s", "chosen"],
+                    [[a["recipe"], "-" if a["top1"] is None else f"{a['top1']:.1f}%", "-" if a["drop_pt"] is None else f"{a['drop_pt']:.1f}",
+                      f"{a['bytes'] or 0:,}", f"{r['edgekit']['attempt_s_by_recipe'].get(a['recipe'], float('nan')):.2f}",
+                      "yes" if a["chosen"] else ""] for a in r["edgekit"]["attempts"]])
+    print_table("edgekit run_convert phases (median s)", ["phase", *[r["model"] for r in results]],
+                [[k, *[f"{r['edgekit']['phases_s_median'].get(k, 0.0):.2f}" for r in results]] for k in results[0]["edgekit"]["phases_s_median"]])
+
+
+def goal_ratios(results: list[dict]) -> list[Ratio]:
+    """The ratios the summary shows; the accuracy budget is the only goal."""
+    ratios = []
+    for r in results:
+        m = r["model"]
+        ratios += [
+            Ratio(f"{m}: edgekit int8 drop (pt) within {MAX_DROP}", r["drop_pt"]["edgekit"], MAX_DROP, "float Keras minus int8 ORT top-1"),
+            Ratio(f"{m}: plain int8 drop (pt)", r["drop_pt"]["plain"], None),
+            Ratio(f"{m}: wall time edgekit / plain", r["wall_s"]["edgekit"]["median"] / r["wall_s"]["plain"]["median"], None,
+                  "edgekit includes its recipe search and evaluation"),
+            Ratio(f"{m}: size edgekit int8 / its float", r["size_ratio"]["edgekit"], None),
+            Ratio(f"{m}: latency edgekit int8 / float, 1 thread", r["latency_ratio"]["edgekit"], None),
+        ]
+        if "olive" in r["wall_s"]:
+            ratios.append(Ratio(f"{m}: wall time edgekit / Olive process", r["wall_s"]["edgekit"]["median"] / r["wall_s"]["olive"]["median"], None))
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,49 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, path in (("mnist_cnn", files["model"]), ("ds_cnn", ds_path)):
             results.append(bench_model(label, path, files, scratch, args, attempts_log))
 
-    names = {"edgekit": "edgekit convert", "plain": "plain U8S8 script", "plain_s8s8": "plain, ORT default S8S8", "olive": "Olive static QDQ"}
-    rows, notes = [], []
-    for r in results:
-        for s in r["int8_top1_ort"]:
-            fl, total = r["float_weight_layers"][s]
-            rows.append([r["model"], names[s], f"{r['int8_top1_ort'][s]:.1f}%", f"{r['drop_pt'][s]:+.1f}", f"{fl}/{total}", f"{r['bytes'][s]['int8']:,}",
-                         f"{r['size_ratio'][s]:.2f}", f"{r['latency_ms_p50_1thread'][f'{s} int8'] * 1e3:.1f}",
-                         f"{r['latency_ratio'][s]:.2f}", f"{r['wall_s'][s]['median']:.2f}"])
-        e, o = r["edgekit"], r["olive"]
-        notes.append(f"{r['model']}: edgekit made {len(e['attempts'])} attempt(s), median {e['attempt_s_median']:.2f} s each "
-                     f"(convert + evaluation), chose {e['recipe']}")
-        if o["skipped"]:
-            notes.append(f"{r['model']}: Olive skipped: {o['skipped']}")
-        else:
-            notes.append(f"{r['model']}: Olive process {o['process_s_median']:.2f} s = Python start + import {o['import_s_median']:.2f} s "
-                         f"+ olive.workflows.run {o['workflow_run_s_median']:.2f} s")
-    print_table(f"INT8 ONNX: edgekit vs plain vs Olive (ONNX Runtime CPU; wall: median of {args.reps})",
-                ["model", "side", "int8 top-1", "drop pt", "float layers", "bytes", "size/float", "p50 µs 1T", "lat/float", "wall s"], rows,
-                text_columns=2)
-    print("\n".join(notes))
-    for r in results:
-        print(f"{r['model']}: float top-1 {r['float_top1_keras']:.1f}% (Keras), ORT float "
-              + ", ".join(f"{k} {v:.1f}%" for k, v in r["float_top1_ort"].items())
-              + f"; float p50 µs 1 thread: edgekit float {r['latency_ms_p50_1thread']['edgekit float'] * 1e3:.0f}, "
-              f"plain float {r['latency_ms_p50_1thread']['plain float'] * 1e3:.0f}; float bytes edgekit "
-              f"{r['bytes']['edgekit']['float']:,}, plain {r['bytes']['plain']['float']:,}")
-        print_table(f"{r['model']}: edgekit attempts", ["recipe", "top-1", "drop pt", "bytes", "median s", "chosen"],
-                    [[a["recipe"], "-" if a["top1"] is None else f"{a['top1']:.1f}%", "-" if a["drop_pt"] is None else f"{a['drop_pt']:.1f}",
-                      f"{a['bytes'] or 0:,}", f"{r['edgekit']['attempt_s_by_recipe'].get(a['recipe'], float('nan')):.2f}",
-                      "yes" if a["chosen"] else ""] for a in r["edgekit"]["attempts"]])
-    ratios = []
-    for r in results:
-        m = r["model"]
-        ratios += [
-            Ratio(f"{m}: edgekit int8 drop (pt) within {MAX_DROP}", r["drop_pt"]["edgekit"], MAX_DROP, "float Keras minus int8 ORT top-1"),
-            Ratio(f"{m}: plain int8 drop (pt)", r["drop_pt"]["plain"], None),
-            Ratio(f"{m}: wall time edgekit / plain", r["wall_s"]["edgekit"]["median"] / r["wall_s"]["plain"]["median"], None,
-                  "edgekit includes its recipe search and evaluation"),
-            Ratio(f"{m}: size edgekit int8 / its float", r["size_ratio"]["edgekit"], None),
-            Ratio(f"{m}: latency edgekit int8 / float, 1 thread", r["latency_ratio"]["edgekit"], None),
-        ]
-        if "olive" in r["wall_s"]:
-            ratios.append(Ratio(f"{m}: wall time edgekit / Olive process", r["wall_s"]["edgekit"]["median"] / r["wall_s"]["olive"]["median"], None))
+    print_results(results, args.reps)
+    ratios = goal_ratios(results)
     print_table("Ratios (lower is better)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
     print(load.describe())
     path = write_result(NAME, host, {

@@ -16,7 +16,8 @@ plain: the script a user writes: ``np.load`` the calibration set, ``keras.models
 ``TFLiteConverter.from_keras_model``, ``Optimize.DEFAULT``, a representative dataset of the
 calibration images one at a time, ``TFLITE_BUILTINS_INT8``, int8 input and output,
 ``convert()``, write the file. A second plain variant goes through ``model.export`` and
-``from_saved_model`` (the route edgekit takes) for reference.
+``from_saved_model`` for reference (edgekit's route for SavedModel sources and for Keras models
+``clone_model`` cannot rebuild; other Keras models it converts from a batch-1 clone).
 
 Accuracy: top-1 of each .tflite on the 1,000 eval images with a bare LiteRT Interpreter,
 inputs quantized with the model's own input scale and zero point.
@@ -96,14 +97,16 @@ class PhaseClock:
 def install_phase_clock() -> tuple[PhaseClock, list[str]]:
     """Wrap the pipeline's steps where ``run_convert`` looks them up; also returns what was not found."""
     import converters.pipeline as pipeline
+    import converters.tflite as tflite
     from converters.source import SourceModel
     from converters.tflite import TFLiteConverter
     from edgekit.runtime import TFLiteModel
 
     checks = "checks (inspect, op coverage, budgets)"
     targets: list[tuple[object, str, str | Callable[..., str], bool]] = [
-        (pipeline, "find_profile", "profile lookup (YAML parse)", False),
-        (pipeline, "load_source", "keras load + SavedModel export", False),
+        (pipeline, "find_profile", "profile lookup", False),
+        (pipeline, "load_source", "keras load (load_source)", False),
+        (tflite, "_batch1_clone", "batch-1 Keras clone (once per run)", False),
         (pipeline, "load_dataset", lambda *a, **k: "read eval .npz" if k.get("role") == "eval" else "read calibration .npz", False),
         (pipeline, "accuracy", "accuracy/agreement", False),
         (pipeline, "compare", "accuracy/agreement", False),

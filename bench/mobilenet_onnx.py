@@ -76,7 +76,7 @@ def size_breakdown(path: Path) -> dict[str, int]:
             if n.op_type in ("DequantizeLinear", "QuantizeLinear"):
                 role.setdefault(name, ("quantized data", "scales", "zero points")[min(i, 2)] if n.op_type == "DequantizeLinear" or i else "float data")
             else:
-                role.setdefault(name, f"float constants into {n.op_type}")
+                role.setdefault(name, f"constants into {n.op_type}")
     out: dict[str, int] = defaultdict(int)
     for init in g.initializer:
         a = numpy_helper.to_array(init)
@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         with quiet():
             files[label] = export_float_onnx(source, OPSET, d) if recipe is None else conv.convert(source, profile, recipes[recipe], calib, d)
         convert_s[label] = time.perf_counter() - t0
+    # run_convert measures its float baseline with convert_float after the INT8 attempts: time what that costs again
+    d = scratch / "float-baseline"
+    d.mkdir()
+    t0 = time.perf_counter()
+    with quiet():
+        conv.convert_float(source, d)
+    baseline_s = time.perf_counter() - t0
     sizes = {k: p.stat().st_size for k, p in files.items()}
     gzipped = {k: len(gzip.compress(p.read_bytes(), compresslevel=6)) for k, p in files.items()}  # what a download moves
     breakdown = size_breakdown(files["int8"])
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     float_out = np.concatenate([sessions[("float32", 1)].run(None, {name: probe[i : i + 1]})[0] for i in range(len(probe))])
     int8_out = np.concatenate([sessions[("int8", 1)].run(None, {name: probe[i : i + 1]})[0] for i in range(len(probe))])
     agreement = float((float_out.argmax(-1) == int8_out.argmax(-1)).mean() * 100)
+    classes = len(set(float_out.argmax(-1).tolist()))  # random weights: a collapsed net makes agreement trivial
+    spread = float(float_out.max(-1).mean())  # mean top-1 probability (0.001 would be a uniform output)
     max_abs = float(np.abs(float_out - int8_out).max())
     keras_out = np.asarray(source.predict(probe[:8]))
     export_err = float(np.abs(keras_out - float_out[:8]).max())
@@ -180,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p90 = {c: float(np.percentile(v, 90)) for c, v in samples.items()}
     best = {c: float(np.min(v)) for c, v in samples.items()}  # the uncontended figure on a shared machine
 
-    plural = lambda n: f"{n} thread{'s' if n > 1 else ''}"  # noqa: E731
+    def plural(n: int) -> str:
+        return f"{n} thread{'s' if n > 1 else ''}"
+
     ratios = [Ratio("size int8 / float32", sizes["int8"] / sizes["float32"], GOAL_SIZE_RATIO, "qdq-minmax-per-channel, edgekit's first recipe")]
     ratios += [Ratio(f"latency p50 int8 / float32, {plural(n)}", p50[("int8", n)] / p50[("float32", n)], None) for n in threads]
     ratios += [Ratio(f"latency min int8 / float32, {plural(n)}", best[("int8", n)] / best[("float32", n)], None,
@@ -190,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table("MobileNetV2 224x224 (random weights): ONNX files", ["model", "bytes", "gzip -6 bytes", "convert s"],
                 [[k, f"{v:,}", f"{gzipped[k]:,}", f"{convert_s[k]:.1f}"] for k, v in sizes.items()])
+    print(f"ONNXConverter.convert_float afterwards (run_convert's float baseline, the export already cached): {baseline_s:.1f} s")
     print_table("int8 (per-channel) file, by content", ["part", "bytes", "share"],
                 [[k, f"{v:,}", f"{v / sizes['int8']:.1%}"] for k, v in breakdown.items()])
     print(f"int8 graph as ONNX Runtime runs it (after QDQ fusion): {', '.join(f'{k} {v}' for k, v in kernels.items())}")
-    print(f"top-1 agreement int8 vs float on {AGREEMENT_IMAGES} random images: {agreement:.1f}% (max |diff| {max_abs:.3g}); "
-          f"float ONNX vs Keras max |diff| {export_err:.3g}")
+    print(f"top-1 agreement int8 vs float on {AGREEMENT_IMAGES} random images: {agreement:.1f}% (max |diff| {max_abs:.3g}); the float "
+          f"model's top-1 takes {classes} distinct classes, mean top-1 probability {spread:.4f}; float ONNX vs Keras max |diff| {export_err:.3g}")
     print_table(f"ONNX Runtime latency, ms ({args.rounds * args.block} runs each)", ["model", "threads", "p50", "p90", "min"],
                 [[m, str(n), f"{p50[(m, n)]:.3f}", f"{p90[(m, n)]:.3f}", f"{best[(m, n)]:.3f}"] for m, n in configs])
     print_table("Ratios (lower is better)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
@@ -210,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": sizes,
         "gzip_bytes": gzipped,
         "convert_seconds": convert_s,
+        "convert_float_after_convert_seconds": baseline_s,
         "int8_bytes_by_content": breakdown,
         "float_bytes_by_content": float_breakdown,
         "int8_ops_after_ort_fusion": kernels,
         "agreement_percent": agreement,
+        "float_top1_distinct_classes": classes,
+        "float_mean_top1_probability": spread,
         "int8_max_abs_diff": max_abs,
         "float_onnx_vs_keras_max_abs_diff": export_err,
         "other_load_cores": load.cores,

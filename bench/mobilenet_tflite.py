@@ -3,10 +3,11 @@
 The model is ``keras.applications.MobileNetV2(weights=None)`` with a fixed seed: nothing is
 downloaded, so accuracy means nothing here; size and speed do not depend on the weights.
 Both files come from edgekit's own converter (``converters.tflite.TFLiteConverter`` on the
-static batch-1 SavedModel that ``load_source`` exports): ``convert_float`` for float32 and the
-first recipe the raspberry-pi-5 profile gets (``int8-per-channel``: full int8, int8 I/O) for
-INT8, calibrated on 50 images drawn uniformly from [-1, 1] (MobileNetV2's input range). The
-per-tensor recipe is converted too, for its size only.
+source ``load_source`` returns; it converts Keras models from a batch-1 clone):
+``convert_float`` for float32 and the first recipe the raspberry-pi-5 profile gets
+(``int8-per-channel``: full int8, int8 I/O) for INT8, calibrated on 50 images drawn uniformly
+from [-1, 1] (MobileNetV2's input range). The per-tensor recipe is converted too, for its size
+only.
 
 Latency: ``invoke()`` alone (the input is set once) with a bare LiteRT Interpreter and its
 default XNNPACK delegate, at 1 thread and at ``os.cpu_count()`` threads. The four
