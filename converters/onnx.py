@@ -215,7 +215,7 @@ class ONNXConverter(Converter):
                    options=(("method", "Entropy"),)),
         ]
         out += [
-            Recipe(f"qdq-minmax-per-tensor-keep{k}", f"QDQ, MinMax, per-tensor; the {k} layer(s) with the worst quantization SQNR kept in float",
+            Recipe(f"qdq-minmax-per-tensor-keep{k}", f"QDQ, MinMax, per-tensor; the {k} node(s) whose outputs have the worst quantization SQNR kept in float",
                    activations=act, per_channel=False, options=(("method", "MinMax"), ("exclude_sensitive", k)))
             for k in (1, 2, 3)
         ]
@@ -312,8 +312,11 @@ class ONNXConverter(Converter):
         return target
 
     def convert_float(self, source: SourceModel, out: Path) -> Path:
-        # The baseline is the float ONNX a user would ship: the export at the first ONNX profile's opset.
-        path = export_float_onnx(source, 17, out)
+        # The baseline is the float ONNX a user would ship (opset 17), from the run's one cached export.
+        cache = source.workdir / "onnx"
+        cache.mkdir(exist_ok=True)
+        path = out / "float.onnx"
+        shutil.copyfile(export_float_onnx(source, 17, cache), path)
         return path
 
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
@@ -341,10 +344,12 @@ class ONNXConverter(Converter):
         from onnxruntime.quantization.registry import QDQRegistry
 
         quantizable = set(QDQRegistry)
+        graph_inputs = {v.name for v in g.input}
         dq_outputs = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
         # Compute nodes the quantizer could have wrapped but did not (constant-only subgraphs don't count).
         float_nodes = [f"{n.op_type} '{n.name}'" for n in g.node if n.op_type not in _QDQ and n.op_type in quantizable
-                       and not any(i in dq_outputs for i in n.input if i) and not all(i in inits for i in n.input if i)]
+                       and not any(i in dq_outputs for i in n.input if i) and not all(i in inits for i in n.input if i)
+                       and not any(i in graph_inputs for i in n.input)]  # input-layout reshapes run before the first Quantize
         unquantizable = sorted({n.op_type for n in g.node if n.op_type not in _QDQ and n.op_type not in quantizable})
         warnings = []
         if float_nodes:

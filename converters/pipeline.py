@@ -273,6 +273,12 @@ def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs,
         verification = (f"numerics unverified on this host: {why_not}",)
     else:
         metrics = _measured_metrics(ctx, agr, size, base, p50, on_host, opts)
+        if metrics["size_ratio"].value > 1:
+            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size (quantization "
+                            "parameters dominate on very small models)")
+        if metrics["latency_ratio"].value > 1:
+            warnings.append(f"on this host the quantized model is {metrics['latency_ratio'].value:.2f}x slower than float "
+                            "(per-call overhead dominates on very small models; the device may differ)")
         verification = (f"accuracy, agreement and latency measured {on_host}",)
     metrics.update({
         "activation_bytes": Metric(value=float(facts.activation_bytes), unit="B", status="estimated", note="sum of activation tensors, no buffer reuse: an upper bound"),

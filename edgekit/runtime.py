@@ -47,8 +47,12 @@ class _Affine:
         v = np.asarray(x, dtype=np.float64) / self.scale
         return np.clip(np.trunc(v + np.copysign(0.5, v)) + self.zero_point, self.lo, self.hi).astype(self.dtype)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_zp32", np.float32(self.zero_point))
+        object.__setattr__(self, "_scale32", np.float32(self.scale))
+
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        return ((q.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)).astype(np.float32, copy=False)
+        return (q.astype(np.float32) - self._zp32) * self._scale32
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
