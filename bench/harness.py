@@ -194,3 +194,19 @@ def write_result(name: str, host: dict, payload: dict) -> Path:
     host = {**host, "loadavg_at_end": list(os.getloadavg())}  # the machine is shared: say how busy it was
     path.write_text(json.dumps({"benchmark": name, "host": host, **payload}, indent=2) + "\n")
     return path
+
+
+def build_mobilenet_v2(scratch: Path, seed: int = 0):
+    """Save a seeded random-weight MobileNetV2 (224x224, no downloads) and load it the way ``edgekit convert`` does."""
+    import keras
+
+    from converters.source import load_source
+
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    path = scratch / "mobilenet_v2.keras"
+    model.save(path)
+    work = scratch / "work"
+    work.mkdir()
+    with quiet():
+        return load_source(path, work)

@@ -32,29 +32,13 @@ import time
 
 import numpy as np
 
-from bench.harness import ROOT, OtherLoad, Ratio, host_facts, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.harness import ROOT, build_mobilenet_v2, OtherLoad, Ratio, host_facts, prepare_process, print_table, quiet, ratio_rows, write_result
 
 NAME = "mobilenet_tflite"
 PROFILE = "raspberry-pi-5"
 GOAL_SIZE_RATIO = 0.27
 CALIBRATION_IMAGES = 50
 SEED = 0
-
-
-def build_source(scratch: Path):
-    """Save a seeded random-weight MobileNetV2 and load it the way ``edgekit convert`` does."""
-    import keras
-
-    from converters.source import load_source
-
-    keras.utils.set_random_seed(SEED)
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
-    path = scratch / "mobilenet_v2.keras"
-    model.save(path)
-    work = scratch / "work"
-    work.mkdir()
-    with quiet():
-        return load_source(path, work)
 
 
 def int8_size_breakdown(path: Path) -> dict[str, int]:
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.profiles import find_profile
 
     print("mobilenet_tflite: building and converting MobileNetV2 (random weights) ...", flush=True)
-    source = build_source(scratch)
+    source = build_mobilenet_v2(scratch, SEED)
     profile = find_profile(PROFILE)
     conv = TFLiteConverter()
     recipes = {r.name: r for r in conv.recipes(profile, CALIBRATION_IMAGES, CALIBRATION_IMAGES)}
