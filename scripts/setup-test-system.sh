@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # System packages the test-suite needs beyond Python. Installed here, never by hand.
-# (Today the suite needs none; the SSH and PostgreSQL tests of the fleet work will add
-#  openssh-server and postgresql to NEEDED.)
+# openssh-server: the SSH push tests start a real sshd on 127.0.0.1.
+# postgresql: the fleet tests run once on SQLite and once on a throwaway PostgreSQL cluster.
 set -euo pipefail
-NEEDED=()
+NEEDED=(openssh-server postgresql)
 missing=()
 for pkg in "${NEEDED[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

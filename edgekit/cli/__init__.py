@@ -20,6 +20,13 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("edgekit.cli.bundle:bundle", "Inspect, verify and pack bundles."),
     "profiles": ("edgekit.cli.profiles:profiles", "List, show and validate hardware profiles."),
     "profile": ("edgekit.cli.profiles:profile", "Describe this machine as a hardware profile."),
+    "server": ("edgekit.cli.server:server", "Run the fleet server and manage its tokens."),
+    "push": ("edgekit.cli.fleet:push", "Upload bundles to a fleet server (and start a rollout), or push to one device over SSH."),
+    "rollout": ("edgekit.cli.fleet:rollout", "Show and steer a rollout: status, pause, resume, promote, rollback."),
+    "devices": ("edgekit.cli.fleet:devices", "List the devices enrolled in a fleet server."),
+    "agent": ("edgekit.cli.agent:agent", "Run the device agent, install a bundle locally, show the device's state."),
+    "router": ("edgekit.cli.router:router", "Calibrate the hybrid router's escalation threshold."),
+    "cloud": ("edgekit.cli.cloud:cloud", "Serve a cloud model over KServe v2 with dynamic batching; export it for Triton."),
 }
 
 
