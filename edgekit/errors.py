@@ -17,7 +17,10 @@ that turns them into ``Error: ...`` / ``Hint: ...`` lines.
     ├── ConversionError               exit 5   a converter failed
     │   └── AccuracyBudgetError                no recipe met --max-accuracy-drop
     ├── RuntimeUnavailableError       exit 6   runtime missing or unsupported on this host
-    └── OutputError                   exit 7   the output location cannot be written
+    ├── OutputError                   exit 7   the output location cannot be written
+    ├── RemoteError                   exit 8   a fleet server, cloud model or SSH host refused or failed
+    │   └── HostKeyError                       SSH host key unknown or changed
+    └── VerificationError             exit 9   a bundle or assignment failed verification on the device
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ __all__ = [
     "ProfileError",
     "RuntimeUnavailableError",
     "UsageError",
+    "RemoteError",
+    "HostKeyError",
+    "VerificationError",
 ]
 
 
@@ -121,3 +127,29 @@ class OutputError(EdgekitError):
 
     exit_code = 7
     default_hint = "Choose a writable --out directory."
+
+
+class RemoteError(EdgekitError):
+    """A fleet server, cloud model server or SSH host refused the request or could not be reached."""
+
+    exit_code = 8
+    default_hint = "Check the URL or host, the token or key, and that the other side is running."
+
+
+class HostKeyError(RemoteError):
+    """An SSH host key that is not known (and not accepted) or that changed."""
+
+    default_hint = "Check the host's fingerprint; pass --accept-new-host-key only for a host you trust."
+
+
+class VerificationError(EdgekitError):
+    """A bundle or assignment that must not be activated: bad signature, hash, expiry, serial, profile, numerics.
+
+    ``reason`` is the protocol's machine-readable reason (docs/protocol.md)."""
+
+    exit_code = 9
+    default_hint = "The model was not activated; the previous model stays active."
+
+    def __init__(self, message: str, hint: str | None = None, *, reason: str = "other") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
