@@ -1,0 +1,52 @@
+"""The agent's settings: one frozen object, from flags with ``EDGEKIT_AGENT_*`` environment fallbacks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from device_agents.profiler import ProfileSettings
+
+__all__ = ["AgentSettings"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"EDGEKIT_AGENT_{name}", default)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything tunable about the agent (tests and e2e use small values)."""
+
+    profile: str | None = None
+    formats: tuple[str, ...] | None = None
+    """Formats this device runs (from its hardware profile); None: not checked."""
+    profiling: ProfileSettings = field(default_factory=ProfileSettings)
+    poll_interval_s: float | None = None
+    """Overrides the server's interval when set."""
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_attempts: int = 3
+    """Loop guard: entries into one state that did not finish before it is given up (crash_loop)."""
+    keep_slots: int = 3
+    trusted_keys: tuple[str, ...] = ()
+    http_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> AgentSettings:
+        """Defaults, then ``EDGEKIT_AGENT_*`` variables, then explicit (non-None) overrides from flags."""
+        prof = ProfileSettings(
+            runs=int(_env("PROFILE_RUNS", "200")), budget_s=float(_env("PROFILE_BUDGET_S", "10")),
+            warmup=int(_env("PROFILE_WARMUP", "10")), threads=int(t) if (t := _env("PROFILE_THREADS")) else None)
+        poll = _env("POLL_INTERVAL_S")
+        values: dict[str, object] = {
+            "profiling": prof,
+            "poll_interval_s": float(poll) if poll else None,
+            "backoff_base_s": float(_env("BACKOFF_BASE_S", "1")),
+            "backoff_max_s": float(_env("BACKOFF_MAX_S", "300")),
+            "max_attempts": int(_env("MAX_ATTEMPTS", "3")),
+            "keep_slots": int(_env("KEEP_SLOTS", "3")),
+            "http_timeout_s": float(_env("HTTP_TIMEOUT_S", "30")),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,132 @@
+"""Verification of what the server sends, in the protocol's order (docs/protocol.md).
+
+1. signature over the exact payload bytes with the server key pinned at enrollment → ``bad_signature``
+2. ``expires_at`` in the future                                                        → ``expired``
+3. ``serial`` greater than the last accepted one                                       → ``replayed_serial``
+4. artifact profile and format are this device's                                        → ``wrong_profile``
+5. (download) sha256 of the whole artifact equals ``artifact.sha256``                   → ``sha256_mismatch``
+6. the bundle's ``manifest.json`` sha256 equals ``artifact.manifest_sha256``            → ``bundle_invalid``
+7. every file hash of the bundle (``edgekit.bundle.verify_bundle``)                     → ``bundle_invalid``
+
+Each failure raises :class:`edgekit.errors.VerificationError` with that ``reason``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgekit import signing
+from edgekit.bundle import MANIFEST_FILE, open_bundle, sha256_file, verify_bundle
+from edgekit.errors import BundleError, VerificationError
+
+__all__ = ["Artifact", "Assignment", "check_artifact_file", "check_bundle", "parse_time", "verify_assignment"]
+
+
+class Artifact(BaseModel):
+    """The artifact an assignment names (``null`` in a revert to "no model")."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    sha256: str
+    size_bytes: int
+    profile: str
+    format: str
+    file: str
+    manifest_sha256: str
+    url: str
+
+
+class Assignment(BaseModel):
+    """A verified assignment payload (``edgekit.assignment/v1``)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: Literal["edgekit.assignment/v1"]
+    device_id: str
+    rollout_id: str | None = None
+    serial: int
+    action: Literal["install", "revert"]
+    model: str | None = None
+    version: str | None = None
+    artifact: Artifact | None = None
+    issued_at: str
+    expires_at: str
+
+
+def parse_time(value: str) -> dt.datetime:
+    """An ISO 8601 time (``Z`` or an offset) as an aware datetime."""
+    t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def verify_assignment(signed: dict, *, public_key: str, device_id: str, last_serial: int, profile: str | None,
+                      formats: tuple[str, ...] | None, now: dt.datetime | None = None) -> Assignment:
+    """Steps 1-4: the signed assignment is authentic, current, new and meant for this device."""
+    payload = signed.get("payload")
+    if not isinstance(payload, str) or not isinstance(signed.get("signature"), str):
+        raise VerificationError("the assignment has no payload string or signature", reason="bad_signature")
+    try:
+        signing.verify(public_key, payload.encode("utf-8"), signed["signature"])
+    except BundleError:
+        raise VerificationError("the assignment's signature does not verify with the server key pinned at enrollment",
+                                "Someone other than the enrolled server signed it, or it was changed in transit.",
+                                reason="bad_signature") from None
+    try:
+        a = Assignment.model_validate_json(payload)
+        expires = parse_time(a.expires_at)
+    except (ValidationError, ValueError) as e:
+        raise VerificationError(f"the signed assignment is malformed ({str(e)[:200]})", reason="other:malformed_assignment") from None
+    if a.device_id != device_id:
+        raise VerificationError(f"the assignment is for device {a.device_id}, not this one ({device_id})", reason="other:wrong_device")
+    if expires <= (now or dt.datetime.now(dt.timezone.utc)):
+        raise VerificationError(f"the assignment expired at {a.expires_at}", reason="expired")
+    if a.serial <= last_serial:
+        raise VerificationError(f"serial {a.serial} is not greater than the last accepted serial {last_serial} (replay)",
+                                reason="replayed_serial")
+    art = a.artifact
+    if art is not None and profile is not None and art.profile != profile:
+        raise VerificationError(f"the artifact is for profile {art.profile}, this device is {profile}", reason="wrong_profile")
+    if art is not None and formats is not None and art.format not in formats:
+        raise VerificationError(f"the artifact's format {art.format} does not run on this device ({', '.join(formats)})",
+                                reason="wrong_profile")
+    if a.action == "install" and art is None:
+        raise VerificationError("an install assignment without an artifact", reason="other:malformed_assignment")
+    return a
+
+
+def check_artifact_file(path: Path, expected_sha256: str) -> None:
+    """Step 5: the whole downloaded file hashes to what the assignment says."""
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise VerificationError(f"the artifact's sha256 is {actual[:16]}…, the assignment says {expected_sha256[:16]}…",
+                                "The download was corrupted or the server's copy changed; it is not used.", reason="sha256_mismatch")
+
+
+def check_bundle(bundle_dir: Path, *, manifest_sha256: str | None, profile: str | None, fmt: str | None,
+                 trusted_keys: tuple[str, ...] = ()) -> None:
+    """Steps 6-7: the manifest is the one the server validated, and every file matches it."""
+    manifest_path = bundle_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise VerificationError(f"{bundle_dir.name}: no {MANIFEST_FILE}; not a bundle", reason="bundle_invalid")
+    if manifest_sha256 is not None:
+        actual = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+        if actual != manifest_sha256:
+            raise VerificationError(f"manifest.json hashes to {actual[:16]}…, the assignment says {manifest_sha256[:16]}…",
+                                    reason="bundle_invalid")
+    try:
+        result = verify_bundle(bundle_dir, trusted_keys)
+        manifest = open_bundle(bundle_dir).manifest
+    except BundleError as e:
+        raise VerificationError(e.message, reason="bundle_invalid") from None
+    if not result.ok:
+        failed = "; ".join(f"{c}: {d}" for c, ok, d in result.checks if not ok)
+        raise VerificationError(f"bundle checks failed ({failed})", reason="bundle_invalid")
+    if profile is not None and manifest.profile != profile:
+        raise VerificationError(f"the bundle is built for {manifest.profile}, this device is {profile}", reason="wrong_profile")
+    if fmt is not None and manifest.format != fmt:
+        raise VerificationError(f"the bundle's format is {manifest.format}, expected {fmt}", reason="wrong_profile")
