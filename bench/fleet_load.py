@@ -1,0 +1,448 @@
+"""Fleet server under a simulated fleet: N devices enroll, poll ``GET /v1/device/desired`` (with
+``If-None-Match``, so mostly 304) and post telemetry, each every ``--interval`` seconds with ±20%
+jitter, the way the agent does (docs/protocol.md). Real HTTP on loopback against a real
+``edgekit server start`` process, on SQLite and on a throwaway PostgreSQL cluster.
+
+Phases per database:
+
+1. enroll: all N devices, ``--enroll-concurrency`` requests in flight (one transaction each);
+2. first poll: every device fetches its desired state once and keeps the ETag;
+3. steady: ``--duration`` seconds at the real interval (10,000 devices, 60 s: ~333 req/s);
+4. ramp: the poll interval is compressed by ``--ramp-factor`` every ``--step-duration`` seconds
+   until p99 passes ``--p99-goal-ms``, a request fails, or the client cannot reach the offered
+   rate; the last step that held is the maximum sustainable rate.
+
+Latency is measured by the client, from sending the request to reading the whole answer. The
+client and the server share this machine's cores: the client's own event-loop lag and both
+processes' CPU use are reported next to every figure, so a saturated client is not mistaken for a
+slow server.
+
+    python bench/fleet_load.py [--devices 10000] [--duration 60] [--db sqlite|postgresql|both]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from bench.harness import OtherLoad, Ratio, host_facts, prepare_process, print_table, write_result
+
+NAME = "fleet_load"
+PROFILE = "raspberry-pi-5"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster in its own temp directory on a free port; yields its SQLAlchemy URL.
+
+    As root, initdb and pg_ctl run as the ``postgres`` user on a directory it owns (directly under
+    the temp root: the bench's own scratch directory is private to root)."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = bins[-1] if bins else shutil.which("initdb")
+    if not initdb:
+        raise RuntimeError("PostgreSQL is not installed (initdb not found); run scripts/setup-test-system.sh or pass --db sqlite")
+    bindir = Path(initdb).parent
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="edgekit-bench-pg-"))
+    if as_pg:
+        shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", free_port()
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_pg, *cmd], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        # fsync off: a throwaway cluster; the figures are about the server's queries, not this disk.
+        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-o", opts, "-w", "start")
+        try:
+            run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "fleet")
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/fleet"
+        finally:
+            subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class FleetServerProcess:
+    """``edgekit server start`` as a real process on a free port, with its tokens."""
+
+    def __init__(self, data_dir: Path, db_url: str | None, poll_interval_s: int = 60) -> None:
+        self.data_dir, self.port = data_dir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "EDGEKIT_LOG_LEVEL": "warning", "EDGEKIT_POLL_INTERVAL_S": str(max(1, poll_interval_s))}
+        if db_url:
+            self.env["EDGEKIT_DB"] = db_url
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _edgekit(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", *args]
+
+    def __enter__(self) -> FleetServerProcess:
+        import httpx
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.data_dir / "server.log", "wb")
+        self.proc = subprocess.Popen(self._edgekit("server", "start", "--data-dir", str(self.data_dir), "--port", str(self.port)),
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {(self.data_dir / 'server.log').read_text()[-2000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"the server was not ready within 60 s: {(self.data_dir / 'server.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def token(self, scope: str) -> str:
+        """A new token of ``scope`` from ``edgekit server token create``."""
+        out = subprocess.run(self._edgekit("server", "token", "create", "--scope", scope, "--data-dir", str(self.data_dir)),
+                             env=self.env, check=True, capture_output=True, text=True).stdout
+        found = re.findall(r"\bek[a-z]{3}_[A-Za-z0-9_-]+", out)
+        if not found:
+            raise RuntimeError(f"no token in the output of 'edgekit server token create': {out!r}")
+        return found[-1]
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One measured phase: offered vs achieved rate, latency percentiles, failures, CPU."""
+
+    db: str
+    phase: str
+    devices: int
+    interval_s: float
+    offered_rps: float
+    achieved_rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    error_kinds: dict[str, int]
+    statuses: dict[str, int]
+    loop_lag_p99_ms: float
+    server_cores: float
+    client_cores: float
+    seconds: float
+
+    def held(self, p99_goal_ms: float) -> bool:
+        """p99 within the goal, no errors, and the client reached at least 90% of the offered rate."""
+        return self.errors == 0 and self.p99_ms <= p99_goal_ms and self.achieved_rps >= 0.9 * self.offered_rps
+
+
+@dataclass
+class Recorder:
+    """Latencies and outcomes of the requests that finished inside the measured window."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    def add(self, kind: str, seconds: float, status: int | None, error: str | None = None) -> None:
+        self.latencies.append(seconds)
+        if error:
+            self.errors[f"{kind}: {error}"] += 1
+        else:
+            self.statuses[f"{kind} {status}"] += 1
+            if status not in (200, 202, 304):
+                self.errors[f"{kind}: HTTP {status}"] += 1
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000
+
+
+@dataclass
+class Device:
+    """One simulated device: its token and the ETag of its last desired state."""
+
+    name: str
+    token: str = ""
+    etag: str | None = None
+
+
+def _telemetry(device: Device) -> dict:
+    minute = time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())
+    point = {"minute": minute, "model_sha256": None, "model_version": None, "count": 60, "errors": 0, "escalations": 3, "degraded": 0,
+             "latency_ms": {"p50": 4.1, "p95": 6.0, "p99": 7.5, "max": 9.0}, "confidence_hist": [0, 0, 0, 0, 1, 2, 4, 8, 15, 30],
+             "sources": {"device": 57, "cloud": 3}}
+    return {"points": [point], "dropped": 0}
+
+
+class Fleet:
+    """Every simulated device sharing one HTTP connection pool (httpx.AsyncClient)."""
+
+    def __init__(self, base_url: str, n: int, connections: int, timeout: float) -> None:
+        import httpx
+
+        self.devices = [Device(f"bench-{i:06d}") for i in range(n)]
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout)
+        self.rec = Recorder()
+        self.recording = False
+
+    async def _call(self, kind: str, method: str, url: str, **kw) -> object:
+        import httpx
+
+        t0 = time.perf_counter()
+        try:
+            r = await self.http.request(method, url, **kw)
+        except httpx.TimeoutException:
+            if self.recording:
+                self.rec.add(kind, time.perf_counter() - t0, None, "timeout")
+            return None
+        except httpx.TransportError as e:
+            if self.recording:
+                self.rec.add(kind, time.perf_counter() - t0, None, type(e).__name__)
+            return None
+        if self.recording:
+            self.rec.add(kind, time.perf_counter() - t0, r.status_code)
+        return r
+
+    async def enroll(self, token: str, concurrency: int) -> tuple[float, int]:
+        """Enroll every device, ``concurrency`` at a time; returns (seconds, failures)."""
+        sem = asyncio.Semaphore(concurrency)
+        failures = 0
+
+        async def one(d: Device) -> None:
+            nonlocal failures
+            body = {"name": d.name, "profile": PROFILE, "tags": ["bench", f"shop-{int(d.name[-6:]) % 50}"], "facts": {"bench": True}}
+            async with sem:
+                r = await self._call("enroll", "POST", "/v1/devices/enroll", json=body, headers={"Authorization": f"Bearer {token}"})
+            if r is None or r.status_code != 201:
+                failures += 1
+                return
+            d.token = r.json()["device_token"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(d) for d in self.devices))
+        return time.perf_counter() - t0, failures
+
+    async def poll(self, d: Device) -> None:
+        headers = {"Authorization": f"Bearer {d.token}"}
+        if d.etag:
+            headers["If-None-Match"] = d.etag
+        r = await self._call("desired", "GET", "/v1/device/desired", headers=headers)
+        if r is not None and r.status_code == 200:
+            d.etag = r.headers.get("etag")
+
+    async def post_telemetry(self, d: Device) -> None:
+        await self._call("telemetry", "POST", "/v1/device/telemetry", json=_telemetry(d), headers={"Authorization": f"Bearer {d.token}"})
+
+    async def first_poll(self, concurrency: int) -> None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(d: Device) -> None:
+            async with sem:
+                await self.poll(d)
+
+        await asyncio.gather(*(one(d) for d in self.devices if d.token))
+
+    async def run(self, interval: float, seconds: float) -> tuple[Recorder, float, list[float]]:
+        """Every device polls and posts telemetry every ``interval`` s (±20%) for ``seconds``; returns
+        what finished in the window, its length and the event loop's lag samples."""
+
+        inflight: set[asyncio.Task] = set()
+
+        async def device_loop(d: Device, job) -> None:
+            await asyncio.sleep(random.uniform(0, interval))  # a uniform phase: the offered rate is steady at once
+            while True:
+                t = asyncio.create_task(job(d))  # open loop: a slow answer never delays the next request
+                inflight.add(t)
+                t.add_done_callback(inflight.discard)
+                await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+
+        lags: list[float] = []
+
+        async def lag_probe() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.05)
+                lags.append(time.perf_counter() - t - 0.05)
+
+        live = [d for d in self.devices if d.token]
+        tasks = [asyncio.create_task(device_loop(d, job)) for d in live for job in (self.poll, self.post_telemetry)]
+        tasks.append(asyncio.create_task(lag_probe()))
+        self.rec, self.recording = Recorder(), True
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        took = time.perf_counter() - t0
+        self.recording = False
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if inflight:  # let requests in flight finish (they are no longer recorded) before the next phase
+            await asyncio.wait(list(inflight), timeout=30)
+        return self.rec, took, lags
+
+
+def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, took: float, lags: list[float],
+                  server_cpu: float, client_cpu: float) -> PhaseResult:
+    lat = sorted(rec.latencies)
+    lags.sort()
+    return PhaseResult(db, phase, n, round(interval, 3), round(2 * n / interval, 1), round(len(lat) / took, 1), len(lat),
+                       round(_pct(lat, 0.50), 2), round(_pct(lat, 0.99), 2), round(lat[-1] * 1000 if lat else float("nan"), 1),
+                       sum(rec.errors.values()), dict(rec.errors), dict(rec.statuses), round(_pct(lags, 0.99), 1),
+                       round(server_cpu / took, 2), round(client_cpu / took, 2), round(took, 1))
+
+
+async def _measure(fleet: Fleet, server: FleetServerProcess, db: str, phase: str, interval: float, seconds: float) -> PhaseResult:
+    s0, c0 = process_cpu_seconds(server.pid), time.process_time()
+    rec, took, lags = await fleet.run(interval, seconds)
+    s1, c1 = process_cpu_seconds(server.pid), time.process_time()
+    r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, s1 - s0, c1 - c0)
+    print(f"  {phase:>8}: interval {r.interval_s:g} s, offered {r.offered_rps:g} req/s, achieved {r.achieved_rps:g}, "
+          f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms, errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
+          f"CPU server {r.server_cores:g} / client {r.client_cores:g} cores", flush=True)
+    return r
+
+
+async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
+    """All phases against one server on one database."""
+    with postgres_cluster() if db == "postgresql" else contextlib.nullcontext(None) as url:
+        with FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)) as server:
+            token = server.token("enroll")
+            fleet = Fleet(server.url, args.devices, args.connections, args.timeout)
+            try:
+                fleet.recording = True
+                enroll_s, enroll_failures = await fleet.enroll(token, args.enroll_concurrency)
+                enroll_rec, fleet.recording = fleet.rec, False
+                print(f"  enrolled {args.devices - enroll_failures:,} devices in {enroll_s:.1f} s "
+                      f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight), "
+                      f"{enroll_failures} failures {dict(enroll_rec.errors) or ''}", flush=True)
+                await fleet.first_poll(args.enroll_concurrency)
+                phases = [await _measure(fleet, server, db, "steady", args.interval, args.duration)]
+                interval, steps = args.interval, 0
+                best = phases[0] if phases[0].held(args.p99_goal_ms) else None
+                while args.ramp and steps < args.max_steps and (best is not None and best is phases[-1]):
+                    interval /= args.ramp_factor
+                    steps += 1
+                    r = await _measure(fleet, server, db, f"ramp {steps}", interval, args.step_duration)
+                    phases.append(r)
+                    if r.held(args.p99_goal_ms):
+                        best = r
+            finally:
+                await fleet.http.aclose()
+    lat = sorted(enroll_rec.latencies)
+    return {"db": db, "enroll": {"devices": args.devices, "seconds": round(enroll_s, 2), "per_s": round((args.devices - enroll_failures) / enroll_s, 1),
+                                 "failures": enroll_failures, "p50_ms": round(_pct(lat, 0.5), 2), "p99_ms": round(_pct(lat, 0.99), 2)},
+            "phases": [asdict(p) for p in phases], "max_sustainable_rps": best.achieved_rps if best else None,
+            "max_sustainable_phase": best.phase if best else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=10_000)
+    p.add_argument("--interval", type=float, default=60.0, help="Poll and telemetry interval per device in the steady phase (s).")
+    p.add_argument("--duration", type=float, default=60.0, help="Length of the steady phase (s).")
+    p.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
+    p.add_argument("--ramp", action=argparse.BooleanOptionalAction, default=True, help="Search the maximum sustainable rate.")
+    p.add_argument("--ramp-factor", type=float, default=1.5, help="Rate multiplier per ramp step.")
+    p.add_argument("--step-duration", type=float, default=20.0, help="Length of each ramp step (s).")
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--p99-goal-ms", type=float, default=100.0)
+    p.add_argument("--enroll-concurrency", type=int, default=64)
+    p.add_argument("--connections", type=int, default=256, help="Client connection pool (keep-alive) shared by all simulated devices.")
+    p.add_argument("--timeout", type=float, default=10.0, help="Per-request timeout (s); a timeout counts as an error.")
+    args = p.parse_args(argv)
+    scratch = prepare_process()
+    host = host_facts()
+    dbs = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
+    print(f"{args.devices:,} simulated devices, one poll + one telemetry post each per {args.interval:g} s "
+          f"(~{2 * args.devices / args.interval:.0f} req/s); the client (one asyncio process) and the server share {os.cpu_count()} cores",
+          flush=True)
+    results = []
+    with OtherLoad() as load:
+        for db in dbs:
+            print(f"\n== {db} ==", flush=True)
+            results.append(asyncio.run(run_db(db, args, scratch)))
+    rows = []
+    for res in results:
+        for ph in res["phases"]:
+            ok = PhaseResult(**ph).held(args.p99_goal_ms)
+            rows.append([res["db"], ph["phase"], f"{ph['interval_s']:g}", f"{ph['offered_rps']:g}", f"{ph['achieved_rps']:g}",
+                         f"{ph['p50_ms']:g}", f"{ph['p99_ms']:g}", str(ph["errors"]), f"{ph['loop_lag_p99_ms']:g}",
+                         f"{ph['server_cores']:g}/{ph['client_cores']:g}", "yes" if ok else "NO"])
+    print_table(f"Fleet load ({args.devices:,} devices; latency measured by the client; goal p99 <= {args.p99_goal_ms:g} ms, no errors)",
+                ["db", "phase", "interval s", "offered req/s", "req/s", "p50 ms", "p99 ms", "errors", "loop lag p99 ms",
+                 "CPU srv/cli", "held"], rows, text_columns=2)
+    for res in results:
+        e = res["enroll"]
+        print(f"{res['db']}: enrolled {e['devices']:,} in {e['seconds']:g} s ({e['per_s']:g}/s, p99 {e['p99_ms']:g} ms, "
+              f"{e['failures']} failures); max sustainable: {res['max_sustainable_rps'] or 'none'} req/s ({res['max_sustainable_phase']})")
+    note = (f"client and server share {os.cpu_count()} cores (the client's CPU is in 'CPU srv/cli' and its event-loop lag is shown); "
+            f"{load.describe()}")
+    print(note)
+    ratios = []
+    for res in results:
+        steady = res["phases"][0]
+        ratios += [Ratio(f"{res['db']}: steady p99 / {args.p99_goal_ms:g} ms", steady["p99_ms"] / args.p99_goal_ms, 1.0,
+                         f"{args.devices:,} devices, {steady['achieved_rps']:g} req/s"),
+                   Ratio(f"{res['db']}: steady errors", float(steady["errors"]), 0.0),
+                   Ratio(f"{res['db']}: max sustainable req/s", float(res["max_sustainable_rps"] or 0), None, "p99 within the goal, no errors")]
+    path = write_result(NAME, host, {"config": vars(args), "note": note, "other_load_cores": load.cores,
+                                     "ratios": [r.to_dict() for r in ratios], "results": results})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
