@@ -19,6 +19,8 @@ __all__ = [
     "Provenance",
     "QuantParams",
     "Quantization",
+    "RouterPolicy",
+    "RouterTarget",
     "TensorSpec",
 ]
 
@@ -170,6 +172,49 @@ class Provenance(_Model):
     host: dict[str, Any]
 
 
+class RouterTarget(_Model):
+    """What the router's threshold was chosen for.
+
+    ``max_loss``: hybrid accuracy within ``value`` percentage points of cloud-only accuracy, held
+    with probability ``confidence`` (a finite-sample bound). ``escalation_budget``: ``value`` is the
+    share of traffic (0-1) sent to the cloud.
+    """
+
+    kind: Literal["max_loss", "escalation_budget"]
+    value: float = Field(ge=0)
+    confidence: float | None = Field(default=None, gt=0, lt=1)
+
+
+class RouterPolicy(_Model):
+    """The hybrid router's escalation policy, written by ``edgekit router calibrate``.
+
+    The device output is scaled by ``temperature`` (on logits, or on log-probabilities when
+    ``device_output`` is ``probabilities``, floored at ``probability_floor``) and softmaxed; the
+    input is escalated to the cloud when the top-1 probability is below ``threshold``.
+    """
+
+    method: Literal["max_softmax"] = "max_softmax"
+    device_output: Literal["probabilities", "logits"]
+    temperature: float = Field(gt=0)
+    probability_floor: float = Field(default=1e-6, gt=0, lt=1)
+    threshold: float = Field(ge=0, le=1.000001)
+    target: RouterTarget
+    expected_escalation_rate: float = Field(ge=0, le=1)
+    expected_loss_points: float | None = Field(default=None, description="Cloud-only minus hybrid accuracy on the threshold data, points.")
+    loss_bound_points: float | None = Field(default=None, description="Upper confidence bound on that loss (max_loss target), points.")
+    point_estimate_threshold: float | None = None
+    point_estimate_escalation_rate: float | None = None
+    bound: str = Field(default="", description="How the threshold was certified, e.g. Learn-then-Test with Clopper-Pearson p-values.")
+    cloud_model: str = Field(description="Cloud model file name the policy was calibrated against.")
+    cloud_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    temperature_samples: int = Field(ge=1)
+    threshold_samples: int = Field(ge=1)
+    ece_before: float | None = None
+    ece_after: float | None = None
+    created_at: str = ""
+
+
 class Manifest(_Model):
     """The contents of a bundle's manifest.json."""
 
@@ -191,5 +236,5 @@ class Manifest(_Model):
     golden: GoldenSet
     extra_files: tuple[ExtraFile, ...] = ()
     verification: tuple[str, ...] = Field(default=(), description="What was and was not verified on the conversion host.")
-    router_policy: dict[str, Any] | None = None
+    router_policy: RouterPolicy | None = None
     provenance: Provenance

@@ -1,0 +1,239 @@
+"""``edgekit router calibrate`` as a function: fit the temperature, choose the threshold, write the bundle and report.
+
+The labelled data is shuffled once (seeded) and split: the first ``temperature_fraction``
+fits the temperature, the rest chooses the threshold (hybrid_router.calibration). The new
+bundle is the device bundle with ``router_policy`` in its manifest, re-signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import signing
+from edgekit.bundle import open_bundle, write_bundle
+from edgekit.errors import AccuracyBudgetError, CalibrationDataError, IncompatibleError, OutputError, UsageError
+from edgekit.manifest import RouterPolicy, RouterTarget
+from hybrid_router.calibration import (choose_for_budget, choose_for_max_loss, escalation_curve, expected_calibration_error,
+                                       fit_temperature, reliability_bins)
+from hybrid_router.policy import calibrated_probs
+
+__all__ = ["CalibrationResult", "calibrate_router", "load_labelled", "output_kind"]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What calibration produced; ``summary`` is the JSON report."""
+
+    bundle: Path | None
+    report_dir: Path
+    policy: RouterPolicy | None
+    summary: dict = field(default_factory=dict)
+
+
+def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """``x`` and integer ``y`` from an .npz, and the file's sha256."""
+    if not path.is_file():
+        raise CalibrationDataError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            files = set(d.files)
+            if "x" not in files:
+                raise CalibrationDataError(f"{path}: no array 'x' (found: {', '.join(sorted(files)) or 'nothing'})")
+            if "y" not in files:
+                raise CalibrationDataError(f"{path}: no labels: calibration needs an array 'y' of class indices next to 'x'",
+                                           "Save the data with np.savez(path, x=inputs, y=labels).")
+            x, y = d["x"], d["y"]
+    except (OSError, ValueError) as e:
+        raise CalibrationDataError(f"{path}: not a readable .npz ({e})") from None
+    if len(x) != len(y) or y.ndim != 1:
+        raise CalibrationDataError(f"{path}: 'x' has {len(x)} examples but 'y' has shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise CalibrationDataError(f"{path}: 'y' must hold integer class indices, not {y.dtype}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise CalibrationDataError(f"{path}: 'x' holds NaN or infinity")
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return x.astype(np.float32, copy=False), y.astype(np.int64), sha
+
+
+def output_kind(outputs: np.ndarray) -> str:
+    """``probabilities`` when every row is non-negative and sums to 1 (int8 rounding allowed), else ``logits``."""
+    sums = outputs.sum(axis=1)
+    return "probabilities" if outputs.min() >= 0 and np.all(np.abs(sums - 1.0) < 0.03) else "logits"
+
+
+def _check_classes(dev: np.ndarray, cloud: np.ndarray, y: np.ndarray, labels: tuple[str, ...]) -> None:
+    if cloud.ndim != 2 or cloud.shape[1] != dev.shape[1]:
+        raise IncompatibleError(f"the cloud model gives {cloud.shape[1:]} outputs per example, the device model {dev.shape[1]} classes",
+                                "Calibrate against a cloud model trained on the same classes, in the same order.")
+    if y.min() < 0 or y.max() >= dev.shape[1]:
+        raise CalibrationDataError(f"labels run from {y.min()} to {y.max()}, outside the model's {dev.shape[1]} classes")
+    agree = float((dev.argmax(1) == cloud.argmax(1)).mean())
+    cloud_acc = float((cloud.argmax(1) == y).mean())
+    dev_acc = float((dev.argmax(1) == y).mean())
+    chance = 1.0 / dev.shape[1]
+    if agree < 0.5 and cloud_acc < max(0.5, dev_acc / 2, 2 * chance):
+        raise IncompatibleError(f"the cloud model's answers do not match the device model's classes (top-1 agreement "
+                                f"{agree:.1%}, cloud accuracy {cloud_acc:.1%}, device accuracy {dev_acc:.1%})",
+                                f"Check that both models use the same labels in the same order ({', '.join(labels[:10]) or 'no labels'}).")
+
+
+def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_loss: float | None = None,
+                     escalation_budget: float | None = None, confidence: float = 0.95, temperature_fraction: float = 0.2,
+                     seed: int = 0, step: Callable[[str], None] = lambda _m: None) -> CalibrationResult:
+    """Calibrate; ``max_loss`` in accuracy points, ``escalation_budget`` a fraction. Raises AccuracyBudgetError when infeasible."""
+    from edgekit.runtime import load
+    from hybrid_router.cloud_model import OnnxCloudModel
+    from hybrid_router.report import plot_accuracy_vs_escalation, plot_reliability
+
+    if (max_loss is None) == (escalation_budget is None):
+        raise UsageError("give exactly one of --max-loss and --escalation-budget")
+    if max_loss is not None and not 0 <= max_loss < 100:
+        raise UsageError(f"--max-loss is in accuracy points (0-100), got {max_loss}")
+    if escalation_budget is not None and not 0 <= escalation_budget <= 1:
+        raise UsageError(f"--escalation-budget is a fraction of traffic (0-1), got {escalation_budget}")
+    if not 0.5 <= confidence < 1 or not 0 < temperature_fraction < 1:
+        raise UsageError("--confidence must be in [0.5, 1) and the temperature fraction in (0, 1)")
+    step("loading data and models")
+    x, y, data_sha = load_labelled(data)
+    bundle = open_bundle(device)
+    dev_model = load(device)
+    cloud_model = OnnxCloudModel(cloud, providers=["CPUExecutionProvider"])
+    step(f"running the device model on {len(x)} examples")
+    dev_out = np.asarray(dev_model.predict(x), dtype=np.float64)
+    step(f"running the cloud model on {len(x)} examples")
+    cloud_out = np.asarray(cloud_model.predict(x), dtype=np.float64)
+    _check_classes(dev_out, cloud_out, y, bundle.manifest.labels)
+    kind = output_kind(dev_out)
+    q = dev_model.outputs[0].quantization if dev_model.outputs else None
+    floor = q.scale / 2 if (q is not None and kind == "probabilities") else 1e-6  # a quantized zero means "under half a step"
+
+    idx = np.random.default_rng(seed).permutation(len(x))
+    n_t = int(round(len(x) * temperature_fraction))
+    t_idx, s_idx = idx[:n_t], idx[n_t:]
+    if n_t < 20 or len(s_idx) < 50:
+        raise CalibrationDataError(f"{len(x)} labelled examples are too few (need >= 20 for the temperature and >= 50 for the threshold)")
+    step("fitting the temperature")
+    temperature = fit_temperature(dev_out[t_idx], y[t_idx], kind, floor)
+    ys = y[s_idx]
+    raw = dev_out[s_idx] if kind == "probabilities" else calibrated_probs(dev_out[s_idx], 1.0, "logits")
+    probs = calibrated_probs(dev_out[s_idx], temperature, kind, floor)
+    ece_before, ece_after = expected_calibration_error(raw, ys), expected_calibration_error(probs, ys)
+    conf = probs.max(axis=1)
+    dev_ok = probs.argmax(axis=1) == ys
+    cloud_ok = cloud_out[s_idx].argmax(axis=1) == ys
+    delta = 1.0 - confidence
+    dev_acc, cloud_acc = float(dev_ok.mean()), float(cloud_ok.mean())
+    curve = escalation_curve(conf, dev_ok, cloud_ok)
+
+    step("choosing the threshold")
+    summary: dict = {
+        "device_bundle": str(device), "cloud_model": str(cloud), "data": str(data), "data_sha256": data_sha,
+        "examples": len(x), "temperature_examples": int(n_t), "threshold_examples": int(len(s_idx)), "seed": seed,
+        "device_output": kind, "probability_floor": floor, "temperature": temperature,
+        "ece_before": ece_before, "ece_after": ece_after,
+        "device_accuracy": dev_acc, "cloud_accuracy": cloud_acc, "confidence": confidence,
+    }
+    point = None
+    if max_loss is not None:
+        ch = choose_for_max_loss(conf, dev_ok, cloud_ok, max_loss / 100.0, delta)
+        target = RouterTarget(kind="max_loss", value=max_loss, confidence=confidence)
+        threshold, esc, loss, bound = ch.threshold, ch.escalation, ch.loss, ch.loss_bound
+        point = (ch.point_escalation, cloud_acc - ch.point_loss)
+        summary.update({
+            "target": target.model_dump(), "feasible": ch.feasible,
+            "bound": f"Learn-then-Test fixed sequence, Clopper-Pearson (exact binomial) p-values on the harmful rate, delta={delta:g}",
+            "threshold": threshold, "escalation_rate": esc, "hybrid_accuracy": cloud_acc - loss, "loss_points": loss * 100,
+            "loss_bound_points": bound * 100,
+            "point_estimate": {"threshold": ch.point_threshold, "escalation_rate": ch.point_escalation, "loss_points": ch.point_loss * 100},
+            "guarantee_extra_escalation": esc - ch.point_escalation,
+            "best_certifiable_loss_points": ch.best_bound * 100, "best_certifiable_escalation_rate": ch.best_bound_escalation,
+        })
+    else:
+        bc = choose_for_budget(conf, dev_ok, cloud_ok, float(escalation_budget), delta)
+        target = RouterTarget(kind="escalation_budget", value=float(escalation_budget), confidence=confidence)
+        threshold, esc, loss, bound = bc.threshold, bc.escalation, bc.loss, bc.loss_bound
+        summary.update({
+            "target": target.model_dump(), "feasible": True,
+            "bound": f"Clopper-Pearson upper bound on the harmful rate at delta={delta:g}",
+            "threshold": threshold, "escalation_rate": esc, "hybrid_accuracy": cloud_acc - loss, "loss_points": loss * 100,
+            "loss_bound_points": bound * 100,
+        })
+
+    step("writing the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from None
+    rel = plot_reliability(reliability_bins(raw, ys), reliability_bins(probs, ys), ece_before, ece_after, temperature, out / "reliability.png")
+    feasible = bool(summary["feasible"])
+    chosen = (esc, cloud_acc - loss) if feasible else None
+    ave = plot_accuracy_vs_escalation(curve["escalation"], curve["hybrid_accuracy"], dev_acc, cloud_acc, chosen, point,
+                                      max_loss / 100.0 if max_loss is not None else None, out / "accuracy_vs_escalation.png")
+    summary["figures"] = {"reliability": str(rel), "accuracy_vs_escalation": str(ave)}
+    summary["curve"] = {k: [round(float(v), 6) for v in curve[k]] for k in ("threshold", "escalation", "hybrid_accuracy")}
+    report = out / "router_report.json"
+
+    if not feasible:
+        summary["bundle"] = None
+        report.write_text(json.dumps(summary, indent=2) + "\n")
+        raise AccuracyBudgetError(
+            f"no threshold keeps the hybrid within {max_loss:g} points of cloud-only accuracy with {confidence:.0%} confidence on "
+            f"{len(s_idx)} threshold examples; the best this data can certify is {summary['best_certifiable_loss_points']:.2f} points "
+            f"(escalating {summary['best_certifiable_escalation_rate']:.1%}); report: {report}",
+            "Give more labelled data (the bound tightens with n), raise --max-loss, lower --confidence, or use --escalation-budget.")
+
+    policy = RouterPolicy(
+        device_output=kind, temperature=temperature, probability_floor=floor, threshold=min(threshold, 1.000001), target=target,
+        expected_escalation_rate=esc, expected_loss_points=loss * 100, loss_bound_points=bound * 100,
+        point_estimate_threshold=summary.get("point_estimate", {}).get("threshold"),
+        point_estimate_escalation_rate=summary.get("point_estimate", {}).get("escalation_rate"),
+        bound=summary["bound"], cloud_model=Path(cloud).name, cloud_model_sha256=cloud_model.sha256, data_sha256=data_sha,
+        temperature_samples=int(n_t), threshold_samples=int(len(s_idx)), ece_before=ece_before, ece_after=ece_after,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    step("writing the calibrated bundle")
+    dest = out / bundle.root.name
+    if dest.resolve() == bundle.root.resolve():
+        raise OutputError(f"{out}: writing the calibrated bundle there would overwrite the input bundle", "Choose another --out.")
+    fields = bundle.manifest.model_dump(mode="json", exclude={"file", "sha256", "size_bytes", "extra_files", "golden"})
+    fields["router_policy"] = policy.model_dump(mode="json")
+    extras = tuple((bundle.root / e.file, e.purpose) for e in bundle.manifest.extra_files)
+    written = write_bundle(dest, fields, bundle.model_path, bundle.golden(), signing_key=signing.load_or_create_key(),
+                           min_top1_agreement=bundle.manifest.golden.min_top1_agreement, atol=bundle.manifest.golden.atol,
+                           extra_files=extras)
+    summary["bundle"] = str(written.root)
+    report.write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "router_report.md").write_text(render_markdown(summary))
+    return CalibrationResult(written.root, out, policy, summary)
+
+
+def render_markdown(s: dict) -> str:
+    """The report for people."""
+    lines = ["# Router calibration", "",
+             f"- Device bundle: `{s['device_bundle']}`; cloud model: `{s['cloud_model']}`",
+             f"- Data: `{s['data']}` ({s['examples']} examples: {s['temperature_examples']} fit the temperature, "
+             f"{s['threshold_examples']} choose the threshold)",
+             f"- Temperature: {s['temperature']:.4f} (device output: {s['device_output']}); "
+             f"ECE {s['ece_before']:.4f} before, {s['ece_after']:.4f} after scaling",
+             f"- On the threshold split: device-only {s['device_accuracy'] * 100:.2f}%, cloud-only {s['cloud_accuracy'] * 100:.2f}%, "
+             f"hybrid {s['hybrid_accuracy'] * 100:.2f}%",
+             f"- Threshold {s['threshold']:.6f}: escalates {s['escalation_rate'] * 100:.1f}% of traffic; "
+             f"loss vs cloud-only {s['loss_points']:.2f} points (upper bound {s['loss_bound_points']:.2f} at {s['confidence']:.0%})",
+             f"- Bound: {s['bound']}"]
+    if "point_estimate" in s:
+        pe = s["point_estimate"]
+        lines.append(f"- Point-estimate threshold {pe['threshold']:.6f} would escalate {pe['escalation_rate'] * 100:.1f}%; the guarantee "
+                     f"costs {s['guarantee_extra_escalation'] * 100:.1f} points of extra escalation")
+    lines += ["", "![reliability](reliability.png)", "", "![accuracy vs escalation](accuracy_vs_escalation.png)", ""]
+    return "\n".join(lines)
