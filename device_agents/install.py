@@ -29,12 +29,14 @@ def install_local(data_dir: str | os.PathLike[str], source: str | os.PathLike[st
         if identity and settings.profile and identity.get("profile") != settings.profile:
             raise UsageError(f"this device enrolled as {identity.get('profile')}, not {settings.profile}", "Drop --profile.")
         runner = open_runner(data, settings, identity=identity)
+        resumed = None
         if runner.state is not State.IDLE:
             job = runner.ctx.record.get("assignment") or {}
             if job.get("kind") == "fleet":
                 raise UsageError(f"a fleet assignment is in progress (state {runner.state})",
                                  "Let 'edgekit agent run' finish it, then install.")
             runner.run_until_idle()  # an interrupted local install: finish (or roll back) it first
+            resumed = runner.ctx.record["last_result"]
         slots = runner.ctx.slots
         before = {"sha256": slots.active_sha(), "previous": slots.previous_sha()}
         sha = sha256_file(src)
@@ -55,4 +57,5 @@ def install_local(data_dir: str | os.PathLike[str], source: str | os.PathLike[st
             "previous": before["sha256"],
             "phases": [r["phase"] for r in result.get("reports") or []],
             "transitions": result.get("transitions"),
+            "resumed": None if resumed is None else {k: resumed.get(k) for k in ("sha256", "version", "failure", "transitions")},
         }
