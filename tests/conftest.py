@@ -87,3 +87,4 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+from fleet_support import *  # noqa: E402,F401,F403 - fleet server fixtures (live_server, fleet_db, ...)

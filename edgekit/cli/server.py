@@ -1,0 +1,81 @@
+"""``edgekit server``: run the fleet server, make API tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.cli.output import emit, stdout
+from edgekit.errors import RuntimeUnavailableError, UsageError
+
+__all__ = ["server"]
+
+
+def _settings(**overrides):  # noqa: ANN003, ANN202
+    try:
+        from fleet_server.settings import Settings
+    except ImportError as e:
+        raise RuntimeUnavailableError(f"the fleet server is not installed ({e})", "Install it with: pip install 'edgekit[server]'") from None
+    return Settings.from_env(**overrides)
+
+
+@click.group()
+def server() -> None:
+    """Run the fleet server and manage its tokens."""
+
+
+@server.command()
+@click.option("--host", default=None, help="Address to listen on (EDGEKIT_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (EDGEKIT_PORT, default 8400).")
+@click.option("--db", default=None, help="Database URL (EDGEKIT_DB); default SQLite in the data dir, or postgresql+psycopg://...")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Artifacts, key and SQLite file (EDGEKIT_DATA_DIR).")
+@click.option("--max-upload-mb", type=float, default=None, help="Largest accepted upload (EDGEKIT_MAX_UPLOAD_MB, default 512).")
+@click.option("--poll-interval", "poll_interval_s", type=int, default=None, help="Seconds between device polls (EDGEKIT_POLL_INTERVAL_S).")
+@click.option("--log-level", default=None, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def start(**options) -> None:  # noqa: ANN003
+    """Migrate the database, then serve the fleet API until interrupted."""
+    settings = _settings(**options)
+    import uvicorn
+
+    from fleet_server.app import bootstrap, create_app
+
+    ctx = bootstrap(settings)  # migrations and the key now, so a bad --db fails before listening
+    click.echo(f"edgekit fleet server on http://{settings.host}:{settings.port} "
+               f"(database {ctx.db.dialect}, migration {ctx.head}, key {ctx.key.key_id}, data {settings.data_dir})", err=True)
+    try:
+        uvicorn.run(create_app(settings, context=ctx), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    access_log=settings.log_level == "debug", timeout_keep_alive=75)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", "Pick another --port or --host.") from None
+
+
+@server.group()
+def token() -> None:
+    """Make API tokens (only their sha256 is stored)."""
+
+
+@token.command("create")
+@click.option("--scope", type=click.Choice(["admin", "enroll"]), required=True, help="admin: admin routes; enroll: device enrollment only.")
+@click.option("--label", default="", help="A note stored with the token's hash.")
+@click.option("--db", default=None, help="Database URL (EDGEKIT_DB).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir (EDGEKIT_DATA_DIR).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def create(scope: str, label: str, db: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Create a token and print it once."""
+    settings = _settings(db=db, data_dir=data_dir)
+    from fleet_server.db import Database
+    from fleet_server.tokens import create_token
+
+    if settings.db is None and not settings.data_dir.exists():
+        settings.data_dir.mkdir(parents=True, mode=0o700)
+    database = Database(settings.database_url)
+    try:
+        database.migrate()
+        with database.write() as s:
+            value = create_token(s, scope, label=label)
+    finally:
+        database.dispose()
+    data = {"scope": scope, "token": value, "label": label}
+    emit(data, as_json, lambda: (stdout.print(value, highlight=False, markup=False, soft_wrap=True),
+                                 click.echo("Store it now: the server keeps only its hash.", err=True)))

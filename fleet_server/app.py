@@ -1,0 +1,121 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan (migrations, key, engine loop) and the
+one place that turns errors into the protocol's JSON error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+from fleet_server.context import AppContext
+from fleet_server.db import Database
+from fleet_server.errors import http_status
+from fleet_server.metrics import FleetMetrics, MetricsMiddleware
+from fleet_server.routers import device, fleet, models, public, rollouts
+from fleet_server.services.engine import step_all
+from fleet_server.settings import Settings
+from fleet_server.signer import ServerKey
+from fleet_server.storage import DirectoryArtifactStore
+from fleet_server.tokens import TokenCache
+
+__all__ = ["bootstrap", "create_app"]
+
+log = logging.getLogger("edgekit.fleet")
+
+
+def bootstrap(settings: Settings) -> AppContext:
+    """Open the database and migrate it, load or create the signing key, open the artifact store."""
+    if not settings.data_dir.exists():
+        settings.data_dir.mkdir(parents=True, mode=0o700)
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    head = db.migrate()
+    store = DirectoryArtifactStore(settings.artifacts_dir)
+    store.clear_temporaries()
+    key = ServerKey.load_or_create(settings.key_path)
+    return AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
+
+
+def engine_tick(ctx: AppContext) -> None:
+    """One pass of the background loop: write buffered last-seen times, advance every rollout."""
+    ctx.last_seen.flush(ctx.db)
+    step_all(ctx)
+
+
+async def _engine_loop(ctx: AppContext) -> None:
+    while True:
+        try:
+            await run_in_threadpool(engine_tick, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the loop must survive a database hiccup; it retries next tick
+            log.exception("rollout engine step failed; retrying")
+        await asyncio.sleep(ctx.settings.engine_interval_s)
+
+
+def _error(status: int, code: str, message: str, hint: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "hint": hint}}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EdgekitError)
+    async def domain_error(request: Request, exc: EdgekitError) -> JSONResponse:
+        status, code = http_status(exc)
+        if status >= 500:
+            log.error("internal error on %s %s: %s", request.method, request.url.path, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(status, code, exc.message, exc.hint, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")),
+                      "See GET /openapi.json for the request's schema.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), "See docs/protocol.md for the routes.")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}", "This is a server bug; see the server log.")
+
+
+def create_app(settings: Settings, *, context: AppContext | None = None) -> FastAPI:
+    """The fleet server app; the database, key and engine loop come up in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        ctx = context or await run_in_threadpool(bootstrap, settings)
+        app.state.ctx = ctx
+        task = asyncio.create_task(_engine_loop(ctx))
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            await run_in_threadpool(ctx.last_seen.flush, ctx.db)
+            ctx.db.dispose()
+
+    app = FastAPI(title="edgekit fleet server", version=__version__, lifespan=lifespan,
+                  description="Model registry, devices, signed staged rollouts and telemetry. See docs/protocol.md.")
+    app.state.metrics = FleetMetrics(lambda: getattr(app.state, "ctx", None) and app.state.ctx.db)
+    _install_error_handlers(app)
+    for r in (public.router, models.router, rollouts.router, fleet.router, device.router):
+        app.include_router(r)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

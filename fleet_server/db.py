@@ -1,0 +1,139 @@
+"""Database engine, sessions and migrations, for SQLite (default, WAL) and PostgreSQL.
+
+SQLite: WAL so readers never wait for the writer, ``synchronous=NORMAL`` (durable at each
+checkpoint, safe against corruption), a busy timeout, and ``BEGIN IMMEDIATE`` for write
+transactions so two writers queue on the lock instead of failing on a read-to-write upgrade.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from edgekit.errors import UsageError
+
+__all__ = ["Database", "utc", "utcnow"]
+
+_WRITE = "edgekit_write"
+
+
+def utcnow() -> dt.datetime:
+    """Now, timezone-aware UTC, to the microsecond."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A stored timestamp as aware UTC (SQLite hands back naive values)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+class Database:
+    """One engine plus read and write session factories."""
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise UsageError(f"not a database URL: {url!r}", "Use sqlite:///path/fleet.db or postgresql+psycopg://user:pw@host/db.") from None
+        self.url = parsed
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise UsageError(f"unsupported database '{self.dialect}'", "Use SQLite (default) or postgresql+psycopg://...")
+        try:
+            if self.dialect == "sqlite":
+                if parsed.database and parsed.database != ":memory:":
+                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                self.engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_timeout=30,
+                                            connect_args={"check_same_thread": False, "timeout": 30})
+                _sqlite_events(self.engine)
+            else:
+                self.engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True, pool_timeout=30)
+        except (NoSuchModuleError, ImportError) as e:
+            raise UsageError(f"no driver for {parsed.drivername}: {e}", "Install the server extra: pip install 'edgekit[server]'.") from None
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; rolled back at the end."""
+        with self._read() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed when the block ends cleanly, rolled back otherwise."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def ping(self) -> bool:
+        """True when the database answers."""
+        try:
+            with self.engine.connect() as c:
+                c.execute(text("SELECT 1"))
+            return True
+        except OperationalError:
+            return False
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    # -- migrations ---------------------------------------------------------------------------
+
+    def _alembic_config(self):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(resources.files("fleet_server") / "migrations"))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def migrate(self) -> str:
+        """Upgrade the schema to the newest migration; returns the head revision."""
+        from alembic import command
+
+        command.upgrade(self._alembic_config(), "head")
+        return self.head()
+
+    def head(self) -> str:
+        """The newest migration this package ships."""
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head() or ""
+
+    def current(self) -> str | None:
+        """The revision the database is at (None before the first migration or when unreachable)."""
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as c:
+                return MigrationContext.configure(c).get_current_revision()
+        except OperationalError:
+            return None
+
+
+def _sqlite_events(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI types
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-16000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")

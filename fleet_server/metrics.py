@@ -1,0 +1,77 @@
+"""Prometheus metrics: request count and latency by route template (a pure ASGI middleware,
+cheap enough for the polling hot path), plus devices and rollouts by state read at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+
+from fleet_server.tables import Device, Rollout
+
+__all__ = ["FleetMetrics", "MetricsMiddleware"]
+
+
+class _StateCollector:
+    def __init__(self, get_db: Callable) -> None:
+        self.get_db = get_db
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        db = self.get_db()
+        if db is None:
+            return
+        try:
+            with db.read() as s:
+                devices = s.execute(select(func.count()).select_from(Device)).scalar_one()
+                by_state = dict(s.execute(select(Rollout.state, func.count()).group_by(Rollout.state)).all())
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the database is down
+            return
+        g = GaugeMetricFamily("edgekit_devices", "Enrolled devices.")
+        g.add_metric([], devices)
+        yield g
+        r = GaugeMetricFamily("edgekit_rollouts", "Rollouts by state.", labels=["state"])
+        for state in ("running", "paused", "completed", "failed", "rolled_back"):
+            r.add_metric([state], by_state.get(state, 0))
+        yield r
+
+
+class FleetMetrics:
+    """One registry per app (several apps can live in one test process)."""
+
+    def __init__(self, get_db: Callable) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgekit_http_requests", "HTTP requests.", ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("edgekit_http_request_seconds", "HTTP request latency.", ["method", "route"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.registry.register(_StateCollector(get_db))
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request under its route template (``/v1/rollouts/{rollout_id}``)."""
+
+    def __init__(self, app, metrics: FleetMetrics) -> None:  # noqa: ANN001 - ASGI app
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], template, str(status[0])).inc()
+            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)

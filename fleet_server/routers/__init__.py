@@ -1,0 +1,1 @@
+"""HTTP routers: thin; each parses the request, calls a service, shapes the response."""

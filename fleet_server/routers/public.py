@@ -1,0 +1,40 @@
+"""Public routes: health, readiness, Prometheus metrics, the server's public key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from fleet_server.deps import CtxDep
+
+router = APIRouter(tags=["public"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(ctx: CtxDep) -> Response:
+    """Ready when the database answers and is at this package's newest migration."""
+    current = ctx.db.current()
+    if current is None or current != ctx.head:
+        return JSONResponse({"status": "not_ready", "database": ctx.db.dialect, "migrations": current, "expected": ctx.head}, status_code=503)
+    return JSONResponse({"status": "ready", "database": ctx.db.dialect, "migrations": current})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    body = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/server/public-key")
+async def public_key(ctx: CtxDep) -> dict:
+    """The Ed25519 key that signs every assignment (agents pin it at enrollment)."""
+    return {"algorithm": "ed25519", "public_key": ctx.key.public_key, "key_id": ctx.key.key_id}

@@ -1,0 +1,108 @@
+"""Devices: enrollment, the desired-state hot path, and the admin's view of the fleet."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from edgekit.profiles import list_profiles
+from fleet_server.context import AppContext
+from fleet_server.db import utc, utcnow
+from fleet_server.errors import BadRequest, Conflict, NotFound
+from fleet_server.schemas import EnrollRequest
+from fleet_server.services.assignments import reissue_if_stale
+from fleet_server.tables import Device, Model, ModelVersion, VersionArtifact
+from fleet_server.tokens import create_token
+
+__all__ = ["Desired", "desired_state", "enroll", "get_device", "list_devices"]
+
+
+def enroll(ctx: AppContext, req: EnrollRequest) -> dict[str, Any]:
+    """Register a device and issue its token (returned once)."""
+    profiles = list_profiles()
+    if req.profile not in profiles:
+        raise BadRequest(f"unknown hardware profile '{req.profile}'", f"Valid ids: {', '.join(profiles)}.", code="unknown_profile")
+    device_id = "dev_" + secrets.token_hex(8)
+    try:
+        with ctx.db.write() as s:
+            if s.execute(select(Device.id).where(Device.name == req.name)).first() is not None:
+                raise Conflict(f"a device named '{req.name}' is enrolled already", "Pick another name; a device enrolls once.")
+            s.add(Device(id=device_id, name=req.name, profile=req.profile, tags=sorted(set(req.tags)), facts=req.facts,
+                         enrolled_at=utcnow(), serial=0, desired_serial=0))
+            s.flush()
+            token = create_token(s, "device", device_id=device_id, label=req.name)
+    except IntegrityError:
+        raise Conflict(f"a device named '{req.name}' is enrolled already", "Pick another name; a device enrolls once.") from None
+    return {"device_id": device_id, "device_token": token, "server_public_key": ctx.key.public_key, "key_id": ctx.key.key_id,
+            "poll_interval_s": ctx.settings.poll_interval_s}
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A device's desired state: its ETag and the ready-made JSON body."""
+
+    etag: str
+    body: bytes
+
+
+def desired_state(ctx: AppContext, device_id: str) -> Desired:
+    """One primary-key read; the signed body was built when the assignment was issued."""
+    ctx.last_seen.touch(device_id)
+    with ctx.db.read() as s:
+        row = s.execute(select(Device.desired_serial, Device.desired_body, Device.desired_issued_at).where(Device.id == device_id)).first()
+    if row is None:
+        raise NotFound("this device is not enrolled any more", "Enroll the device again.")
+    serial, body, issued = row
+    if body is not None and issued is not None:
+        half = dt.timedelta(seconds=ctx.settings.assignment_ttl_s / 2)
+        if utc(issued) + half < utcnow():
+            reissue_if_stale(ctx, device_id, serial)
+            return desired_state(ctx, device_id)
+    poll = ctx.settings.poll_interval_s
+    etag = f'"{serial}.{poll}"'
+    text = f'{{"poll_interval_s":{poll},"assignment":{body or "null"}}}'
+    return Desired(etag, text.encode())
+
+
+def _active(session: Session, artifact_ids: set[int]) -> dict[int, dict[str, Any]]:
+    if not artifact_ids:
+        return {}
+    rows = session.execute(
+        select(VersionArtifact.id, VersionArtifact.artifact_sha256, ModelVersion.version, Model.name)
+        .join(ModelVersion, ModelVersion.id == VersionArtifact.version_id).join(Model, Model.id == ModelVersion.model_id)
+        .where(VersionArtifact.id.in_(artifact_ids))
+    ).all()
+    return {r.id: {"model": r.name, "version": r.version, "sha256": r.artifact_sha256} for r in rows}
+
+
+def _public(ctx: AppContext, d: Device, active: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    seen = ctx.last_seen.peek(d.id) or utc(d.last_seen)
+    return {"id": d.id, "name": d.name, "profile": d.profile, "tags": d.tags, "facts": d.facts, "enrolled_at": utc(d.enrolled_at),
+            "last_seen": seen, "active": active.get(d.active_artifact_id) if d.active_artifact_id else None,
+            "phase": d.phase, "serial": d.desired_serial}
+
+
+def list_devices(ctx: AppContext, profile: str | None, tag: str | None) -> list[dict[str, Any]]:
+    """Every device, optionally of one profile and/or carrying one tag."""
+    with ctx.db.read() as s:
+        q = select(Device).order_by(Device.enrolled_at, Device.id)
+        if profile:
+            q = q.where(Device.profile == profile)
+        devices = [d for d in s.execute(q).scalars() if not tag or tag in d.tags]
+        active = _active(s, {d.active_artifact_id for d in devices if d.active_artifact_id})
+        return [_public(ctx, d, active) for d in devices]
+
+
+def get_device(ctx: AppContext, device_id: str) -> dict[str, Any]:
+    """One device, or NotFound."""
+    with ctx.db.read() as s:
+        d = s.get(Device, device_id)
+        if d is None:
+            raise NotFound(f"no device '{device_id}'", "List devices with GET /v1/devices.")
+        return _public(ctx, d, _active(s, {d.active_artifact_id} if d.active_artifact_id else set()))

@@ -1,0 +1,177 @@
+"""The model registry: validated uploads become immutable versions; artifacts stored once by sha256."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fleet_server.context import AppContext
+from fleet_server.db import utc, utcnow
+from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
+from fleet_server.services.validation import ValidatedBundle, validate_ekb
+from fleet_server.tables import Artifact, Model, ModelVersion, VersionArtifact
+
+__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "get_version", "list_models", "upload_version", "version_row"]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """A valid model name, or 422."""
+    if not NAME_RE.fullmatch(name):
+        raise InvalidRequest(f"invalid model name {name!r}", "Model names match ^[a-z0-9][a-z0-9._-]{0,63}$.")
+    return name
+
+
+def check_version(version: str) -> str:
+    """A valid version string, or 422."""
+    if not VERSION_RE.fullmatch(version):
+        raise InvalidRequest(f"invalid version {version!r}", "Versions match ^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$.")
+    return version
+
+
+def version_row(session: Session, name: str, version: str) -> ModelVersion | None:
+    """The version row of ``name`` ``version``, if it exists."""
+    return session.execute(
+        select(ModelVersion).join(Model, Model.id == ModelVersion.model_id).where(Model.name == name, ModelVersion.version == version)
+    ).scalar_one_or_none()
+
+
+def artifact_public(va: VersionArtifact, size: int) -> dict[str, Any]:
+    """An artifact as the API shows it."""
+    return {"sha256": va.artifact_sha256, "size_bytes": size, "profile": va.profile, "format": va.format, "file": va.file,
+            "manifest_sha256": va.manifest_sha256, "manifest": va.manifest, "validation": va.validation}
+
+
+def _version_public(session: Session, name: str, mv: ModelVersion) -> dict[str, Any]:
+    rows = session.execute(
+        select(VersionArtifact, Artifact.size_bytes).join(Artifact, Artifact.sha256 == VersionArtifact.artifact_sha256)
+        .where(VersionArtifact.version_id == mv.id).order_by(VersionArtifact.profile, VersionArtifact.format)
+    ).all()
+    return {"name": name, "version": mv.version, "created_at": utc(mv.created_at),
+            "artifacts": [artifact_public(va, size) for va, size in rows]}
+
+
+def get_version(session: Session, name: str, version: str) -> dict[str, Any]:
+    """A version with its artifacts, or NotFound."""
+    mv = version_row(session, name, version)
+    if mv is None:
+        raise NotFound(f"no version '{version}' of model '{name}'", "List versions with GET /v1/models.")
+    return _version_public(session, name, mv)
+
+
+def list_models(session: Session) -> list[dict[str, Any]]:
+    """Every model with its versions, oldest first, and the latest."""
+    rows = session.execute(
+        select(Model.name, ModelVersion.version).join(ModelVersion, ModelVersion.model_id == Model.id)
+        .order_by(Model.name, ModelVersion.created_at, ModelVersion.id)
+    ).all()
+    out: dict[str, list[str]] = {}
+    for name, version in rows:
+        out.setdefault(name, []).append(version)
+    return [{"name": n, "versions": v, "latest": v[-1]} for n, v in out.items()]
+
+
+def _staging(ctx: AppContext) -> Path:
+    root = ctx.settings.data_dir / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+
+def new_staging_dir(ctx: AppContext) -> Path:
+    """A private directory for one upload, removed by the caller (and at the next start)."""
+    return _staging(ctx)
+
+
+def upload_version(ctx: AppContext, name: str, version: str | None, bundles: list[tuple[str, Path]], work: Path) -> dict[str, Any]:
+    """Validate every bundle, then store the artifacts and the version in one transaction.
+
+    Nothing is written to the registry or the artifact directory unless every check passed; a
+    database failure after the artifact writes removes the artifacts this call created.
+    """
+    check_name(name)
+    if version is not None:
+        check_version(version)
+        with ctx.db.read() as s:
+            if version_row(s, name, version) is not None:
+                raise Conflict(f"model '{name}' version '{version}' exists; versions are immutable", "Upload under a new version.")
+    if not bundles:
+        raise InvalidRequest("no bundles in the upload", "Send one or more .ekb files as multipart parts named 'bundles'.")
+    checked: list[ValidatedBundle] = []
+    for i, (label, path) in enumerate(bundles):
+        checked.append(validate_ekb(path, label, work / f"x{i}", max_extract_bytes=4 * ctx.settings.max_upload_bytes))
+        shutil.rmtree(work / f"x{i}", ignore_errors=True)
+    for v in checked:
+        if v.name != name:
+            raise BadRequest(f"{v.ekb.name}: the bundle is model '{v.name}', not '{name}'", f"Upload it to /v1/models/{v.name}/versions.",
+                             code="bad_bundle")
+    if version is None:
+        versions = sorted({v.version for v in checked})
+        if len(versions) > 1:
+            raise BadRequest(f"the bundles are of different versions ({', '.join(versions)})", "Upload one version at a time, or pass 'version'.",
+                             code="bad_bundle")
+        version = check_version(versions[0])
+    seen: dict[tuple[str, str], str] = {}
+    for label, v in zip((b[0] for b in bundles), checked):
+        key = (v.profile, v.format)
+        if key in seen:
+            raise BadRequest(f"two bundles for profile '{v.profile}' format '{v.format}' ({seen[key]}, {label})",
+                             "Upload at most one bundle per (profile, format).", code="bad_bundle")
+        seen[key] = label
+    return _store(ctx, name, version, checked)
+
+
+def _store(ctx: AppContext, name: str, version: str, checked: list[ValidatedBundle]) -> dict[str, Any]:
+    created: list[str] = []
+    try:
+        for v in checked:
+            if ctx.store.put(v.ekb, v.sha256):
+                created.append(v.sha256)
+        with ctx.db.write() as s:
+            now = utcnow()
+            if version_row(s, name, version) is not None:
+                raise Conflict(f"model '{name}' version '{version}' exists; versions are immutable", "Upload under a new version.")
+            model = s.execute(select(Model).where(Model.name == name)).scalar_one_or_none()
+            if model is None:
+                model = Model(name=name, created_at=now)
+                s.add(model)
+                s.flush()
+            mv = ModelVersion(model_id=model.id, version=version, created_at=now)
+            s.add(mv)
+            s.flush()
+            for v in checked:
+                if s.get(Artifact, v.sha256) is None:
+                    s.add(Artifact(sha256=v.sha256, size_bytes=v.size_bytes, created_at=now))
+                    s.flush()
+                s.add(VersionArtifact(version_id=mv.id, artifact_sha256=v.sha256, profile=v.profile, format=v.format, file=v.file,
+                                      manifest=v.manifest, manifest_sha256=v.manifest_sha256, validation=v.validation))
+            s.flush()
+            result = _version_public(s, name, mv)
+        return result
+    except IntegrityError:
+        _undo(ctx, created)
+        raise Conflict(f"model '{name}' version '{version}' exists; versions are immutable", "Upload under a new version.") from None
+    except BaseException:
+        _undo(ctx, created)
+        raise
+
+
+def _undo(ctx: AppContext, created: list[str]) -> None:
+    with ctx.db.read() as s:
+        referenced = set(s.execute(select(Artifact.sha256).where(Artifact.sha256.in_(created))).scalars()) if created else set()
+    for sha in created:
+        if sha not in referenced:
+            ctx.store.delete(sha)
+
+
+def count_versions(session: Session) -> int:
+    """How many versions the registry holds."""
+    return session.execute(select(func.count()).select_from(ModelVersion)).scalar_one()

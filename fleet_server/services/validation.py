@@ -1,0 +1,150 @@
+"""Upload validation of one ``.ekb``: safe extraction, manifest schema, every sha256 and the
+signature, the model loading in its runtime, and the golden set reproduced on this server.
+
+Everything happens in a private work directory; nothing here touches the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgekit.bundle import MANIFEST_FILE, Bundle, open_bundle, sha256_file, verify_bundle
+from edgekit.errors import EdgekitError
+from edgekit.profiles import list_profiles
+from fleet_server.errors import BadRequest
+
+__all__ = ["ValidatedBundle", "validate_ekb"]
+
+MAX_MEMBERS = 256
+
+
+@dataclass(frozen=True)
+class ValidatedBundle:
+    """A bundle that passed every check, ready to be stored."""
+
+    ekb: Path
+    sha256: str
+    size_bytes: int
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    name: str
+    version: str
+    profile: str
+    format: str
+    file: str
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def _bad(label: str, message: str, hint: str = "Rebuild the bundle with 'edgekit convert' and pack it with 'edgekit bundle pack'.", code: str = "bad_bundle") -> BadRequest:
+    return BadRequest(f"{label}: {message}", hint, code=code)
+
+
+def _extract(ekb: Path, dest: Path, label: str, max_bytes: int) -> Path:
+    """Extract a tar safely: regular files and directories only, no absolute or '..' paths, bounded size."""
+    try:
+        with tarfile.open(ekb, "r:*") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_MEMBERS:
+                raise _bad(label, f"{len(members)} entries in the archive (at most {MAX_MEMBERS})")
+            total = 0
+            for m in members:
+                parts = PurePosixPath(m.name).parts
+                if m.name.startswith(("/", "\\")) or ".." in parts or any("\\" in p or ":" in p for p in parts):
+                    raise _bad(label, f"unsafe path {m.name!r} in the archive")
+                if not (m.isfile() or m.isdir()):
+                    raise _bad(label, f"{m.name!r} is a link or special file; bundles hold regular files only")
+                total += m.size
+                if total > max_bytes:
+                    raise _bad(label, f"the archive expands past {max_bytes} bytes", code="too_large_bundle")
+            tar.extractall(dest, members=members, filter="data")
+    except BadRequest:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+        raise _bad(label, f"not a readable .ekb archive ({type(e).__name__}: {e})") from None
+    entries = list(dest.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
+
+
+def _coreml_structure(path: Path) -> str:
+    try:
+        import coremltools as ct  # noqa: F401 - optional, heavy
+    except Exception:  # noqa: BLE001 - any import failure means: not available here
+        return "structure not checked (coremltools is not installed on the server)"
+    try:
+        ct.models.MLModel(str(path), skip_model_load=True)
+    except Exception as e:  # noqa: BLE001 - coremltools raises many types for a bad package
+        raise BadRequest(f"{path.name}: coremltools cannot read this Core ML model ({e})", "Rebuild the bundle.", code="model_load_failed") from None
+    return "structure checked with coremltools (Core ML cannot run on this server)"
+
+
+def _load_and_check(bundle: Bundle, label: str) -> dict[str, Any]:
+    from edgekit.golden import check_golden
+    from edgekit.runtime import load_model_file
+
+    m = bundle.manifest
+    if m.format == "coreml":
+        structure = _coreml_structure(bundle.model_path)
+        note = "not measurable: Core ML cannot run on this server"
+        try:
+            golden = bundle.golden()
+        except Exception as e:  # noqa: BLE001 - np.load on a hostile file
+            raise _bad(label, f"golden set unreadable ({e})") from None
+        if "x" not in golden:
+            raise _bad(label, "golden set has no inputs 'x'")
+        return {"loads": None, "structure": structure, "golden": {"measurable": False, "passed": None, "note": note}}
+    try:
+        model = load_model_file(bundle.model_path, m.format, num_threads=1)
+    except EdgekitError as e:
+        raise BadRequest(f"{label}: the model does not load: {e.message}", "Rebuild the bundle with 'edgekit convert'.", code="model_load_failed") from None
+    except Exception as e:  # noqa: BLE001 - runtimes raise anything on a hostile file
+        raise BadRequest(f"{label}: the model does not load ({type(e).__name__}: {e})", "Rebuild the bundle.", code="model_load_failed") from None
+    model.manifest = m
+    try:
+        check = check_golden(model, bundle)
+    except EdgekitError as e:
+        raise BadRequest(f"{label}: the golden set does not run: {e.message}", "Rebuild the bundle.", code="golden_mismatch") from None
+    except Exception as e:  # noqa: BLE001
+        raise BadRequest(f"{label}: the golden set does not run ({type(e).__name__}: {e})", "Rebuild the bundle.", code="golden_mismatch") from None
+    result = check.to_dict()
+    if not check.measurable:
+        raise BadRequest(f"{label}: golden.npz has no reference outputs (y_host) to check the model against",
+                         "Rebuild the bundle with 'edgekit convert'.", code="golden_mismatch")
+    if not check.passed:
+        raise BadRequest(
+            f"{label}: the golden set does not reproduce on the server: top-1 agreement {check.top1_agreement:.3f} "
+            f"(needs {check.min_top1_agreement}), max abs error {check.max_abs_err:.4g} (atol {check.atol})",
+            "The model file and the stored outputs disagree; rebuild the bundle.", code="golden_mismatch")
+    return {"loads": True, "runtime": model.runtime, "golden": result}
+
+
+def validate_ekb(ekb: Path, label: str, work: Path, *, max_extract_bytes: int) -> ValidatedBundle:
+    """Run every upload check on one ``.ekb``; raise BadRequest naming the first that fails."""
+    sha = sha256_file(ekb)
+    size = ekb.stat().st_size
+    work.mkdir(parents=True, exist_ok=True)
+    root = _extract(ekb, work, label, max_extract_bytes)
+    try:
+        bundle = open_bundle(root)
+    except EdgekitError as e:
+        raise _bad(label, e.message.replace(str(work), "<bundle>")) from None
+    verification = verify_bundle(root)
+    failed = [f"{c}: {d}" for c, ok, d in verification.checks if not ok]
+    if failed:
+        raise _bad(label, "verification failed: " + "; ".join(failed))
+    m = bundle.manifest
+    if m.profile not in list_profiles():
+        raise BadRequest(f"{label}: unknown hardware profile '{m.profile}'", "Build bundles for profiles this server knows (EDGEKIT_PROFILE_PATH).",
+                         code="unknown_profile")
+    validation = _load_and_check(bundle, label)
+    validation["signature_key_id"] = verification.key_id
+    manifest_bytes = (root / MANIFEST_FILE).read_bytes()
+    return ValidatedBundle(
+        ekb=ekb, sha256=sha, size_bytes=size, manifest=m.model_dump(mode="json"),
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(), name=m.name, version=m.version,
+        profile=m.profile, format=m.format, file=m.file, validation=validation,
+    )
