@@ -200,7 +200,7 @@ class Recorder:
             self.errors[f"{kind}: {error}"] += 1
         else:
             self.statuses[f"{kind} {status}"] += 1
-            if status not in (200, 202, 304):
+            if status not in (200, 201, 202, 304):
                 self.errors[f"{kind}: HTTP {status}"] += 1
 
 

@@ -260,7 +260,10 @@ def _server_error(response: httpx.Response) -> RemoteError:
         err = {}
     if isinstance(err, dict) and err.get("message"):
         code = err.get("code") or "error"
-        return RemoteError(f"server: {err['message']} ({code}, HTTP {status})", err.get("hint") or _STATUS_HINTS.get(status))
+        hint = err.get("hint") or _STATUS_HINTS.get(status)
+        if status in (401, 403) and hint != _STATUS_HINTS[status]:  # the server speaks HTTP; say which flag to fix
+            hint = f"{hint} {_STATUS_HINTS[status]}".strip()
+        return RemoteError(f"server: {err['message']} ({code}, HTTP {status})", hint)
     body = " ".join(response.text.split())[:200] or response.reason_phrase
     return RemoteError(f"server answered HTTP {status} to {response.request.method} {response.request.url.path}: {body}",
                        _STATUS_HINTS.get(status, "Check the server's log."))

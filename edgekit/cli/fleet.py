@@ -170,7 +170,7 @@ def _push_ssh(bundle: Path, target: str, identity: Path | None, accept_new: bool
 
         def on_bytes(done: int, total: int) -> None:  # paramiko's SFTP callback: (bytes so far, total)
             if not advance:  # the bar starts with the first callback, once the (packed) size is known
-                advance.append(stack.enter_context(byte_progress(f"uploading {bundle.name} to {parsed}", total)))
+                advance.append(stack.enter_context(byte_progress(f"uploading {bundle.name}", total)))
             advance[0](done - sent["bytes"])
             sent["bytes"] = done
 

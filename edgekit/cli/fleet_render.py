@@ -73,6 +73,7 @@ def rollout_view(r: dict[str, Any]) -> RenderableType:
         parts.append(Text(f"skipped {skipped['count']} device(s) with no artifact for their profile: {', '.join(names[:10])}"
                           + (" …" if len(names) > 10 else ""), style="yellow"))
     waves = r.get("waves") or []
+    names = {d.get("device_id"): d.get("name") for w in waves for d in w.get("devices") or []}
     wt = Table("wave", "percent", "state", "devices", "finished", "started", "ended", title="Waves", title_justify="left")
     dt = Table("wave", "device", "profile", "phase", "p95 ms", "baseline p95", "agreement", "peak MB", "reason", title="Devices",
                title_justify="left")
@@ -93,7 +94,7 @@ def rollout_view(r: dict[str, Any]) -> RenderableType:
             passed = g.get("passed")
             gt.add_row(str(idx), str(g.get("gate")), f"{_GATE_OPS.get(str(g.get('gate')), '')} {_num(g.get('limit'), 'g')}".strip(),
                        _num(g.get("value"), ".4g"), Text("pass" if passed else "FAIL", style="green" if passed else "bold red"),
-                       str(g.get("device_id") or ""))
+                       str(names.get(g.get("device_id")) or g.get("device_id") or ""))
     parts.append(wt)
     if dt.row_count:
         parts.append(dt)
@@ -111,7 +112,7 @@ def devices_table(devices: list[dict[str, Any]]) -> Table:
         active = f"{a.get('model')} {a.get('version')}" if a else "-"
         t.add_row(str(d.get("name")), str(d.get("id")), str(d.get("profile")), ", ".join(d.get("tags") or []) or "-", active,
                   _styled(d.get("phase")), _num(d.get("serial"), "d") if isinstance(d.get("serial"), int) else "-",
-                  str(d.get("last_seen") or "never"))
+                  str(d.get("last_seen") or "never").replace("T", " ")[:19])
     return t
 
 
