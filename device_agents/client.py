@@ -80,7 +80,7 @@ class FleetClient:
                     raise VerificationError(_error(resp).message, reason="download_failed")
                 mode = "ab" if resp.status_code == 206 else "wb"  # 200: the server ignored Range; start over
                 with open(part, mode) as f:
-                    for chunk in resp.iter_bytes(1 << 16):
+                    for chunk in resp.iter_bytes():  # as it arrives: a partial file survives a stop
                         f.write(chunk)
                         if should_stop():
                             f.flush()

@@ -31,7 +31,6 @@ from device_agents.telemetry import TelemetryBuffer
 __all__ = ["Agent"]
 
 log = logging.getLogger("edgekit.agent")
-_SEEN_KEEP = 64
 
 
 class Agent:
@@ -126,7 +125,7 @@ class Agent:
             if signed is not None and runner.state is State.IDLE:
                 rec = runner.ctx.record
                 digest = hashlib.sha256(str(signed.get("payload")).encode()).hexdigest()
-                rec["seen"] = (rec.get("seen") or [])[-_SEEN_KEEP + 1:] + [digest]
+                rec["current"] = digest  # persisted with the start: this payload is not taken up twice
                 slots = runner.ctx.slots
                 runner.start(Event.ASSIGNED, {"kind": "fleet", "signed": signed, "received_at": utc_now(),
                                               "before": {"sha256": slots.active_sha(), "previous": slots.previous_sha()}})
@@ -144,8 +143,13 @@ class Agent:
                 self._send_reports(client, runner.ctx.record, quiet=True)
 
     def _is_new(self, signed: dict) -> bool:
+        """False for the payload last taken up (the server re-serves its desired state on every poll).
+
+        Any other payload goes through verification, so an older assignment replayed later is
+        refused and reported (``replayed_serial``) rather than silently skipped.
+        """
         digest = hashlib.sha256(str(signed.get("payload")).encode()).hexdigest()
-        return digest not in (self.data.load_state().get("seen") or [])
+        return digest != self.data.load_state().get("current")
 
     def _send_reports(self, client: FleetClient, record: dict | None = None, *, quiet: bool = False) -> None:
         """Deliver queued reports in order, oldest first; stop at the first that cannot be delivered now.

@@ -98,7 +98,7 @@ class DataDir:
     def load_state(self) -> dict:
         """The persisted state-machine record (an idle record when none was written yet)."""
         return read_json(self.state_path) or {"state": "idle", "assignment": None, "attempts": 0, "last_serial": 0,
-                                               "outbox": [], "seen": [], "last_profile": None, "last_result": None}
+                                               "outbox": [], "current": None, "last_profile": None, "last_result": None}
 
     def save_state(self, record: dict) -> None:
         """Persist the record durably before a risky step."""

@@ -67,6 +67,7 @@ def run(server: str, enroll_token: str | None, data_dir: Path, profile_id: str |
     from device_agents.daemon import Agent
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = _settings(profile_id, profile_runs=profile_runs, profile_budget_s=profile_budget_s, warmup=warmup,
                          max_attempts=max_attempts, keep_slots=keep_slots, poll_interval_s=poll_interval_s, backoff_max_s=backoff_max_s)
     stop = threading.Event()

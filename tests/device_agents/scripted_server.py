@@ -12,7 +12,10 @@ import datetime as dt
 import hashlib
 import json
 import re
+import contextlib
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -51,8 +54,11 @@ class ScriptedServer:
         self.requests: list[tuple[str, str, dict]] = []
         self.serial = 0
         self.poll_interval_s = 0.2
+        self.throttle_s = 0.0
+        """Seconds to sleep after each KiB of an artifact (a slow link, so a download can be interrupted)."""
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
 
     # --- scripting --------------------------------------------------------------------------------
     def add_bundle(self, bundle_dir: Path, work: Path) -> dict:
@@ -103,6 +109,14 @@ class ScriptedServer:
 
             def log_message(self, *args) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                server._connections.discard(self.connection)
+                super().finish()
 
             def _json(self, status: int, body: object, headers: dict | None = None) -> None:
                 data = json.dumps(body).encode()
@@ -183,7 +197,14 @@ class ScriptedServer:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
-                self.wfile.write(chunk)
+                try:
+                    for i in range(0, len(chunk), 1024):
+                        self.wfile.write(chunk[i:i + 1024])
+                        if server.throttle_s:
+                            self.wfile.flush()
+                            time.sleep(server.throttle_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True
@@ -192,9 +213,13 @@ class ScriptedServer:
         return self
 
     def stop(self) -> None:
+        """Close the listening socket and every open keep-alive connection: the server is gone."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
