@@ -123,7 +123,7 @@ def escalation_curve(conf: np.ndarray, device_correct: np.ndarray, cloud_correct
     cum_gain = np.concatenate([[0], np.cumsum(gain)])
     cloud_acc = cloud_correct.mean()
     loss = cum_gain[m] / n  # cloud-only minus hybrid accuracy
-    return {"threshold": ts, "kept": m, "escalation": 1.0 - m / n, "hybrid_accuracy": cloud_acc - loss, "loss": loss,
+    return {"threshold": ts, "kept": m, "escalation": (n - m) / n, "hybrid_accuracy": cloud_acc - loss, "loss": loss,
             "harmful": cum_harm[m]}
 
 

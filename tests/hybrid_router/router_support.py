@@ -1,0 +1,110 @@
+"""Helpers for the router tests: free ports, a real `edgekit cloud serve` process, a real misbehaving HTTP server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cloud server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError("cloud server not ready in time")
+
+
+@contextlib.contextmanager
+def cloud_server(model: Path, name: str = "digits", *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `edgekit cloud serve` process on a free port; yields (url, process)."""
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve", str(model),
+           "--name", name, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """A real HTTP server that answers inference the wrong way, per ``server.mode``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        self._send(200, json.dumps({"name": "digits", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8, 1]}],
+                                    "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, 10]}]}).encode())
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        server = self.server
+        with server.lock:
+            server.posts += 1
+        mode = server.mode
+        if mode == "hang":
+            server.release.wait(30)
+            self._send(200, b"{}")
+        elif mode in ("500", "503", "429", "404"):
+            self._send(int(mode), json.dumps({"error": f"mode {mode}"}).encode(), {"Retry-After": "1"} if mode in ("429", "503") else {})
+        elif mode == "garbage":
+            self._send(200, b"\x00not json at all")
+        elif mode == "wrong_shape":
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [3, 10], "data": [0.1] * 30}]}).encode())
+        elif mode == "flaky":  # first POST fails with 500, then answers correctly
+            if server.posts == 1:
+                self._send(500, b'{"error": "flaky"}')
+            else:
+                self._ok()
+        else:
+            self._ok()
+
+    def _ok(self) -> None:
+        out = np.full((1, 10), 0.01, dtype=np.float32)
+        out[0, 3] = 0.91
+        self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": out.ravel().tolist()}]}).encode())
+
+    def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass

@@ -1,0 +1,118 @@
+"""The cloud server as a real process: KServe v2 routes, provider reporting, bad input as 400, batching, 429 when full."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import numpy as np
+import pytest
+from router_support import cloud_server
+
+
+def _body(x: np.ndarray, name: str = "input", datatype: str = "FP32", shape=None) -> dict:
+    return {"inputs": [{"name": name, "shape": list(shape or x.shape), "datatype": datatype, "data": x.ravel().tolist()}]}
+
+
+def test_health_metadata_and_provider(cloud: str) -> None:
+    assert httpx.get(f"{cloud}/v2/health/live").json() == {"live": True}
+    ready = httpx.get(f"{cloud}/v2/health/ready")
+    assert ready.status_code == 200
+    meta = httpx.get(f"{cloud}/v2/models/digits").json()
+    assert meta["name"] == "digits" and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+    assert meta["parameters"]["execution_provider"] == "CPUExecutionProvider"  # no GPU here; said, not assumed
+    assert ready.headers["x-edgekit-provider"] == "CPUExecutionProvider"
+    assert httpx.get(f"{cloud}/v2/models/digits/ready").json()["ready"] is True
+    assert httpx.get(f"{cloud}/v2").json()["name"] == "edgekit-cloud"
+
+
+def test_infer_matches_onnx_runtime_with_id_and_version(cloud: str, digits_cloud) -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).uniform(size=(3, 8, 8, 1)).astype(np.float32)
+    r = httpx.post(f"{cloud}/v2/models/digits/versions/1/infer", json={**_body(x), "id": "req-7"})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["id"] == "req-7" and out["model_name"] == "digits"
+    got = np.asarray(out["outputs"][0]["data"], dtype=np.float32).reshape(out["outputs"][0]["shape"])
+    s = ort.InferenceSession(str(digits_cloud["onnx"]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, s.run(None, {"input": x})[0], atol=1e-5)
+    assert r.headers["x-edgekit-provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (_body(np.zeros((1, 8, 8), np.float32)), "does not fit"),
+    (_body(np.zeros((1, 8, 8, 2), np.float32)), "does not fit"),
+    (_body(np.zeros((1, 8, 8, 1), np.float32), datatype="INT8"), "datatype INT8"),
+    (_body(np.zeros((1, 8, 8, 1), np.float32), name="pixels"), "unknown input"),
+    (_body(np.zeros((1, 10), np.float32), shape=[1, 8, 8, 1]), "values"),
+    ({"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": ["a"] * 64}]}, "not FP32"),
+    ({"inputs": []}, "1 input"),
+    ({"nothing": 1}, "inputs"),
+])
+def test_bad_input_is_400_with_a_message(cloud: str, body: dict, fragment: str) -> None:
+    r = httpx.post(f"{cloud}/v2/models/digits/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]
+
+
+def test_garbage_body_is_400_and_unknown_model_is_404(cloud: str) -> None:
+    r = httpx.post(f"{cloud}/v2/models/digits/infer", content=b"\xff\x00garbage")
+    assert r.status_code == 400 and "error" in r.json()
+    assert httpx.post(f"{cloud}/v2/models/nope/infer", json={}).status_code == 404
+    assert httpx.get(f"{cloud}/v2/models/digits/versions/9").status_code == 404
+
+
+def test_concurrent_requests_are_batched_and_metrics_show_it(cloud: str) -> None:
+    x = np.random.default_rng(1).uniform(size=(1, 8, 8, 1)).astype(np.float32)
+    before = _metric(cloud, "edgekit_cloud_batch_size_count")
+    with httpx.Client() as c, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: c.post(f"{cloud}/v2/models/digits/infer", json=_body(x)).status_code, range(200)))
+    assert codes == [200] * 200
+    batches = _metric(cloud, "edgekit_cloud_batch_size_count") - before
+    assert 0 < batches < 200  # fewer model calls than requests
+    text = httpx.get(f"{cloud}/metrics").text
+    for name in ("edgekit_cloud_queue_depth", "edgekit_cloud_request_latency_seconds_bucket", "edgekit_cloud_inference_seconds_bucket"):
+        assert name in text
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_full_queue_answers_429_with_retry_after(digits_cloud) -> None:
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    with cloud_server(digits_cloud["onnx"], "digits", "--max-batch", "1", "--max-queue", "1") as (url, _):
+        with httpx.Client(limits=httpx.Limits(max_connections=64)) as c, concurrent.futures.ThreadPoolExecutor(48) as pool:
+            rs = list(pool.map(lambda _: c.post(f"{url}/v2/models/digits/infer", json=_body(x)), range(300)))
+    codes = {r.status_code for r in rs}
+    assert codes <= {200, 429}
+    full = [r for r in rs if r.status_code == 429]
+    assert full, "48 concurrent clients against a queue of 1 must see 429"
+    assert full[0].headers["retry-after"] == "1" and "overloaded" in full[0].json()["error"]
+
+
+def test_required_provider_that_is_missing_refuses_to_start(digits_cloud) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve",
+                        str(digits_cloud["onnx"]), "--name", "digits", "--port", "1", "--providers", "CUDAExecutionProvider"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 6
+    assert "CUDAExecutionProvider" in r.stderr and "Hint:" in r.stderr
+
+
+def test_keras_model_is_served_through_a_cached_onnx_export(digits_cloud, tmp_path, monkeypatch) -> None:
+    from hybrid_router.cloud_model import OnnxCloudModel, resolve_onnx
+
+    monkeypatch.setenv("EDGEKIT_CACHE_DIR", str(tmp_path))
+    path = resolve_onnx(digits_cloud["keras"])
+    assert path.parent == tmp_path / "cloud-onnx" and path.exists()
+    assert resolve_onnx(digits_cloud["keras"]) == path  # cached
+    x = np.random.default_rng(2).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(OnnxCloudModel(digits_cloud["keras"]).predict(x), OnnxCloudModel(digits_cloud["onnx"]).predict(x), atol=1e-5)
