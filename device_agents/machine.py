@@ -50,6 +50,7 @@ class Event(StrEnum):
     ASSIGNED = "assigned"
     LOCAL_INSTALL = "local_install"
     INSTALL = "install"
+    UNCHANGED = "unchanged"
     REVERT = "revert"
     DOWNLOADED = "downloaded"
     RETRY = "retry"
@@ -71,6 +72,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE,           E.LOCAL_INSTALL):    S.VERIFYING,     # `edgekit agent install BUNDLE`: no server, no download
     (S.ACCEPTING,      E.INSTALL):          S.DOWNLOADING,   # signature, expiry, serial, profile all good
     (S.ACCEPTING,      E.REVERT):           S.REVERTING,
+    (S.ACCEPTING,      E.UNCHANGED):        S.ACTIVE,        # install of the model already active (a re-issued assignment)
     (S.ACCEPTING,      E.FAILED):           S.ROLLING_BACK,  # rejected: nothing changed, report why
     (S.ACCEPTING,      E.CRASH_LOOP):       S.ROLLING_BACK,
     (S.DOWNLOADING,    E.DOWNLOADED):       S.VERIFYING,

@@ -34,7 +34,11 @@ def accept(ctx: StepContext) -> Event:
     ctx.record["last_serial"] = a.serial  # persisted with this transition: the same serial is never accepted twice
     job.update(action=a.action, model=a.model, name=a.model, version=a.version, payload=a.model_dump(mode="json"),
                sha256=a.artifact.sha256 if a.artifact else None)
-    return Event.REVERT if a.action == "revert" else Event.INSTALL
+    if a.action == "revert":
+        return Event.REVERT
+    if a.artifact is not None and a.artifact.sha256 == ctx.slots.active_sha():
+        return Event.UNCHANGED  # e.g. the server re-issued the assignment at half its lifetime: no second download or profile
+    return Event.INSTALL
 
 
 def download(ctx: StepContext) -> Event:
