@@ -83,6 +83,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. JSON nested too deep): a malformed request
+            return _error(422, "invalid_request", f"malformed request body ({exc.detail})", "Send well-formed JSON (see GET /openapi.json).")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), "See docs/protocol.md for the routes.")
 

@@ -31,7 +31,7 @@ class Settings(BaseModel):
     port: int = Field(default=8400, ge=0, le=65535)
     max_upload_mb: float = Field(default=512, gt=0, description="Largest accepted upload (all bundles of one request).")
     poll_interval_s: int = Field(default=60, ge=1, description="How often devices poll their desired state.")
-    assignment_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, description="Lifetime of a signed assignment.")
+    assignment_ttl_s: int = Field(default=30 * 24 * 3600, ge=2, description="Lifetime of a signed assignment.")
     engine_interval_s: float = Field(default=0.5, gt=0, description="Period of the rollout engine's loop.")
     token_cache_ttl_s: float = Field(default=60.0, ge=0, description="How long a token lookup is cached in-process.")
     db_pool_size: int = Field(default=8, ge=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -107,9 +108,10 @@ class _Collector:
             self._file.close()
 
 
-async def _drain(request: Request, budget: int) -> None:
+async def _drain(stream: AsyncIterator[bytes], budget: int) -> None:
+    """Read and drop the rest of the body (up to ``budget``) so the client gets to read the answer."""
     try:
-        async for chunk in request.stream():
+        async for chunk in stream:
             budget -= len(chunk)
             if budget < 0:
                 return
@@ -126,16 +128,17 @@ async def receive_upload(request: Request, staging: Path, max_bytes: int) -> Rec
     too_large = TooLarge(f"the upload is larger than the server's limit of {max_bytes} bytes")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         if int(length) <= max_bytes + _DRAIN_EXTRA:
-            await _drain(request, _DRAIN_EXTRA + max_bytes)
+            await _drain(request.stream(), _DRAIN_EXTRA + max_bytes)
         raise too_large
     collector = _Collector(staging)
     parser = MultipartParser(opts[b"boundary"], collector.callbacks())
     received = 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        async for chunk in stream:
             received += len(chunk)
             if received > max_bytes:
-                await _drain(request, _DRAIN_EXTRA)
+                await _drain(stream, _DRAIN_EXTRA)
                 raise too_large
             parser.write(chunk)
         parser.finalize()

@@ -211,15 +211,16 @@ class LiveServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self._proc.returncode}; see {self._log.name}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        with httpx.Client(base_url=self.url, timeout=2) as probe:
+            while time.monotonic() < deadline:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {self._proc.returncode}; see {self._log.name}")
+                try:
+                    if probe.get("/readyz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
         raise TimeoutError(f"fleet server on {self.url} not ready after {WAIT_S}s")
 
     def stop(self) -> None:
@@ -257,7 +258,10 @@ class LiveServer:
         return self.start()
 
     def client(self, token: str | None = None) -> httpx.Client:
-        """An httpx client on the server, with a bearer token when given (closed at stop)."""
+        """An httpx client on the server, with a bearer token when given (one per token, closed at stop)."""
+        for c in self._clients:
+            if c.base_url == httpx.URL(self.url) and c.headers.get("authorization") == (f"Bearer {token}" if token else None):
+                return c
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         c = httpx.Client(base_url=self.url, headers=headers, timeout=60)
         self._clients.append(c)
@@ -335,11 +339,19 @@ class FleetBundles:
     root: Path
 
     def make(self, name: str, *, profile: str = "raspberry-pi-5", base: str = "v1", **changes: Any) -> Path:
-        """A packed variant of a bundle (``rebundle`` keyword arguments), named ``name``."""
-        from edgekit.bundle import pack
-
+        """A packed variant of a bundle (``rebundle`` keyword arguments), named ``name`` (packed without
+        validation, so it can be broken on purpose)."""
         d = rebundle(self.dirs[base][profile], self.root / "variants" / name / f"digits-{profile}-tflite", **changes)
-        return pack(d, self.root / "variants" / f"{name}.ekb")
+        return pack_raw(d, self.root / "variants" / f"{name}.ekb")
+
+
+def pack_raw(bundle_dir: Path, out: Path) -> Path:
+    """A .ekb (gzip tar) of a directory, like ``edgekit bundle pack`` but without checking it."""
+    import tarfile
+
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(bundle_dir, arcname=bundle_dir.name)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import re
 from sqlalchemy import select
 
 from fleet_server.context import AppContext
-from fleet_server.errors import NotFound, RangeNotSatisfiable
+from fleet_server.errors import Forbidden, NotFound, RangeNotSatisfiable
 from fleet_server.storage import is_sha256
 from fleet_server.tables import Artifact, Assignment, VersionArtifact
 from fleet_server.tokens import Principal
@@ -18,10 +18,9 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 def authorize_artifact(ctx: AppContext, principal: Principal, sha256: str) -> int:
-    """The artifact's size when the caller may fetch it; NotFound otherwise (never touching the disk for a bad name).
+    """The artifact's size when the caller may fetch it (never touching the disk for a bad name).
 
-    A device may fetch only artifacts named by its own assignments; to a device, any other is
-    simply not there (404), so it cannot probe the registry.
+    A device may fetch only artifacts named by its own assignments (any other: 403).
     """
     if not is_sha256(sha256):
         raise NotFound("no such artifact", "Artifacts are named by 64 lowercase hex characters.")
@@ -31,7 +30,7 @@ def authorize_artifact(ctx: AppContext, principal: Principal, sha256: str) -> in
             mine = s.execute(select(Assignment.id).join(VersionArtifact, VersionArtifact.id == Assignment.artifact_id)
                              .where(Assignment.device_id == principal.device_id, VersionArtifact.artifact_sha256 == sha256).limit(1)).first()
             if mine is None:
-                size = None
+                raise Forbidden("this artifact is not in any of this device's assignments", "Fetch the artifact named in your assignment.")
     if size is None or not ctx.store.exists(sha256):
         raise NotFound("no such artifact", "Fetch the artifact named in your assignment.")
     return size
