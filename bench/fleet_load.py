@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import glob
 import os
-import random
 import re
 import shutil
 import socket
@@ -41,13 +40,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from bench.harness import OtherLoad, Ratio, host_facts, prepare_process, print_table, write_result
+from bench.fleet_sim import Fleet, HttpxPool, RawPool, Recorder
+from bench.harness import OtherLoad, Ratio, host_facts, prepare_process, write_result
 
 NAME = "fleet_load"
-PROFILE = "raspberry-pi-5"
 
 
 def free_port() -> int:
@@ -176,6 +174,7 @@ class PhaseResult:
     errors: int
     error_kinds: dict[str, int]
     statuses: dict[str, int]
+    by_kind: dict[str, dict[str, float]]
     loop_lag_p99_ms: float
     server_cores: float
     client_cores: float
@@ -186,152 +185,10 @@ class PhaseResult:
         return self.errors == 0 and self.p99_ms <= p99_goal_ms and self.achieved_rps >= 0.9 * self.offered_rps
 
 
-@dataclass
-class Recorder:
-    """Latencies and outcomes of the requests that finished inside the measured window."""
-
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)
-
-    def add(self, kind: str, seconds: float, status: int | None, error: str | None = None) -> None:
-        self.latencies.append(seconds)
-        if error:
-            self.errors[f"{kind}: {error}"] += 1
-        else:
-            self.statuses[f"{kind} {status}"] += 1
-            if status not in (200, 201, 202, 304):
-                self.errors[f"{kind}: HTTP {status}"] += 1
-
-
 def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000
-
-
-@dataclass
-class Device:
-    """One simulated device: its token and the ETag of its last desired state."""
-
-    name: str
-    token: str = ""
-    etag: str | None = None
-
-
-def _telemetry(device: Device) -> dict:
-    minute = time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime())
-    point = {"minute": minute, "model_sha256": None, "model_version": None, "count": 60, "errors": 0, "escalations": 3, "degraded": 0,
-             "latency_ms": {"p50": 4.1, "p95": 6.0, "p99": 7.5, "max": 9.0}, "confidence_hist": [0, 0, 0, 0, 1, 2, 4, 8, 15, 30],
-             "sources": {"device": 57, "cloud": 3}}
-    return {"points": [point], "dropped": 0}
-
-
-class Fleet:
-    """Every simulated device sharing one HTTP connection pool (httpx.AsyncClient)."""
-
-    def __init__(self, base_url: str, n: int, connections: int, timeout: float) -> None:
-        import httpx
-
-        self.devices = [Device(f"bench-{i:06d}") for i in range(n)]
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout)
-        self.rec = Recorder()
-        self.recording = False
-
-    async def _call(self, kind: str, method: str, url: str, **kw) -> object:
-        import httpx
-
-        t0 = time.perf_counter()
-        try:
-            r = await self.http.request(method, url, **kw)
-        except httpx.TimeoutException:
-            if self.recording:
-                self.rec.add(kind, time.perf_counter() - t0, None, "timeout")
-            return None
-        except httpx.TransportError as e:
-            if self.recording:
-                self.rec.add(kind, time.perf_counter() - t0, None, type(e).__name__)
-            return None
-        if self.recording:
-            self.rec.add(kind, time.perf_counter() - t0, r.status_code)
-        return r
-
-    async def enroll(self, token: str, concurrency: int) -> tuple[float, int]:
-        """Enroll every device, ``concurrency`` at a time; returns (seconds, failures)."""
-        sem = asyncio.Semaphore(concurrency)
-        failures = 0
-
-        async def one(d: Device) -> None:
-            nonlocal failures
-            body = {"name": d.name, "profile": PROFILE, "tags": ["bench", f"shop-{int(d.name[-6:]) % 50}"], "facts": {"bench": True}}
-            async with sem:
-                r = await self._call("enroll", "POST", "/v1/devices/enroll", json=body, headers={"Authorization": f"Bearer {token}"})
-            if r is None or r.status_code != 201:
-                failures += 1
-                return
-            d.token = r.json()["device_token"]
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(d) for d in self.devices))
-        return time.perf_counter() - t0, failures
-
-    async def poll(self, d: Device) -> None:
-        headers = {"Authorization": f"Bearer {d.token}"}
-        if d.etag:
-            headers["If-None-Match"] = d.etag
-        r = await self._call("desired", "GET", "/v1/device/desired", headers=headers)
-        if r is not None and r.status_code == 200:
-            d.etag = r.headers.get("etag")
-
-    async def post_telemetry(self, d: Device) -> None:
-        await self._call("telemetry", "POST", "/v1/device/telemetry", json=_telemetry(d), headers={"Authorization": f"Bearer {d.token}"})
-
-    async def first_poll(self, concurrency: int) -> None:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(d: Device) -> None:
-            async with sem:
-                await self.poll(d)
-
-        await asyncio.gather(*(one(d) for d in self.devices if d.token))
-
-    async def run(self, interval: float, seconds: float) -> tuple[Recorder, float, list[float]]:
-        """Every device polls and posts telemetry every ``interval`` s (±20%) for ``seconds``; returns
-        what finished in the window, its length and the event loop's lag samples."""
-
-        inflight: set[asyncio.Task] = set()
-
-        async def device_loop(d: Device, job) -> None:
-            await asyncio.sleep(random.uniform(0, interval))  # a uniform phase: the offered rate is steady at once
-            while True:
-                t = asyncio.create_task(job(d))  # open loop: a slow answer never delays the next request
-                inflight.add(t)
-                t.add_done_callback(inflight.discard)
-                await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-
-        lags: list[float] = []
-
-        async def lag_probe() -> None:
-            while True:
-                t = time.perf_counter()
-                await asyncio.sleep(0.05)
-                lags.append(time.perf_counter() - t - 0.05)
-
-        live = [d for d in self.devices if d.token]
-        tasks = [asyncio.create_task(device_loop(d, job)) for d in live for job in (self.poll, self.post_telemetry)]
-        tasks.append(asyncio.create_task(lag_probe()))
-        self.rec, self.recording = Recorder(), True
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        took = time.perf_counter() - t0
-        self.recording = False
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if inflight:  # let requests in flight finish (they are no longer recorded) before the next phase
-            await asyncio.wait(list(inflight), timeout=30)
-        return self.rec, took, lags
 
 
 def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, took: float, lags: list[float],
@@ -340,7 +197,9 @@ def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, t
     lags.sort()
     return PhaseResult(db, phase, n, round(interval, 3), round(2 * n / interval, 1), round(len(lat) / took, 1), len(lat),
                        round(_pct(lat, 0.50), 2), round(_pct(lat, 0.99), 2), round(lat[-1] * 1000 if lat else float("nan"), 1),
-                       sum(rec.errors.values()), dict(rec.errors), dict(rec.statuses), round(_pct(lags, 0.99), 1),
+                       sum(rec.errors.values()), dict(rec.errors), dict(rec.statuses),
+                       {k: {"requests": len(v), "p50_ms": round(_pct(sorted(v), 0.5), 2), "p99_ms": round(_pct(sorted(v), 0.99), 2)}
+                        for k, v in rec.by_kind.items()}, round(_pct(lags, 0.99), 1),
                        round(server_cpu / took, 2), round(client_cpu / took, 2), round(took, 1))
 
 
@@ -349,8 +208,10 @@ async def _measure(fleet: Fleet, server: FleetServerProcess, db: str, phase: str
     rec, took, lags = await fleet.run(interval, seconds)
     s1, c1 = process_cpu_seconds(server.pid), time.process_time()
     r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, s1 - s0, c1 - c0)
+    kinds = ", ".join(f"{k} {v['p99_ms']:g}" for k, v in r.by_kind.items())
     print(f"  {phase:>8}: interval {r.interval_s:g} s, offered {r.offered_rps:g} req/s, achieved {r.achieved_rps:g}, "
-          f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms, errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
+          f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms ({kinds}), "
+          f"errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
           f"CPU server {r.server_cores:g} / client {r.client_cores:g} cores", flush=True)
     return r
 
@@ -360,13 +221,16 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
     with postgres_cluster() if db == "postgresql" else contextlib.nullcontext(None) as url:
         with FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)) as server:
             token = server.token("enroll")
-            fleet = Fleet(server.url, args.devices, args.connections, args.timeout)
+            pool = (RawPool if args.client == "raw" else HttpxPool)("127.0.0.1", server.port, args.connections, args.timeout)
+            fleet = Fleet(pool, args.devices)
             try:
                 fleet.recording = True
+                cpu0 = process_cpu_seconds(server.pid)
                 enroll_s, enroll_failures = await fleet.enroll(token, args.enroll_concurrency)
                 enroll_rec, fleet.recording = fleet.rec, False
+                enroll_cores = (process_cpu_seconds(server.pid) - cpu0) / enroll_s
                 print(f"  enrolled {args.devices - enroll_failures:,} devices in {enroll_s:.1f} s "
-                      f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight), "
+                      f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight, server CPU {enroll_cores:.2f} cores), "
                       f"{enroll_failures} failures {dict(enroll_rec.errors) or ''}", flush=True)
                 await fleet.first_poll(args.enroll_concurrency)
                 phases = [await _measure(fleet, server, db, "steady", args.interval, args.duration)]
@@ -380,12 +244,26 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
                     if r.held(args.p99_goal_ms):
                         best = r
             finally:
-                await fleet.http.aclose()
+                await pool.close()
     lat = sorted(enroll_rec.latencies)
     return {"db": db, "enroll": {"devices": args.devices, "seconds": round(enroll_s, 2), "per_s": round((args.devices - enroll_failures) / enroll_s, 1),
-                                 "failures": enroll_failures, "p50_ms": round(_pct(lat, 0.5), 2), "p99_ms": round(_pct(lat, 0.99), 2)},
+                                 "failures": enroll_failures, "p50_ms": round(_pct(lat, 0.5), 2), "p99_ms": round(_pct(lat, 0.99), 2),
+                                 "server_cores": round(enroll_cores, 2)},
             "phases": [asdict(p) for p in phases], "max_sustainable_rps": best.achieved_rps if best else None,
             "max_sustainable_phase": best.phase if best else None}
+
+
+def _print_wide(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """The harness's table, but wide enough for eleven columns in a log (rich assumes 80 off a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enroll-concurrency", type=int, default=64)
     p.add_argument("--connections", type=int, default=256, help="Client connection pool (keep-alive) shared by all simulated devices.")
     p.add_argument("--timeout", type=float, default=10.0, help="Per-request timeout (s); a timeout counts as an error.")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="HTTP client of the simulated devices: raw asyncio HTTP/1.1 (~0.05 ms CPU/request) or httpx (~2 ms).")
     args = p.parse_args(argv)
     scratch = prepare_process()
     host = host_facts()
@@ -421,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([res["db"], ph["phase"], f"{ph['interval_s']:g}", f"{ph['offered_rps']:g}", f"{ph['achieved_rps']:g}",
                          f"{ph['p50_ms']:g}", f"{ph['p99_ms']:g}", str(ph["errors"]), f"{ph['loop_lag_p99_ms']:g}",
                          f"{ph['server_cores']:g}/{ph['client_cores']:g}", "yes" if ok else "NO"])
-    print_table(f"Fleet load ({args.devices:,} devices; latency measured by the client; goal p99 <= {args.p99_goal_ms:g} ms, no errors)",
+    _print_wide(f"Fleet load ({args.devices:,} devices; latency measured by the client; goal p99 <= {args.p99_goal_ms:g} ms, no errors)",
                 ["db", "phase", "interval s", "offered req/s", "req/s", "p50 ms", "p99 ms", "errors", "loop lag p99 ms",
-                 "CPU srv/cli", "held"], rows, text_columns=2)
+                 "CPU srv/cli", "held"], rows)
     for res in results:
         e = res["enroll"]
         print(f"{res['db']}: enrolled {e['devices']:,} in {e['seconds']:g} s ({e['per_s']:g}/s, p99 {e['p99_ms']:g} ms, "

@@ -38,10 +38,10 @@ def remote_install_argv(edgekit: str, remote_bundle: str, remote_dir: str) -> li
     """The command run on the device once the bundle is there and its sha256 matches.
 
     The device agent takes it from here: it verifies, profiles and activates the bundle in its
-    own data directory and prints its result as JSON. Until ``edgekit agent install`` exists the
-    device verifies the placed bundle (signature and every hash) and keeps it.
+    own data directory (the previous model stays active if anything fails) and prints its result
+    as JSON.
     """
-    return [edgekit, "bundle", "verify", remote_bundle, "--json"]
+    return [edgekit, "agent", "install", remote_bundle, "--data-dir", f"{remote_dir}/agent", "--json"]
 
 
 def default_known_hosts() -> Path:
@@ -275,9 +275,11 @@ def push_over_ssh(
         shutil.rmtree(scratch, ignore_errors=True)
     remote = _parse_remote_json(out)
     if code != 0:
-        detail = (err.strip().splitlines() or [f"exit status {code}"])
-        raise RemoteError(f"{target}: '{command}' failed (exit {code}): {' / '.join(detail[-3:])}",
-                          "Install edgekit on the device (pip install 'edgekit[agent]') or pass --remote-edgekit PATH.")
+        detail = [line.removeprefix("Error: ") for line in err.strip().splitlines() if not line.startswith("Hint: ")]
+        hint = "Install edgekit on the device (pip install 'edgekit[agent]') or pass --remote-edgekit PATH."
+        if isinstance(remote, dict) and remote.get("failure"):  # the agent refused the bundle: its previous model stays active
+            hint = "The bundle is on the device but was not activated; the previous model stays active. See the reason above."
+        raise RemoteError(f"{target}: '{command}' failed (exit {code}): {' / '.join(detail[-3:]) or 'no message'}", hint)
     return SshPushResult(str(target), fingerprint, added, str(bundle), final, digest, size, True, command, remote)
 
 

@@ -138,7 +138,18 @@ def print_ssh_push(result: dict[str, Any]) -> None:
     stdout.print(f"{result['size_bytes']:,} bytes, sha256 {result['sha256']} (checked on the device)", highlight=False)
     stdout.print(f"device ran: {result['remote_command']}", highlight=False)
     remote = result.get("remote")
-    if isinstance(remote, dict) and "checks" in remote:
+    if isinstance(remote, dict) and "active" in remote:  # edgekit agent install
+        prof = remote.get("profile") or {}
+        state = "[green]activated[/]" if remote.get("ok") else "[red]not activated[/]"
+        stdout.print(f"  {state} {remote.get('name')} {remote.get('version')} · phases {', '.join(remote.get('phases') or []) or '-'}",
+                     highlight=False)
+        if prof:
+            stdout.print(f"  on the device: load {_num(prof.get('load_ms'))} ms · p50 {_num(prof.get('p50_ms'))} ms · "
+                         f"p95 {_num(prof.get('p95_ms'))} ms · peak RSS {_num(prof.get('peak_rss_mb'))} MB · "
+                         f"golden top-1 {_num(prof.get('golden_top1_agreement'))}", highlight=False)
+        active = remote.get("active") or {}
+        stdout.print(f"  active: {active.get('name')} {active.get('version')}" if active else "  active: none", highlight=False)
+    elif isinstance(remote, dict) and "checks" in remote:
         for c in remote["checks"]:
             stdout.print(f"  {'[green]ok[/]  ' if c.get('ok') else '[red]FAIL[/]'} {c.get('check')}: {c.get('detail')}", highlight=False)
     elif isinstance(remote, dict):

@@ -1,13 +1,15 @@
 """``edgekit push --ssh`` against a real OpenSSH sshd on 127.0.0.1 (tests/ssh_support.py).
 
 The "device" is this machine: the remote directory is a temp dir, and the device's edgekit is
-this checkout's, so what the remote side did can be checked on disk.
+this checkout's (``edgekit agent install`` runs there), so what the remote side did can be
+checked on disk.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,8 +48,13 @@ def test_push_places_and_checks_the_bundle_on_the_device(run_cli, sshd: SshServe
     assert result["sha256_verified_remotely"] is True
     assert not list(remote.parent.glob(".*.part"))  # the partial upload was renamed into place
     assert result["host_key"] == sshd.host_fingerprint and result["host_key_added"] is True
-    assert result["remote"]["ok"] is True  # the device's own edgekit verified signature and hashes
-    assert {c["check"] for c in result["remote"]["checks"]} >= {"signature", "model size"}
+    # The device's agent verified, profiled and activated it in REMOTE_DIR/agent.
+    agent = result["remote"]
+    assert result["remote_command"].split()[1:3] == ["agent", "install"]
+    assert agent["ok"] is True and (agent["name"], agent["version"]) == ("digits", "1.2.3")
+    assert agent["active"]["sha256"] == result["sha256"] and "activated" in agent["phases"]
+    assert agent["profile"]["p95_ms"] > 0 and agent["profile"]["golden_top1_agreement"] >= 0.99
+    assert (tmp_path / "device" / "agent").is_dir()
     assert "100%" in err  # plain progress lines off a terminal
 
 
@@ -144,3 +151,25 @@ def test_target_parsing(text: str, expected: SshTarget) -> None:
 def test_bad_targets_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         SshTarget.parse(text)
+
+
+def test_device_refusal_keeps_the_previous_model(run_cli, sshd: SshServer, pi5_bundle: Path, tmp_path: Path) -> None:
+    """A bundle that is intact but whose golden set the device cannot reproduce: the agent refuses it."""
+    import numpy as np
+    from fleet_support import rebundle
+
+    def scramble(d: Path) -> None:
+        with np.load(d / "golden.npz") as g:
+            data = {k: g[k] for k in g.files}
+        data["y_host"] = np.roll(data["y_host"], 1, axis=-1)  # a different top-1 class for every input
+        np.savez(d / "golden.npz", **data)
+
+    bad = rebundle(pi5_bundle, tmp_path / "bad" / pi5_bundle.name, version="9.9.9", files=scramble)
+    code, _, err = _push(run_cli, sshd, pi5_bundle, tmp_path, "--accept-new-host-key")
+    assert code == 0, err
+    code, out, err = _push(run_cli, sshd, bad, tmp_path)
+    assert code == 8
+    assert "golden_mismatch" in err and "previous model stays active" in err
+    status = subprocess.run([REMOTE_EDGEKIT, "agent", "status", "--data-dir", str(tmp_path / "device" / "agent"), "--json"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["active"]["version"] == "1.2.3"
