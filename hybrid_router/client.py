@@ -5,7 +5,7 @@ The protocol is the one Triton, KServe and MLServer speak, and ``edgekit cloud s
 "datatype", "data"}]}``. httpx times each phase (connect, write, read) separately and has no
 total timeout, so every call runs on a small worker pool and the caller waits at most until
 the deadline: a server that trickles bytes cannot hold the caller past it. Each attempt also
-gets httpx timeouts of the time left, so abandoned workers end soon after.
+gets httpx timeouts of the time left plus a short grace, so abandoned workers end soon after.
 
 At most one retry, and only inside the deadline, only for failures a second try can fix
 (connection refused or dropped, HTTP 500/502). Timeouts, overload (429/503) and malformed
@@ -31,6 +31,7 @@ FailureReason = Literal["timeout", "unreachable", "overloaded", "bad_response", 
 DATATYPES: dict[str, str] = {"FP32": "float32", "FP64": "float64", "FP16": "float16", "INT8": "int8", "UINT8": "uint8",
                              "INT16": "int16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 _NP_TO_V2 = {v: k for k, v in DATATYPES.items()}
+_WORKER_GRACE_S = 0.25
 
 
 class CloudFailure(Exception):
@@ -131,7 +132,9 @@ class KServeClient:
         left = deadline - time.monotonic()
         if left <= 0:
             raise CloudFailure("timeout", "deadline passed")
-        return self._httpx.Timeout(left)
+        # The caller stops waiting at the deadline; the worker's own timeout fires a little later, so the two do
+        # not wake together and the abandoned worker's clean-up never competes with the caller for the GIL.
+        return self._httpx.Timeout(left + _WORKER_GRACE_S)
 
     def _once(self, x: np.ndarray, deadline: float, attempt: int) -> CloudResult:
         if self.input_name is None:
