@@ -31,28 +31,23 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import argparse
 import asyncio
 import contextlib
-import glob
 import os
 import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from bench.fleet_sim import Fleet, HttpxPool, RawPool, Recorder
+from bench.harness import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+from fleet_support import PostgresCluster, free_port  # noqa: E402  (the tests' throwaway cluster, reused as is)
 from bench.harness import OtherLoad, Ratio, host_facts, prepare_process, write_result
 
 NAME = "fleet_load"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -65,39 +60,30 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster in its own temp directory on a free port; yields its SQLAlchemy URL.
-
-    As root, initdb and pg_ctl run as the ``postgres`` user on a directory it owns (directly under
-    the temp root: the bench's own scratch directory is private to root)."""
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = bins[-1] if bins else shutil.which("initdb")
-    if not initdb:
-        raise RuntimeError("PostgreSQL is not installed (initdb not found); run scripts/setup-test-system.sh or pass --db sqlite")
-    bindir = Path(initdb).parent
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="edgekit-bench-pg-"))
-    if as_pg:
-        shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", free_port()
-
-    def run(*cmd: str) -> None:
-        done = subprocess.run([*as_pg, *cmd], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
-
+def postgres_cluster() -> Iterator[tuple[str, Path]]:
+    """The tests' throwaway PostgreSQL cluster (tests/fleet_support.py): yields (database URL, data directory)."""
+    cluster = PostgresCluster()
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        # fsync off: a throwaway cluster; the figures are about the server's queries, not this disk.
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-o", opts, "-w", "start")
-        try:
-            run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "fleet")
-            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/fleet"
-        finally:
-            subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        cluster.start()
+        yield cluster.new_database(), cluster.data
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.stop()
+
+
+def cluster_cpu_seconds(data_dir: Path | None) -> float:
+    """CPU seconds of a PostgreSQL cluster: the postmaster and every backend it forked."""
+    if data_dir is None:
+        return 0.0
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    total = process_cpu_seconds(postmaster)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                total += process_cpu_seconds(int(stat.parent.name))
+    return total
 
 
 class FleetServerProcess:
@@ -177,6 +163,7 @@ class PhaseResult:
     by_kind: dict[str, dict[str, float]]
     loop_lag_p99_ms: float
     server_cores: float
+    db_cores: float
     client_cores: float
     seconds: float
 
@@ -192,7 +179,7 @@ def _pct(sorted_values: list[float], q: float) -> float:
 
 
 def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, took: float, lags: list[float],
-                  server_cpu: float, client_cpu: float) -> PhaseResult:
+                  server_cpu: float, db_cpu: float, client_cpu: float) -> PhaseResult:
     lat = sorted(rec.latencies)
     lags.sort()
     return PhaseResult(db, phase, n, round(interval, 3), round(2 * n / interval, 1), round(len(lat) / took, 1), len(lat),
@@ -200,25 +187,25 @@ def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, t
                        sum(rec.errors.values()), dict(rec.errors), dict(rec.statuses),
                        {k: {"requests": len(v), "p50_ms": round(_pct(sorted(v), 0.5), 2), "p99_ms": round(_pct(sorted(v), 0.99), 2)}
                         for k, v in rec.by_kind.items()}, round(_pct(lags, 0.99), 1),
-                       round(server_cpu / took, 2), round(client_cpu / took, 2), round(took, 1))
+                       round(server_cpu / took, 2), round(db_cpu / took, 2), round(client_cpu / took, 2), round(took, 1))
 
 
-async def _measure(fleet: Fleet, server: FleetServerProcess, db: str, phase: str, interval: float, seconds: float) -> PhaseResult:
-    s0, c0 = process_cpu_seconds(server.pid), time.process_time()
+async def _measure(fleet: Fleet, server: FleetServerProcess, pg_data: Path | None, db: str, phase: str, interval: float,
+                   seconds: float) -> PhaseResult:
+    s0, d0, c0 = process_cpu_seconds(server.pid), cluster_cpu_seconds(pg_data), time.process_time()
     rec, took, lags = await fleet.run(interval, seconds)
-    s1, c1 = process_cpu_seconds(server.pid), time.process_time()
-    r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, s1 - s0, c1 - c0)
+    s1, d1, c1 = process_cpu_seconds(server.pid), cluster_cpu_seconds(pg_data), time.process_time()
+    r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, s1 - s0, d1 - d0, c1 - c0)
     kinds = ", ".join(f"{k} {v['p99_ms']:g}" for k, v in r.by_kind.items())
     print(f"  {phase:>8}: interval {r.interval_s:g} s, offered {r.offered_rps:g} req/s, achieved {r.achieved_rps:g}, "
-          f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms ({kinds}), "
-          f"errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
-          f"CPU server {r.server_cores:g} / client {r.client_cores:g} cores", flush=True)
+          f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms ({kinds}), errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
+          f"CPU cores: server {r.server_cores:g}, postgres {r.db_cores:g}, client {r.client_cores:g}", flush=True)
     return r
 
 
 async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
     """All phases against one server on one database."""
-    with postgres_cluster() if db == "postgresql" else contextlib.nullcontext(None) as url:
+    with postgres_cluster() if db == "postgresql" else contextlib.nullcontext((None, None)) as (url, pg_data):
         with FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)) as server:
             token = server.token("enroll")
             pool = (RawPool if args.client == "raw" else HttpxPool)("127.0.0.1", server.port, args.connections, args.timeout)
@@ -233,13 +220,13 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
                       f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight, server CPU {enroll_cores:.2f} cores), "
                       f"{enroll_failures} failures {dict(enroll_rec.errors) or ''}", flush=True)
                 await fleet.first_poll(args.enroll_concurrency)
-                phases = [await _measure(fleet, server, db, "steady", args.interval, args.duration)]
+                phases = [await _measure(fleet, server, pg_data, db, "steady", args.interval, args.duration)]
                 interval, steps = args.interval, 0
                 best = phases[0] if phases[0].held(args.p99_goal_ms) else None
                 while args.ramp and steps < args.max_steps and (best is not None and best is phases[-1]):
                     interval /= args.ramp_factor
                     steps += 1
-                    r = await _measure(fleet, server, db, f"ramp {steps}", interval, args.step_duration)
+                    r = await _measure(fleet, server, pg_data, db, f"ramp {steps}", interval, args.step_duration)
                     phases.append(r)
                     if r.held(args.p99_goal_ms):
                         best = r
@@ -300,15 +287,16 @@ def main(argv: list[str] | None = None) -> int:
             ok = PhaseResult(**ph).held(args.p99_goal_ms)
             rows.append([res["db"], ph["phase"], f"{ph['interval_s']:g}", f"{ph['offered_rps']:g}", f"{ph['achieved_rps']:g}",
                          f"{ph['p50_ms']:g}", f"{ph['p99_ms']:g}", str(ph["errors"]), f"{ph['loop_lag_p99_ms']:g}",
-                         f"{ph['server_cores']:g}/{ph['client_cores']:g}", "yes" if ok else "NO"])
+                         f"{ph['server_cores']:g}/{ph['db_cores']:g}/{ph['client_cores']:g}", "yes" if ok else "NO"])
     _print_wide(f"Fleet load ({args.devices:,} devices; latency measured by the client; goal p99 <= {args.p99_goal_ms:g} ms, no errors)",
                 ["db", "phase", "interval s", "offered req/s", "req/s", "p50 ms", "p99 ms", "errors", "loop lag p99 ms",
-                 "CPU srv/cli", "held"], rows)
+                 "CPU srv/pg/cli", "held"], rows)
     for res in results:
         e = res["enroll"]
         print(f"{res['db']}: enrolled {e['devices']:,} in {e['seconds']:g} s ({e['per_s']:g}/s, p99 {e['p99_ms']:g} ms, "
               f"{e['failures']} failures); max sustainable: {res['max_sustainable_rps'] or 'none'} req/s ({res['max_sustainable_phase']})")
-    note = (f"client and server share {os.cpu_count()} cores (the client's CPU is in 'CPU srv/cli' and its event-loop lag is shown); "
+    note = (f"client, server and PostgreSQL share {os.cpu_count()} cores (cores each used: 'CPU srv/pg/cli'; the client's event-loop lag is "
+            f"shown); one keep-alive pool of {args.connections} connections carries every device's requests; "
             f"{load.describe()}")
     print(note)
     ratios = []

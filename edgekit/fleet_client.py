@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from edgekit.errors import RemoteError, UsageError
+from edgekit.errors import RemoteError, RuntimeUnavailableError, UsageError
 
 if TYPE_CHECKING:
     import httpx
@@ -132,7 +132,11 @@ class FleetClient:
     """An admin session with one fleet server: ``with FleetClient(url, token) as fleet: ...``."""
 
     def __init__(self, server: str, token: str, *, timeout: float = 30.0, upload_timeout: float = 600.0) -> None:
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise RuntimeUnavailableError("talking to a fleet server needs httpx, which is not installed",
+                                          "Install it with: pip install 'edgekit[server]' (or pip install httpx).") from None
 
         if not re.match(r"^https?://[^/\s]+", server or ""):
             raise UsageError(f"--server {server!r}: expected an http:// or https:// URL", "For example: --server http://127.0.0.1:8000.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekit.bundle import open_bundle, pack, sha256_file, verify_bundle
-from edgekit.errors import BundleError, HostKeyError, InputError, RemoteError, UsageError
+from edgekit.errors import BundleError, HostKeyError, InputError, RemoteError, RuntimeUnavailableError, UsageError
 
 if TYPE_CHECKING:
     import paramiko
@@ -130,6 +130,15 @@ def _changed(hostname: str, offered: paramiko.PKey, expected: paramiko.PKey, kno
     )
 
 
+def _paramiko():  # noqa: ANN202 - the module, imported on first use
+    try:
+        import paramiko
+    except ImportError:
+        raise RuntimeUnavailableError("'edgekit push --ssh' needs paramiko, which is not installed",
+                                      "Install it with: pip install 'edgekit[server]' (or pip install paramiko).") from None
+    return paramiko
+
+
 def _load_identity(identity: Path | None) -> paramiko.PKey | None:
     import paramiko
 
@@ -147,7 +156,7 @@ def _load_identity(identity: Path | None) -> paramiko.PKey | None:
 
 
 def _connect(target: SshTarget, identity: Path | None, known_hosts: Path, accept_new: bool, timeout: float) -> tuple[paramiko.SSHClient, str, bool]:
-    import paramiko
+    paramiko = _paramiko()
 
     pkey = _load_identity(identity)
     client = paramiko.SSHClient()

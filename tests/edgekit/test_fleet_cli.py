@@ -340,3 +340,12 @@ def test_no_server_or_token_is_a_usage_error(run_cli, bundles: dict[str, Path], 
     assert code == 2 and "EDGEKIT_SERVER" in err
     code, _, err = run_cli("devices", "list", "--server", "http://127.0.0.1:9")
     assert code == 2 and "EDGEKIT_TOKEN" in err
+
+
+def test_server_that_never_answers_times_out(run_cli) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, _, err = run_cli("devices", "list", "--server", url, "--token", "ekadm_x", "--timeout", "0.5")
+    assert code == 8 and f"the fleet server at {url} did not answer GET /v1/devices within 0.5 s" in err
