@@ -14,7 +14,7 @@ import time
 
 from bench.harness import RESULTS_DIR, ROOT, print_table
 
-BENCHMARKS = ("convert_tflite", "mobilenet_tflite", "runtime_overhead", "convert_onnx", "mobilenet_onnx", "fleet_load")
+BENCHMARKS = ("convert_tflite", "mobilenet_tflite", "runtime_overhead", "convert_onnx", "mobilenet_onnx", "fleet_load", "rollout")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,9 +101,11 @@ class FleetClient:
             return False
         raise _error(resp)
 
-    def telemetry(self, points: list[dict], dropped: int) -> int:
-        """``POST /v1/device/telemetry``; the number of points accepted."""
+    def telemetry(self, points: list[dict], dropped: int) -> int | None:
+        """``POST /v1/device/telemetry``; the number of points accepted, None when the server refuses the batch as invalid."""
         resp = self._send("POST", "/v1/device/telemetry", json={"points": points, "dropped": dropped})
+        if resp.status_code in (400, 413, 422):
+            return None
         if resp.status_code != 202:
             raise _error(resp)
         return int(resp.json().get("accepted", len(points)))

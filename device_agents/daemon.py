@@ -181,7 +181,8 @@ class Agent:
             batch = self.telemetry.batch(1000)
             if not batch.points and not batch.dropped:
                 break
-            client.telemetry(list(batch.points), batch.dropped)
+            if client.telemetry(list(batch.points), batch.dropped) is None:  # would be refused forever: do not block the queue
+                log.warning("server refused %d telemetry points as invalid; dropped", len(batch.points))
             self.telemetry.ack(batch)
             posted += len(batch.points)
         return posted

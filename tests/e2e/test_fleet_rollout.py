@@ -22,6 +22,7 @@ import pytest
 
 from device_agents.slots import Slots
 from device_agents.store import DataDir
+from device_agents.telemetry import Recorder
 from edgekit.bundle import pack
 from edgekit.runtime import read_active_pointer
 from fleet_support import upload
@@ -136,6 +137,14 @@ def test_rollout_converges_and_a_regressed_version_is_stopped_after_its_first_wa
             assert not Slots(DataDir(data)).has(sha_v2[PROFILES[i]])
             assert read_active_pointer(data).sha256 == sha_v1[PROFILES[i]]
         assert r2["waves"][1]["state"] == "pending"
+
+        # telemetry recorded by an app on one device reaches the server
+        rec = Recorder(dirs[0], background=False)
+        for i in range(25):
+            rec.record(latency_ms=0.5 + i / 100, confidence=0.95, source="device", error=None, escalated=False, degraded=False)
+        rec.close()
+        tel = wait(lambda: (t := admin.get("/v1/telemetry", params={"device_id": ids["dev0"]}).json())["points"] and t, 30, "telemetry")
+        assert sum(p["count"] for p in tel["points"]) == 25 and tel["points"][0]["model_sha256"] == sha_v1[PROFILES[0]]
         for p in procs:  # SIGTERM: every agent stops cleanly
             p.terminate()
         assert [p.wait(timeout=30) for p in procs] == [0] * 5
