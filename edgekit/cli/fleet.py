@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from edgekit.bundle import open_bundle, pack, verify_bundle
 from edgekit.cli.fleet_render import byte_progress, devices_table, print_model_version, print_ssh_push, rollout_summary, rollout_view
 from edgekit.cli.output import emit, stderr, stdout
-from edgekit.errors import BundleError, UsageError
+from edgekit.errors import BundleError, RemoteError, UsageError
 from edgekit.fleet_client import TERMINAL_STATES, FleetClient, RolloutSpec, parse_gates, parse_selector, parse_waves
 
 __all__ = ["devices", "push", "rollout"]
@@ -116,22 +116,21 @@ def _push_fleet(bundles: tuple[Path, ...], server: str | None, token: str | None
                 version: str | None, start_rollout: bool, select: tuple[str, ...], waves: str, gates: tuple[str, ...],
                 wave_timeout: float | None, as_json: bool) -> None:
     spec_parts = (parse_selector(select), parse_waves(waves), parse_gates(gates)) if start_rollout else None
-    client = _client(server, token, timeout)  # flags are checked before the (slower) bundle verification
-    manifests = _checked_manifests(bundles)
-    names = sorted({m.name for m in manifests})
-    if model_name is None and len(names) > 1:
-        raise UsageError(f"the bundles name different models ({', '.join(names)})", "Pass --model NAME to register them under one name.")
-    versions = sorted({m.version for m in manifests})
-    if version is None and len(versions) > 1:
-        raise UsageError(f"the bundles carry different versions ({', '.join(versions)})", "Pass --version V to register them as one version.")
-    name = model_name or names[0]
     scratch = Path(tempfile.mkdtemp(prefix="edgekit-push-"))
     try:
-        archives = [pack(b, scratch / f"{m.name}-{m.profile}-{m.format}.ekb") if b.is_dir() else b for b, m in zip(bundles, manifests)]
-        total = sum(a.stat().st_size for a in archives)
-        with client:
+        with _client(server, token, timeout) as client:  # flags are checked before the (slower) bundle verification
+            manifests = _checked_manifests(bundles)
+            names = sorted({m.name for m in manifests})
+            if model_name is None and len(names) > 1:
+                raise UsageError(f"the bundles name different models ({', '.join(names)})", "Pass --model NAME to register them under one name.")
+            versions = sorted({m.version for m in manifests})
+            if version is None and len(versions) > 1:
+                raise UsageError(f"the bundles carry different versions ({', '.join(versions)})",
+                                 "Pass --version V to register them as one version.")
+            archives = [pack(b, scratch / f"{m.name}-{m.profile}-{m.format}.ekb") if b.is_dir() else b for b, m in zip(bundles, manifests)]
+            total = sum(a.stat().st_size for a in archives)
             with byte_progress(f"uploading {len(archives)} bundle(s) to {client.server}", total) as advance:
-                mv = client.upload(name, archives, version, progress=advance)
+                mv = client.upload(model_name or names[0], archives, version, progress=advance)
             created = None
             if spec_parts is not None:
                 (profiles, tags), wave_list, gate_map = spec_parts
@@ -151,8 +150,6 @@ def _push_fleet(bundles: tuple[Path, ...], server: str | None, token: str | None
 
 
 def _create_rollout(client: FleetClient, spec: RolloutSpec) -> dict[str, Any]:
-    from edgekit.errors import RemoteError
-
     try:
         return client.create_rollout(spec)
     except RemoteError as e:
