@@ -23,8 +23,9 @@ def test_upload_enroll_rollout_complete(live_server, fleet_bundles):
     assert ro["skipped"]["count"] == 1 and ro["skipped"]["devices"][0]["device_id"] == other.device_id
     assert [len(w["devices"]) for w in ro["waves"]] == [2, 1]
     first = {d["device_id"] for d in ro["waves"][0]["devices"]}
+    polled = {d.device_id: d.poll() for d in devices}
     for d in devices:
-        p = d.poll()
+        p = polled[d.device_id]
         if d.device_id in first:
             assert p["action"] == "install" and p["artifact"]["profile"] == "raspberry-pi-5"
             d.install(p)
