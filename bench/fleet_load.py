@@ -10,7 +10,8 @@ Phases per database:
 3. steady: ``--duration`` seconds at the real interval (10,000 devices, 60 s: ~333 req/s);
 4. ramp: the poll interval is compressed by ``--ramp-factor`` every ``--step-duration`` seconds
    until p99 passes ``--p99-goal-ms``, a request fails, or the client cannot reach the offered
-   rate; the last step that held is the maximum sustainable rate.
+   rate, then ``--refine`` bisection steps between the last rate that held and the first that
+   did not; the highest rate that held is the maximum sustainable rate.
 
 Latency is measured by the client, from the moment a request wants a connection to reading the
 whole answer (the goal is judged on it); the server's own histogram (/metrics, bucket bounds)
@@ -263,6 +264,16 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
                     phases.append(r)
                     if r.held(args.p99_goal_ms):
                         best = r
+                if best is not None and not phases[-1].held(args.p99_goal_ms):  # bisect between the last held and first failed rate
+                    held_iv, failed_iv = best.interval_s, phases[-1].interval_s
+                    for i in range(args.refine):
+                        mid = (held_iv * failed_iv) ** 0.5
+                        r = await _measure(fleet, server, pg_data, db, f"refine {i + 1}", mid, args.step_duration)
+                        phases.append(r)
+                        if r.held(args.p99_goal_ms):
+                            best, held_iv = r, mid
+                        else:
+                            failed_iv = mid
             finally:
                 await pool.close()
     lat = sorted(enroll_rec.latencies)
@@ -294,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     p.add_argument("--ramp", action=argparse.BooleanOptionalAction, default=True, help="Search the maximum sustainable rate.")
     p.add_argument("--ramp-factor", type=float, default=1.5, help="Rate multiplier per ramp step.")
-    p.add_argument("--step-duration", type=float, default=20.0, help="Length of each ramp step (s).")
-    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--step-duration", type=float, default=15.0, help="Length of each ramp step (s).")
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--refine", type=int, default=1, help="Bisection steps between the last rate that held and the first that did not.")
     p.add_argument("--p99-goal-ms", type=float, default=100.0)
     p.add_argument("--enroll-concurrency", type=int, default=64)
     p.add_argument("--connections", type=int, default=256, help="Client connection pool (keep-alive) shared by all simulated devices.")
