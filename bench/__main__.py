@@ -15,6 +15,8 @@ import time
 from bench.harness import RESULTS_DIR, ROOT, print_table
 
 BENCHMARKS = ("convert_tflite", "mobilenet_tflite", "runtime_overhead", "convert_onnx", "mobilenet_onnx", "fleet_load", "rollout")
+BENCHMARKS += ("router",)  # hybrid router overhead and breaker-open cost
+BENCHMARKS += ("cloud_batching",)  # cloud server: dynamic batching vs request-by-request
 
 
 def main(argv: list[str] | None = None) -> int:

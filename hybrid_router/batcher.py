@@ -125,11 +125,12 @@ class DynamicBatcher:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            # wait for the next arrival or the deadline; a timer that sets the event is much cheaper than
+            # asyncio.wait_for, which creates a task per wait (once per arriving request under load)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except TimeoutError:
-                break
+            timer = asyncio.get_running_loop().call_later(left, self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
         return batch
 
     async def _worker(self) -> None:

@@ -2,7 +2,8 @@
 
 Routes (the Open Inference Protocol, as Triton/KServe/MLServer serve them): ``/v2``,
 ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
-``.../ready``, ``.../infer``; plus Prometheus ``/metrics``. The server is live at once and
+``.../ready``, ``.../infer``; plus Prometheus ``/metrics``. Inputs come as JSON ``data`` or, with
+Triton's binary tensor extension, as raw bytes after the JSON header; outputs are JSON. The server is live at once and
 ready only after warm-up (the model run at batch 1 and at ``max_batch``). Every answer of the
 model carries ``X-Edgekit-Provider``: the ONNX Runtime execution provider that ran it, also in
 the model metadata. Bad input is a 400 with ``{"error": ...}``, a full queue a 429 with
@@ -56,7 +57,7 @@ class InferInput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -129,8 +130,21 @@ class _Model:
                 "parameters": {"execution_provider": self.onnx.provider, "providers": self.onnx.providers,
                                "requested_providers": self.onnx.requested, "model_file": self.onnx.path.name}}
 
-    def parse(self, body: bytes) -> tuple[np.ndarray, str | None, str | None]:
-        """The input array, the request id and the requested output name; BadInput when it does not fit."""
+    def parse(self, body: bytes, header_length: str | None = None) -> tuple[np.ndarray, str | None, str | None]:
+        """The input array, the request id and the requested output name; BadInput when it does not fit.
+
+        ``header_length`` is the ``Inference-Header-Content-Length`` of the binary tensor extension
+        (Triton's): the JSON header is that many bytes, the raw tensor bytes follow it.
+        """
+        binary = b""
+        if header_length is not None:
+            try:
+                n = int(header_length)
+            except ValueError:
+                raise BadInput("Inference-Header-Content-Length is not a number") from None
+            if not 0 < n <= len(body):
+                raise BadInput(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+            body, binary = body[:n], body[n:]
         try:
             req = InferRequest.model_validate_json(body)
         except ValidationError as e:
@@ -150,10 +164,20 @@ class _Model:
             raise BadInput(f"input shape {tin.shape} does not fit the model's {list(want)} (-1: any size)")
         if tin.shape[0] < 1:
             raise BadInput("the batch is empty")
-        try:
-            x = np.asarray(tin.data, dtype=self.dtype)
-        except (ValueError, TypeError):
-            raise BadInput(f"input data is not {self.datatype} numbers") from None
+        size = (tin.parameters or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size != len(binary):
+                raise BadInput(f"binary_data_size {size} does not match the {len(binary)} bytes after the JSON header")
+            if size != int(np.prod(tin.shape)) * self.dtype.itemsize:
+                raise BadInput(f"input has {size} bytes, shape {tin.shape} of {self.datatype} needs {int(np.prod(tin.shape)) * self.dtype.itemsize}")
+            x = np.frombuffer(binary, dtype=self.dtype)
+        elif tin.data is None:
+            raise BadInput(f"input '{tin.name}' has neither 'data' nor binary_data_size")
+        else:
+            try:
+                x = np.asarray(tin.data, dtype=self.dtype)
+            except (ValueError, TypeError):
+                raise BadInput(f"input data is not {self.datatype} numbers") from None
         if x.size != int(np.prod(tin.shape)):
             raise BadInput(f"input has {x.size} values, shape {tin.shape} needs {int(np.prod(tin.shape))}")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
@@ -246,7 +270,7 @@ def create_app(settings: CloudServerSettings):
         if not state["ready"]:
             return error(503, "model is warming up", **{"Retry-After": "1"})
         try:
-            x, req_id, out_name = model.parse(await request.body())
+            x, req_id, out_name = model.parse(await request.body(), request.headers.get("inference-header-content-length"))
         except BadInput as e:
             return error(400, str(e))
         metrics.queue_depth.set(batcher.depth)

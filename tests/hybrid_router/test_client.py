@@ -88,3 +88,10 @@ def test_a_deadline_already_past_fails_at_once(bad_cloud) -> None:
     with KServeClient(bad_cloud.url, "digits", input_name="input") as c, pytest.raises(CloudFailure) as e:
         c.infer(_x(), time.monotonic() - 1)
     assert e.value.reason == "timeout" and bad_cloud.posts == 0
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_binary_and_json_inputs_give_the_same_answer(cloud: str, binary: bool) -> None:
+    x = _x(3)
+    with KServeClient(cloud, "digits", binary=binary) as c, KServeClient(cloud, "digits", binary=not binary) as other:
+        np.testing.assert_array_equal(c.infer(x, time.monotonic() + 10).outputs, other.infer(x, time.monotonic() + 10).outputs)

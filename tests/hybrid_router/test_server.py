@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import httpx
 import numpy as np
@@ -116,3 +117,28 @@ def test_keras_model_is_served_through_a_cached_onnx_export(digits_cloud, tmp_pa
     assert resolve_onnx(digits_cloud["keras"]) == path  # cached
     x = np.random.default_rng(2).uniform(size=(4, 8, 8, 1)).astype(np.float32)
     np.testing.assert_allclose(OnnxCloudModel(digits_cloud["keras"]).predict(x), OnnxCloudModel(digits_cloud["onnx"]).predict(x), atol=1e-5)
+
+
+def _binary(x: np.ndarray, size: int | None = None, header_len: int | None = None) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes if size is None else size}}]}).encode()
+    return header + x.tobytes(), {"inference-header-content-length": str(len(header) if header_len is None else header_len)}
+
+
+def test_binary_tensor_extension(cloud: str) -> None:
+    x = np.random.default_rng(3).uniform(size=(2, 8, 8, 1)).astype(np.float32)
+    body, headers = _binary(x)
+    r = httpx.post(f"{cloud}/v2/models/digits/infer", content=body, headers=headers)
+    j = httpx.post(f"{cloud}/v2/models/digits/infer", json=_body(x))
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == j.json()["outputs"][0]["data"]
+
+
+@pytest.mark.parametrize("size,header_len,fragment", [(100, None, "binary_data_size"), (None, 10_000, "does not fit"),
+                                                      (None, "x", "not a number")])
+def test_bad_binary_requests_are_400(cloud: str, size, header_len, fragment: str) -> None:
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    body, headers = _binary(x, size, None if header_len == "x" else header_len)
+    if header_len == "x":
+        headers = {"inference-header-content-length": "x"}
+    r = httpx.post(f"{cloud}/v2/models/digits/infer", content=body, headers=headers)
+    assert r.status_code == 400 and fragment in r.json()["error"]

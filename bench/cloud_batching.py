@@ -1,0 +1,255 @@
+"""Dynamic batching vs request-by-request serving of the same model, 64 concurrent clients.
+
+Both sides are a real ``edgekit cloud serve`` process on 127.0.0.1 with the same model and
+settings except batching: ``--max-batch 32 --max-delay-us 2000`` vs ``--max-batch 1``
+(one model call per request). The load generator holds ``--clients`` keep-alive HTTP/1.1
+connections, each sending one KServe v2 ``/infer`` request (batch 1, FP32 as binary tensor data
+like the router's client, or JSON ``data`` with ``--json-inputs``) after the previous answer; it is a bare asyncio socket loop (prebuilt request bytes, Content-Length
+framing) so that the client's own CPU use stays small on a shared 2-core box. Each side runs
+``--reps`` times, interleaved, ``--seconds`` each after a one-second warm-up; throughput is
+answered requests per second, latency is per request at the client.
+
+Models (``--model``, repeatable):
+
+- ``mnist``: the example's cloud CNN (examples/mnist/cloud.py), conv-bound and tiny (0.1 ms a call).
+- ``mlp``: a 784-4096-4096-10 float MLP generated here with seeded random weights (80 MB of
+  weights: at batch 1 every call streams all of them, the case batching exists for).
+- ``resnet50``: the ONNX wheel's ResNet-50 stand-in (onnx/backend/test/data/light, constant
+  weights, meaningless outputs), its batch axis made free; meant for a GPU host with
+  ``--providers CUDAExecutionProvider,CPUExecutionProvider``.
+- any path to an ``.onnx`` file with a free batch axis.
+
+    python bench/cloud_batching.py [--model mnist --model mlp] [--clients 64] [--seconds 8] [--reps 2] [--providers ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+
+from bench.harness import ROOT, OtherLoad, Ratio, host_facts, prepare_process, print_table, ratio_rows, write_result
+
+NAME = "cloud_batching"
+GOAL = 1 / 3  # request-by-request throughput / batched throughput: batching must be >= 3x
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlp_model(scratch: Path, seed: int = 0) -> Path:
+    """A seeded random-weight 784-4096-4096-10 MLP (softmax output) as ONNX, input 28x28x1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [784, 4096, 4096, 10]
+    inits, nodes, prev = [], [helper.make_node("Flatten", ["input"], ["h0"])], "h0"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(dims[i + 1], np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"z{i}"]))
+        prev = f"z{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"h{i + 1}"]))
+            prev = f"h{i + 1}"
+    nodes.append(helper.make_node("Softmax", [prev], ["probs"], axis=1))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 28, 28, 1])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
+    path = scratch / "mlp_4096.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def resnet50_model(scratch: Path) -> Path:
+    """The onnx wheel's ResNet-50 stand-in with a free batch axis (batch-leading Reshape targets copy the batch)."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    m = onnx.load(src)
+    for v in (*m.graph.input, *m.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value == 1:
+            dims[0].dim_param = "N"
+    reshape_targets = {n.input[1] for n in m.graph.node if n.op_type == "Reshape"}
+    for i, init in enumerate(m.graph.initializer):
+        if init.name in reshape_targets:
+            shape = numpy_helper.to_array(init).copy()
+            if shape.size and shape[0] == 1:
+                shape[0] = 0  # 0: copy the input's batch size
+                m.graph.initializer[i].CopyFrom(numpy_helper.from_array(shape, init.name))
+    del m.graph.value_info[:]
+    path = scratch / "resnet50_dynamic.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def resolve_model(choice: str, scratch: Path) -> tuple[str, Path]:
+    if choice == "mnist":
+        from examples.mnist.cloud import ensure_cloud_model
+
+        return "mnist cloud CNN", ensure_cloud_model(ROOT / ".cache" / "examples" / "mnist")["onnx"]
+    if choice == "mlp":
+        return "MLP 784-4096-4096-10", mlp_model(scratch)
+    if choice == "resnet50":
+        return "ResNet-50 (onnx test data)", resnet50_model(scratch)
+    return Path(choice).name, Path(choice)
+
+
+@contextlib.contextmanager
+def server(model: Path, extra: list[str]):
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve", str(model), "--name", "m",
+           "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > end:
+                raise RuntimeError("server not ready")
+            time.sleep(0.2)
+        meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/m").json()
+        yield port, meta
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def _client(port: int, request: bytes, start_at: float, stop_at: float, lat: list[float], codes: dict[int, int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            t0 = time.monotonic()
+            if t0 >= stop_at:
+                return
+            writer.write(request)
+            status = await reader.readuntil(b"\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            t1 = time.monotonic()
+            if t0 >= start_at:
+                code = int(status.split()[1])
+                codes[code] = codes.get(code, 0) + 1
+                if code == 200:
+                    lat.append(t1 - t0)
+    finally:
+        writer.close()
+
+
+async def _load(port: int, request: bytes, clients: int, seconds: float) -> tuple[list[float], dict[int, int], float]:
+    now = time.monotonic()
+    start_at, stop_at = now + 1.0, now + 1.0 + seconds
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    await asyncio.gather(*(_client(port, request, start_at, stop_at, lat, codes) for _ in range(clients)))
+    return lat, codes, seconds
+
+
+def run_side(port: int, meta: dict, clients: int, seconds: float, binary: bool) -> dict:
+    inp = meta["inputs"][0]
+    shape = [1, *[d if d > 0 else 1 for d in inp["shape"][1:]]]
+    x = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
+    tensor = {"name": inp["name"], "shape": shape, "datatype": "FP32"}
+    if binary:  # what hybrid_router's client sends: the binary tensor extension
+        tensor["parameters"] = {"binary_data_size": x.nbytes}
+        header = json.dumps({"inputs": [tensor]}).encode()
+        body, extra = header + x.tobytes(), f"Inference-Header-Content-Length: {len(header)}\r\n"
+    else:
+        tensor["data"] = x.ravel().tolist()
+        body, extra = json.dumps({"inputs": [tensor]}).encode(), ""
+    request = (f"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n{extra}"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    lat, codes, secs = asyncio.run(_load(port, request, clients, seconds))
+    lat_ms = np.asarray(lat) * 1000
+    return {"rps": len(lat) / secs, "answered": len(lat), "codes": codes,
+            "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat_ms) else None,
+            "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat_ms) else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", help="mnist, mlp, resnet50 or an .onnx path (repeatable; default: mnist and mlp).")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-delay-us", type=int, default=2000)
+    ap.add_argument("--json-inputs", action="store_true", help="Send inputs as JSON 'data' instead of binary tensors.")
+    ap.add_argument("--providers", default=None, help="Passed to 'edgekit cloud serve --providers' (e.g. CUDAExecutionProvider,CPUExecutionProvider).")
+    args = ap.parse_args(argv)
+    scratch = prepare_process()
+    host = host_facts()
+    common = ["--providers", args.providers] if args.providers else []
+    sides = {"batched": ["--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us), *common],
+             "request-by-request": ["--max-batch", "1", *common]}
+    results: dict[str, dict] = {}
+    ratios: list[Ratio] = []
+    rows = []
+    for choice in args.model or ["mnist", "mlp"]:
+        label, path = resolve_model(choice, scratch)
+        runs: dict[str, list[dict]] = {s: [] for s in sides}
+        provider = None
+        print(f"cloud_batching: {label}: {args.reps} reps x {args.seconds:g} s per side, {args.clients} clients ...", flush=True)
+        with OtherLoad() as load:
+            for rep in range(args.reps):
+                order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
+                for side in order:
+                    with server(path, sides[side]) as (port, meta):
+                        provider = meta["parameters"]["execution_provider"]
+                        runs[side].append(run_side(port, meta, args.clients, args.seconds, not args.json_inputs))
+        summary = {}
+        for side, rs in runs.items():
+            summary[side] = {"rps": float(np.median([r["rps"] for r in rs])), "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
+                             "p99_ms": float(np.median([r["p99_ms"] for r in rs])), "runs": rs}
+            rows.append([label, side, f"{summary[side]['rps']:.0f}", f"{summary[side]['p50_ms']:.2f}", f"{summary[side]['p99_ms']:.2f}",
+                         str(sum(sum(v for k, v in r["codes"].items() if k != 200) for r in rs))])
+        speedup = summary["batched"]["rps"] / summary["request-by-request"]["rps"]
+        ratios.append(Ratio(f"{label}: request-by-request / batched throughput", 1 / speedup, GOAL,
+                            f"batching {speedup:.2f}x on {provider}"))
+        results[label] = {"model": str(path), "provider": provider, "speedup": speedup, "other_load_cores": load.cores, **summary}
+        print(load.describe())
+    print_table(f"KServe v2 /infer, {args.clients} concurrent clients, batch-1 requests (median of {args.reps} runs)",
+                ["model", "serving", "req/s", "p50 ms", "p99 ms", "non-200"], rows, text_columns=2)
+    print_table("Ratios (lower is better; goal: batching >= 3x)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    path = write_result(NAME, host, {"what": __doc__, "clients": args.clients, "seconds": args.seconds, "reps": args.reps,
+                                     "max_batch": args.max_batch, "max_delay_us": args.max_delay_us, "providers": args.providers,
+                                     "inputs": "json" if args.json_inputs else "binary",
+                                     "models": results, "ratios": [r.to_dict() for r in ratios]})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

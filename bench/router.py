@@ -1,0 +1,216 @@
+"""The hybrid router's own cost: time beyond the two models, and what an open breaker adds.
+
+Setup: the MNIST example's INT8 TFLite bundle (``run_convert``, raspberry-pi-5), calibrated
+with ``calibrate_router(--max-loss 0.5)`` against the example's cloud CNN, which a real
+``edgekit cloud serve`` process serves on 127.0.0.1. Inputs: the 1,000 held-out images in turn.
+
+- Router overhead: every ``HybridClassifier.predict`` is timed end to end, and inside it the
+  device model's ``predict`` and the cloud's HTTP exchange (the ``httpx`` ``post`` in the
+  client's worker) are timed too. Overhead = total - device - HTTP: the decision, the breaker,
+  the hand-off to the worker thread, JSON encoding and decoding, building the answer. Reported
+  for confident (device-only) and escalated calls; the goal is p99 <= 1 ms over all calls.
+- Breaker open: every input escalates (threshold above any confidence) and the breaker is held
+  open. Added latency = ``predict`` - the device model's own time in the same call; side by side
+  with bare ``LocalModel.predict`` calls. Goal: <= 0.1 ms (median; p99 reported too).
+
+The bundle build imports TensorFlow into this process; its ~400k objects would make every full
+garbage collection pause 100-200 ms and land in some call's figure, so they are frozen
+(``gc.freeze()``) before timing, as a serving process without TensorFlow would not have them.
+
+    python bench/router.py [--calls 3000]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import contextlib
+import gc
+import socket
+import subprocess
+import time
+
+import numpy as np
+
+from bench.harness import ROOT, OtherLoad, Ratio, host_facts, prepare_process, print_table, quiet, ratio_rows, write_result
+
+NAME = "router"
+GOAL_OVERHEAD_P99_MS = 1.0
+GOAL_OPEN_MS = 0.1
+
+
+class TimedDevice:
+    """The device model, remembering how long its last predict took."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.last = 0.0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.model.predict(x)
+        self.last = time.perf_counter() - t0
+        return out
+
+
+class TimedHttp:
+    """The client's httpx.Client, remembering how long its last POST took (the cloud's own time, network included)."""
+
+    def __init__(self, http) -> None:
+        self.http = http
+        self.last = 0.0
+
+    def post(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self.http.post(*a, **kw)
+        finally:
+            self.last = time.perf_counter() - t0
+
+    def __getattr__(self, name: str):
+        return getattr(self.http, name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cloud_server(model: Path):
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve",
+                             str(model), "--name", "mnist", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read()[-2000:])
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > end:
+                raise RuntimeError("cloud server not ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def build(scratch: Path) -> tuple[Path, dict]:
+    """The calibrated MNIST bundle and the example's files."""
+    from converters.pipeline import ConvertOptions, run_convert
+    from examples.mnist.cloud import ensure_cloud_model
+    from examples.mnist.train import ensure_example
+    from hybrid_router.calibrate import calibrate_router
+
+    out = ROOT / ".cache" / "examples" / "mnist"
+    device, files = ensure_example(out), ensure_cloud_model(out)
+    opts = ConvertOptions(model=device["model"], profiles=("raspberry-pi-5",), calibration=device["calib"], out=scratch / "bundles",
+                          formats=("tflite",), eval=device["eval"])
+    with quiet():
+        bundle = run_convert(opts).results[0].bundle_dir
+        cal = calibrate_router(bundle, files["onnx"], files["router_calib"], scratch / "calibrated", max_loss=0.5)
+    return cal.bundle, files
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=3000, help="Calls per measurement (default 3000).")
+    args = ap.parse_args(argv)
+    scratch = prepare_process()
+    host = host_facts()
+    print("router: building and calibrating the MNIST bundle ...", flush=True)
+    bundle, files = build(scratch)
+    from edgekit.runtime import load
+    from hybrid_router import BreakerConfig, CircuitBreaker, EscalationPolicy, HybridClassifier, KServeClient
+
+    x = np.concatenate([np.load(files["router_calib"])["x"], np.load(files["router_test"])["x"]])
+    gc.collect()
+    gc.freeze()
+    with cloud_server(files["onnx"]) as url, OtherLoad() as other:
+        # --- overhead beyond the two models -------------------------------------------------------
+        clf = HybridClassifier.from_bundle(bundle, url, "mnist", deadline_ms=1000)
+        device = TimedDevice(clf.local)
+        clf.local = device
+        http = TimedHttp(clf.cloud._http)
+        clf.cloud._http = http
+        for i in range(200):  # warm-up: connections, metadata, caches
+            clf.predict(x[i % len(x)])
+        conf_over, esc_over, totals, degraded = [], [], [], 0
+        print(f"router: {args.calls} calls through HybridClassifier.predict ...", flush=True)
+        for i in range(args.calls):
+            t0 = time.perf_counter()
+            p = clf.predict(x[i % len(x)])
+            total = time.perf_counter() - t0
+            totals.append(total)
+            degraded += p.degraded
+            if p.escalated:
+                esc_over.append(total - device.last - http.last)
+            else:
+                conf_over.append(total - device.last)
+        clf.close()
+        escalation = len(esc_over) / args.calls
+        # --- breaker open ---------------------------------------------------------------------------
+        local = load(bundle)
+        dev2 = TimedDevice(local)
+        breaker = CircuitBreaker(BreakerConfig(consecutive_failures=1, cooldown_s=1e9))
+        breaker.record_failure()
+        opened = HybridClassifier(dev2, KServeClient(url, "mnist"), EscalationPolicy(1.0, 1.000001), breaker=breaker)
+        added, bare, reasons = [], [], set()
+        print(f"router: {args.calls} calls with the breaker open, interleaved with bare device calls ...", flush=True)
+        for i in range(args.calls):
+            xi = x[i % len(x)]
+            t0 = time.perf_counter()
+            p = opened.predict(xi)
+            added.append(time.perf_counter() - t0 - dev2.last)
+            reasons.add(p.reason)
+            t0 = time.perf_counter()
+            local.predict(xi[None])
+            bare.append(time.perf_counter() - t0)
+        opened.close()
+    assert reasons == {"circuit_open"}, reasons
+    all_over = conf_over + esc_over
+    rows = [
+        ["overhead, all calls", f"{pct(all_over, 50):.3f}", f"{pct(all_over, 99):.3f}", str(len(all_over))],
+        ["overhead, confident (device only)", f"{pct(conf_over, 50):.3f}", f"{pct(conf_over, 99):.3f}", str(len(conf_over))],
+        ["overhead, escalated (beyond HTTP)", f"{pct(esc_over, 50):.3f}", f"{pct(esc_over, 99):.3f}", str(len(esc_over))],
+        ["HybridClassifier.predict total", f"{pct(totals, 50):.3f}", f"{pct(totals, 99):.3f}", str(len(totals))],
+        ["breaker open: added to the device call", f"{pct(added, 50):.3f}", f"{pct(added, 99):.3f}", str(len(added))],
+        ["bare LocalModel.predict (same inputs)", f"{pct(bare, 50):.3f}", f"{pct(bare, 99):.3f}", str(len(bare))],
+    ]
+    ratios = [
+        Ratio("router overhead p99, ms (all calls)", pct(all_over, 99), GOAL_OVERHEAD_P99_MS, "beyond device model + cloud HTTP"),
+        Ratio("breaker-open added latency median, ms", pct(added, 50), GOAL_OPEN_MS, f"p99 {pct(added, 99):.3f} ms"),
+        Ratio("breaker-open added latency p99, ms", pct(added, 99), None, ""),
+    ]
+    print_table(f"Router cost, ms ({args.calls} calls each; escalation {escalation:.1%}, degraded {degraded})",
+                ["what", "p50 ms", "p99 ms", "calls"], rows)
+    print_table("Goals", ["figure", "value", "goal", "met"], ratio_rows(ratios))
+    print(other.describe())
+    path = write_result(NAME, host, {
+        "what": __doc__, "calls": args.calls, "escalation_rate": escalation, "degraded": degraded, "other_load_cores": other.cores,
+        "ms": {r[0]: {"p50": float(r[1]), "p99": float(r[2]), "n": int(r[3])} for r in rows},
+        "ratios": [r.to_dict() for r in ratios],
+    })
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
