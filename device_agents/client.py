@@ -13,7 +13,11 @@ from edgekit.errors import RemoteError
 
 from device_agents.machine import Interrupted, TransientError
 
-__all__ = ["FleetClient"]
+__all__ = ["FleetClient", "IncompleteDownload"]
+
+
+class IncompleteDownload(TransientError):
+    """The server answered but the body ended early: retried with Range, and given up if it never progresses."""
 
 
 def _error(resp: httpx.Response) -> RemoteError:
@@ -67,8 +71,10 @@ class FleetClient:
     def download(self, url: str, part: Path, offset: int, *, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Append the artifact's bytes from ``offset`` to ``part`` (Range); 416 means the server has no more."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        answered = False
         try:
             with self._http.stream("GET", url, headers=headers) as resp:
+                answered = True
                 if resp.status_code == 416:
                     return
                 if resp.status_code >= 500 or resp.status_code == 429:
@@ -89,7 +95,8 @@ class FleetClient:
                     f.flush()
                     os.fsync(f.fileno())
         except httpx.TransportError as e:
-            raise TransientError(f"download interrupted ({type(e).__name__}: {e}); will resume with Range") from None
+            cls = IncompleteDownload if answered else TransientError
+            raise cls(f"download interrupted ({type(e).__name__}: {e}); will resume with Range") from None
 
     def report(self, report: dict) -> bool:
         """``POST /v1/device/reports``; True when the server has it (accepted or duplicate), False when it refuses it for good."""

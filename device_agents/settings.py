@@ -31,6 +31,8 @@ class AgentSettings:
     keep_slots: int = 3
     trusted_keys: tuple[str, ...] = ()
     http_timeout_s: float = 30.0
+    max_download_stalls: int = 5
+    """Answered-but-cut-short downloads in a row with no new byte before giving up (download_failed)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> AgentSettings:
@@ -47,6 +49,7 @@ class AgentSettings:
             "max_attempts": int(_env("MAX_ATTEMPTS", "3")),
             "keep_slots": int(_env("KEEP_SLOTS", "3")),
             "http_timeout_s": float(_env("HTTP_TIMEOUT_S", "30")),
+            "max_download_stalls": int(_env("MAX_DOWNLOAD_STALLS", "5")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgekit.bundle import open_bundle
 from edgekit.errors import VerificationError
 
+from device_agents.client import IncompleteDownload
 from device_agents.machine import Event, State, StepContext
 from device_agents.profiler import ProfileSettings, profile_candidate
 from device_agents.store import utc_now
@@ -56,7 +57,17 @@ def download(ctx: StepContext) -> Event:
         part.unlink()
         have = 0
     if have < size:
-        ctx.client.download(art["url"], part, have, should_stop=ctx.should_stop)
+        try:
+            ctx.client.download(art["url"], part, have, should_stop=ctx.should_stop)
+        except IncompleteDownload:
+            # The server answers but keeps ending early without new bytes (e.g. its stored file is short):
+            # unlike an unreachable server, waiting will not fix that.
+            got = part.stat().st_size if part.exists() else 0
+            ctx.job["stalls"] = ctx.job.get("stalls", 0) + 1 if got <= have else 0
+            if ctx.job["stalls"] >= ctx.settings.max_download_stalls:
+                raise VerificationError(f"the server sent {got} of {size} bytes and then nothing more in "
+                                        f"{ctx.job['stalls']} tries", reason="download_failed") from None
+            raise
     got = part.stat().st_size if part.exists() else 0
     if got != size:
         raise VerificationError(f"the server has {got} of the artifact's {size} bytes", reason="download_failed")
