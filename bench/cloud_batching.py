@@ -205,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-delay-us", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for both sides (default: ORT's choice).")
     ap.add_argument("--json-inputs", action="store_true", help="Send inputs as JSON 'data' instead of binary tensors.")
     ap.add_argument("--providers", default=None, help="Passed to 'edgekit cloud serve --providers' (e.g. CUDAExecutionProvider,CPUExecutionProvider).")
     args = ap.parse_args(argv)
     scratch = prepare_process()
     host = host_facts()
-    common = ["--providers", args.providers] if args.providers else []
+    common = (["--providers", args.providers] if args.providers else []) + (["--threads", str(args.threads)] if args.threads else [])
     sides = {"batched": ["--max-batch", str(args.max_batch), "--max-delay-us", str(args.max_delay_us), *common],
              "request-by-request": ["--max-batch", "1", *common]}
     results: dict[str, dict] = {}
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["model", "serving", "req/s", "p50 ms", "p99 ms", "non-200"], rows, text_columns=2)
     print_table("Ratios (lower is better; goal: batching >= 3x)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
     path = write_result(NAME, host, {"what": __doc__, "clients": args.clients, "seconds": args.seconds, "reps": args.reps,
-                                     "max_batch": args.max_batch, "max_delay_us": args.max_delay_us, "providers": args.providers,
+                                     "max_batch": args.max_batch, "max_delay_us": args.max_delay_us, "providers": args.providers, "threads": args.threads,
                                      "inputs": "json" if args.json_inputs else "binary",
                                      "models": results, "ratios": [r.to_dict() for r in ratios]})
     print(f"wrote {path}")
