@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +23,7 @@ from edgekit.errors import UsageError
 __all__ = ["Database", "utc", "utcnow"]
 
 _WRITE = "edgekit_write"
+_AUTOCOMMIT = "edgekit_autocommit"
 
 
 def utcnow() -> dt.datetime:
@@ -62,12 +63,19 @@ class Database:
             raise UsageError(f"no driver for {parsed.drivername}: {e}", "Install the server extra: pip install 'edgekit[server]'.") from None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
+        self._fast = self.engine.execution_options(**{_AUTOCOMMIT: True})
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading; rolled back at the end."""
         with self._read() as session:
             yield session
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A bare connection for one quick read (no ORM session; SQLite: no explicit BEGIN)."""
+        with self._fast.connect() as conn:
+            yield conn
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -136,4 +144,7 @@ def _sqlite_events(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get(_AUTOCOMMIT):  # one SELECT is its own consistent snapshot
+            return
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE) else "BEGIN")

@@ -18,8 +18,8 @@ from fleet_server.tokens import Principal, hash_token
 __all__ = ["AdminDep", "AnyPrincipalDep", "CtxDep", "DeviceDep", "EnrollDep"]
 
 
-def get_ctx(request: Request) -> AppContext:
-    """The app's shared context."""
+async def get_ctx(request: Request) -> AppContext:
+    """The app's shared context (async: a sync dependency would cost a threadpool hop)."""
     return request.app.state.ctx
 
 

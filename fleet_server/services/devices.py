@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,6 +43,9 @@ def enroll(ctx: AppContext, req: EnrollRequest) -> dict[str, Any]:
             "poll_interval_s": ctx.settings.poll_interval_s}
 
 
+_DESIRED = select(Device.desired_serial, Device.desired_body, Device.desired_issued_at).where(Device.id == bindparam("id"))
+
+
 @dataclass(frozen=True)
 class Desired:
     """A device's desired state: its ETag and the ready-made JSON body."""
@@ -54,8 +57,8 @@ class Desired:
 def desired_state(ctx: AppContext, device_id: str) -> Desired:
     """One primary-key read; the signed body was built when the assignment was issued."""
     ctx.last_seen.touch(device_id)
-    with ctx.db.read() as s:
-        row = s.execute(select(Device.desired_serial, Device.desired_body, Device.desired_issued_at).where(Device.id == device_id)).first()
+    with ctx.db.connect() as c:
+        row = c.execute(_DESIRED, {"id": device_id}).first()
     if row is None:
         raise NotFound("this device is not enrolled any more", "Enroll the device again.")
     serial, body, issued = row
