@@ -139,7 +139,7 @@ class ReportRequest(_In):
 class Latency(BaseModel):
     """Latency percentiles of one minute."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     p50: float | None = Field(default=None, ge=0)
     p95: float | None = Field(default=None, ge=0)
@@ -149,6 +149,8 @@ class Latency(BaseModel):
 
 class TelemetryPointIn(_In):
     """One minute of a device's inference telemetry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     minute: dt.datetime
     model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")

@@ -36,7 +36,7 @@ def artifact_ref(session: Session, version_artifact_id: int | None) -> dict[str,
 
 
 def issue(session: Session, ctx: AppContext, *, device_id: str, rollout_id: str, action: str, model: str, version: str,
-          artifact_id: int | None, seq: int = 0, expect_desired_serial: int | None = None) -> int | None:
+          artifact_id: int | None, seq: int = 0, expect_desired_serial: int | None = None, reason: str | None = None) -> int | None:
     """Write one signed assignment and make it the device's desired state; returns its serial.
 
     The serial comes from ``UPDATE devices SET serial = serial + 1 ... RETURNING serial`` in the
@@ -52,11 +52,14 @@ def issue(session: Session, ctx: AppContext, *, device_id: str, rollout_id: str,
         return None
     now = utcnow().replace(microsecond=0)
     expires = now + dt.timedelta(seconds=ctx.settings.assignment_ttl_s)
-    payload = canonical_json({
+    content: dict[str, Any] = {
         "type": ASSIGNMENT_TYPE, "device_id": device_id, "rollout_id": rollout_id, "serial": serial, "action": action,
         "model": model, "version": version, "artifact": artifact_ref(session, artifact_id),
         "issued_at": _iso(now), "expires_at": _iso(expires),
-    })
+    }
+    if action == "revert":
+        content["reason"] = reason or "server_rollback"
+    payload = canonical_json(content)
     signature = ctx.key.sign(payload)
     session.add(Assignment(device_id=device_id, serial=serial, rollout_id=rollout_id, action=action, seq=seq, artifact_id=artifact_id,
                            payload=payload, signature=signature, issued_at=now, expires_at=expires))
@@ -77,4 +80,4 @@ def reissue_if_stale(ctx: AppContext, device_id: str, desired_serial: int) -> No
             Assignment.rollout_id == current.rollout_id, Assignment.device_id == device_id, Assignment.action == current.action)).scalar_one()
         data = json.loads(current.payload)
         issue(s, ctx, device_id=device_id, rollout_id=current.rollout_id, action=current.action, model=data["model"], version=data["version"],
-              artifact_id=current.artifact_id, seq=seq + 1, expect_desired_serial=desired_serial)
+              artifact_id=current.artifact_id, seq=seq + 1, expect_desired_serial=desired_serial, reason=data.get("reason"))

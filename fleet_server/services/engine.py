@@ -43,7 +43,7 @@ def start_wave(s: Session, ctx: AppContext, rollout: Rollout, index: int) -> boo
     return True
 
 
-def revert_devices(s: Session, ctx: AppContext, rollout: Rollout, rds: list[RolloutDevice]) -> int:
+def revert_devices(s: Session, ctx: AppContext, rollout: Rollout, rds: list[RolloutDevice], reason: str) -> int:
     """Tell each device that got this rollout's install to return to its previous artifact (once per device)."""
     installed = set(s.execute(select(Assignment.device_id).where(Assignment.rollout_id == rollout.id, Assignment.action == "install")).scalars())
     reverted = set(s.execute(select(Assignment.device_id).where(Assignment.rollout_id == rollout.id, Assignment.action == "revert")).scalars())
@@ -51,7 +51,7 @@ def revert_devices(s: Session, ctx: AppContext, rollout: Rollout, rds: list[Roll
     for rd in rds:
         if rd.device_id in installed and rd.device_id not in reverted:
             issue(s, ctx, device_id=rd.device_id, rollout_id=rollout.id, action="revert", model=rollout.model, version=rollout.version,
-                  artifact_id=rd.previous_artifact_id)
+                  artifact_id=rd.previous_artifact_id, reason=reason)
             n += 1
     return n
 
@@ -130,7 +130,7 @@ def evaluate(ctx: AppContext, rollout_id: str) -> None:
                     w.finished_at = now
             rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id,
                                                         RolloutDevice.wave_index.in_([w.index for w in running]))).scalars().all()
-            revert_devices(s, ctx, r, list(rds))
+            revert_devices(s, ctx, r, list(rds), "gate_failed")
             r.state = "failed"
             return
         if r.state != "running" or any(w.state == "running" for w in waves):

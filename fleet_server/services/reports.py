@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import select, update
@@ -19,10 +20,22 @@ __all__ = ["record_report"]
 _DUPLICATE = {"accepted": False, "duplicate": True}
 
 
+def finite(value: Any) -> Any:
+    """The value with NaN and ±Infinity replaced by None (JSON columns, PostgreSQL's above all, refuse them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def record_report(ctx: AppContext, device_id: str, req: ReportRequest) -> dict[str, Any]:
     """Store a report once and apply it; a repeat changes nothing."""
     ctx.last_seen.touch(device_id)
     metrics = ProfiledMetrics.model_validate(req.metrics).model_dump(exclude_none=True) if req.phase == "profiled" else req.metrics
+    metrics = finite(metrics)
     try:
         with ctx.db.write() as s:
             a = s.execute(select(Assignment.rollout_id, Assignment.action, Assignment.artifact_id)

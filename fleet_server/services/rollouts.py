@@ -173,7 +173,7 @@ def _rollback(s: Session, ctx: AppContext, r: Rollout) -> None:
             w.state = "rolled_back"
             w.finished_at = w.finished_at or now
     rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id).order_by(RolloutDevice.order)).scalars().all()
-    revert_devices(s, ctx, r, list(rds))
+    revert_devices(s, ctx, r, list(rds), "server_rollback")
 
 
 def rollback(ctx: AppContext, rollout_id: str) -> dict[str, Any]:

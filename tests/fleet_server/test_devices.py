@@ -86,10 +86,15 @@ def test_reports_are_idempotent_and_validated(live_server, fleet_bundles):
     for body in bad:
         r = d.http.post("/v1/device/reports", json=body)
         assert r.status_code == 422, (body, r.text)
+    # non-finite numbers (json.dumps writes NaN/Infinity) are kept as null, never a 500 (PostgreSQL's JSON refuses them)
+    r = d.http.post("/v1/device/reports", content=f'{{"serial": {p["serial"]}, "phase": "profiled", "metrics": '
+                    '{"p95_ms": 1.0, "golden_max_abs_err": Infinity, "extra": [NaN, 1]}}', headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
     assert d.report(p["serial"], "failed", reason="other:disk full").json()["accepted"]
     ro = wait_for(lambda: (x := live_server.admin.get(f"/v1/rollouts/{ro['id']}").json())["state"] == "completed" and x)
     dev = ro["waves"][0]["devices"][0]
     assert dev["phase"] == "failed" and dev["reason"] == "other:disk full"
+    assert dev["metrics"] == {"p95_ms": 1.0, "golden_max_abs_err": None, "extra": [None, 1]}
     assert live_server.admin.get(f"/v1/devices/{d.device_id}").json()["phase"] == "failed"
 
 
@@ -124,4 +129,6 @@ def test_telemetry_roundtrip(live_server, fleet_bundles):
     assert a.http.post("/v1/device/telemetry", json=too_many).status_code == 422
     assert a.http.post("/v1/device/telemetry", json={"points": [dict(point("2026-11-23T10:41:00Z"), count=-1)]}).status_code == 422
     assert a.http.post("/v1/device/telemetry", json={"points": [], "dropped": -1}).status_code == 422
+    nan = '{"points": [{"minute": "2026-11-23T10:41:00Z", "count": 1, "latency_ms": {"p50": NaN}}]}'
+    assert a.http.post("/v1/device/telemetry", content=nan, headers={"content-type": "application/json"}).status_code == 422
     assert len(live_server.admin.get("/v1/telemetry").json()["points"]) == 3

@@ -119,7 +119,7 @@ def test_a_failed_gate_reverts_the_wave_and_stops_the_rollout(live_server, fleet
     for d in devices:
         if d.device_id in wave0:  # every device of the failed wave is told to go back to 1.2.3
             p = d.poll()
-            assert p["action"] == "revert" and p["rollout_id"] == ro["id"]
+            assert p["action"] == "revert" and p["rollout_id"] == ro["id"] and p["reason"] == "gate_failed"
             assert p["artifact"]["sha256"] == v1_sha and p["artifact"]["profile"] == "raspberry-pi-5"
             assert d.report(p["serial"], "rolled_back", reason="gate_failed").json() == {"accepted": True, "duplicate": False}
         else:  # later waves never receive the version
@@ -174,7 +174,7 @@ def test_pause_resume_promote_and_rollback(live_server, fleet_bundles):
     assert r.status_code == 200 and r.json()["state"] == "rolled_back"
     for d in devices:
         p = d.poll()
-        assert p["action"] == "revert" and p["artifact"] is None
+        assert p["action"] == "revert" and p["artifact"] is None and p["reason"] == "server_rollback"
         assert d.report(p["serial"], "rolled_back", reason="server_rollback").status_code == 200
     assert admin.post(f"/v1/rollouts/{rid}/rollback").status_code == 409
     assert all(d["active"] is None for d in admin.get("/v1/devices").json())
