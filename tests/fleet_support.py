@@ -46,6 +46,7 @@ __all__ = [
     "SimDevice",
     "fleet_bundles",
     "fleet_db",
+    "fleet_format_bundles",
     "free_port",
     "live_server",
     "pg_cluster",
@@ -369,6 +370,19 @@ def fleet_bundles(digits_bundles, tmp_path_factory: pytest.TempPathFactory) -> F
         dirs["v2"][r.profile] = d2
         ekb["v2"][r.profile] = pack(d2, root / f"v2-{r.profile}.ekb")
     return FleetBundles(dirs, ekb, root)
+
+
+@pytest.fixture(scope="session")
+def fleet_format_bundles(digits, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Every format (.tflite, .ort, .mlpackage) for pixel-8 and iphone-15-pro, version 2.0.0, packed: (profile, format) → .ekb."""
+    from converters.pipeline import ConvertOptions, run_convert
+    from edgekit.bundle import pack
+
+    out = tmp_path_factory.mktemp("fleet-formats")
+    report = run_convert(ConvertOptions(model=digits["model"], profiles=("pixel-8", "iphone-15-pro"), formats=("all",),
+                                        calibration=digits["calib"], eval=digits["eval"], out=out / "bundles", name="digits",
+                                        version="2.0.0", latency_runs=5))
+    return {(r.profile, r.format): pack(r.bundle_dir, out / f"{r.profile}-{r.format}.ekb") for r in report.results}
 
 
 def upload(client: httpx.Client, name: str, paths: list[Path], version: str | None = None) -> httpx.Response:

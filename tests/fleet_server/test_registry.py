@@ -181,3 +181,30 @@ def test_version_is_taken_from_the_form_or_must_agree(live_server, fleet_bundles
     r = upload(admin, "digits", [fleet_bundles.ekb["v1"]["raspberry-pi-5"], fleet_bundles.ekb["v2"]["coral-edgetpu"]], version="mixed.1")
     assert r.status_code == 201, r.text
     assert json.loads(json.dumps(r.json()))["version"] == "mixed.1"
+
+
+def test_every_format_is_validated_with_its_runtime(live_server, fleet_format_bundles):
+    """.ort runs in ONNX Runtime, .mlpackage is read structurally (Core ML cannot run here); devices get their profile's format."""
+    from edgekit.profiles import find_profile
+    from fleet_support import SimDevice
+
+    admin = live_server.admin
+    r = upload(admin, "digits", list(fleet_format_bundles.values()))
+    assert r.status_code == 201, r.text
+    arts = {(a["profile"], a["format"]): a for a in r.json()["artifacts"]}
+    assert set(arts) == set(fleet_format_bundles)
+    onnx = arts[("pixel-8", "onnx")]["validation"]
+    assert onnx["loads"] is True and onnx["runtime"] == "onnxruntime" and onnx["golden"]["passed"]
+    assert arts[("pixel-8", "tflite")]["validation"]["runtime"] == "litert"
+    coreml = arts[("iphone-15-pro", "coreml")]["validation"]
+    assert coreml["loads"] is None and coreml["golden"]["measurable"] is False
+    assert coreml["structure"].startswith(("structure checked", "structure not checked"))
+    devices = [SimDevice(live_server, f"{profile}-1", profile=profile).enroll() for profile in ("pixel-8", "iphone-15-pro")]
+    ro = admin.post("/v1/rollouts", json={"model": "digits", "version": "2.0.0", "waves": [100]})
+    assert ro.status_code == 201, ro.text
+    assert ro.json()["skipped"]["count"] == 0
+    for d in devices:
+        wanted = next(f for f in find_profile(d.profile).formats.supported() if (d.profile, f) in arts)
+        p = d.poll()
+        assert (p["artifact"]["profile"], p["artifact"]["format"]) == (d.profile, wanted)
+        assert p["artifact"]["sha256"] == arts[(d.profile, wanted)]["sha256"]
