@@ -81,15 +81,20 @@ class Slots:
         return target
 
     def create_from_artifact(self, sha: str, archive: Path, facts: dict, check: Callable[[Path], dict]) -> Path:
-        """Make slot ``sha`` from a ``.ekb`` whose sha256 was checked (moved into the slot as ``artifact.ekb``).
+        """Make slot ``sha`` from a ``.ekb`` whose sha256 was checked (kept in the slot as ``artifact.ekb``).
 
         ``check(bundle_dir)`` runs on the extracted bundle before the slot exists and returns facts for slot.json.
         """
         tmp = self._tmp(sha)
         _extract_into(archive, tmp / "bundle")
         facts = {**facts, **check(tmp / "bundle")}
-        os.replace(archive, tmp / "artifact.ekb")
-        return self._commit(sha, tmp, facts)
+        try:  # a link, not a move: killed before the commit, the step starts over from the intact download
+            os.link(archive, tmp / "artifact.ekb")
+        except OSError:
+            shutil.copy2(archive, tmp / "artifact.ekb")
+        target = self._commit(sha, tmp, facts)
+        archive.unlink(missing_ok=True)
+        return target
 
     def create_from_source(self, sha: str, source: Path, facts: dict, check: Callable[[Path], dict]) -> Path:
         """Make slot ``sha`` from a local bundle directory or ``.ekb`` (copied; the source is untouched)."""

@@ -96,6 +96,7 @@ def verify(ctx: StepContext) -> Event:
     if ctx.slots.has(sha) and not (ctx.slots.info(sha) or {}).get("blocked"):
         ctx.slots.verify(sha)
         facts = check(ctx.slots.bundle(sha))
+        ctx.slots.part_path(sha).unlink(missing_ok=True)  # left over when a kill fell between the slot's commit and its cleanup
     elif job["kind"] == "local":
         ctx.slots.create_from_source(sha, Path(job["source"]), {"source": job["source"]}, check)
         facts = ctx.slots.info(sha) or {}
