@@ -126,7 +126,34 @@ def test_killed_cloud_every_request_answered_in_time(setup, digits) -> None:
                for i, (_, _, p) in enumerate(results) if p.degraded)
 
 
+class WakeUpLatency:
+    """How late a bare ``Event.wait`` returns on this machine right now (the OS scheduler's share of any timeout)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s, self.worst_ms = period_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self._stop.wait(self.period_s)
+            if not self._stop.is_set():
+                self.worst_ms = max(self.worst_ms, (time.monotonic() - t0 - self.period_s) * 1000)
+
+    def __enter__(self) -> WakeUpLatency:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_frozen_cloud_times_out_opens_the_breaker_and_recovers(setup, digits) -> None:
+    """A hang costs the whole deadline, so every timed-out call ends with a wake-up at the deadline. On an
+    oversubscribed box the OS alone delays such wake-ups by tens of ms (a bare Event.wait(0.1) returned 19 ms
+    late at load 11 on 2 cores), so this bound allows what the scheduler did to a bare wait meanwhile."""
     local, x = setup
     with _cloud(digits["model"]) as (url, proc):
         clf = _classifier(local, url, cooldown_s=1.0)
@@ -138,7 +165,8 @@ def test_frozen_cloud_times_out_opens_the_breaker_and_recovers(setup, digits) ->
             os.kill(proc.pid, signal.SIGSTOP)
 
         t_run = time.monotonic()
-        results = _run(clf, x, seconds=3.0, event_at=0.5, event=freeze)
+        with WakeUpLatency() as os_delay:
+            results = _run(clf, x, seconds=3.0, event_at=0.5, event=freeze)
         os.kill(proc.pid, signal.SIGCONT)
         time.sleep(1.2)  # past the cool-down: the next call is the half-open trial
         recovered = [clf.predict(x[i]) for i in range(5)]
@@ -150,5 +178,5 @@ def test_frozen_cloud_times_out_opens_the_breaker_and_recovers(setup, digits) ->
     assert all(p.degraded for p in after) and "timeout" in reasons and "circuit_open" in reasons
     walls = [w for _, w, _ in results]
     slow = sorted(((w, round(t, 3), p.reason, round(p.latency_ms, 1)) for t, w, p in results), reverse=True)[:5]
-    assert max(walls) <= DEADLINE_MS + SLACK_MS, f"slowest requests {slow}"
+    assert max(walls) <= DEADLINE_MS + SLACK_MS + os_delay.worst_ms, f"slowest requests {slow}; OS wake-up delay {os_delay.worst_ms:.1f} ms"
     assert all(p.source == "cloud" and not p.degraded for p in recovered)
