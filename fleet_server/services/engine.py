@@ -109,8 +109,31 @@ def _decide_wave(s: Session, ctx: AppContext, r: Rollout, w: RolloutWave, now: d
     return bool(failed)
 
 
+def _may_move(ctx: AppContext, rollout_id: str) -> bool:
+    """A read-only look: could a step change anything? Most ticks find nothing, and take no write lock."""
+    with ctx.db.read() as s:
+        r = s.execute(select(Rollout.state, Rollout.wave_timeout_s).where(Rollout.id == rollout_id)).first()
+        if r is None or r.state not in ACTIVE_STATES:
+            return False
+        waves = s.execute(select(RolloutWave.index, RolloutWave.state, RolloutWave.started_at).where(RolloutWave.rollout_id == rollout_id)).all()
+        running = [w for w in waves if w.state == "running"]
+        if not running:
+            return r.state == "running"
+        now = utcnow()
+        for w in running:
+            if (utc(w.started_at) or now) + dt.timedelta(seconds=r.wave_timeout_s) <= now:
+                return True
+            unfinished = s.execute(select(RolloutDevice.id).where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.wave_index == w.index,
+                                                                  RolloutDevice.finished.is_(False)).limit(1)).first()
+            if unfinished is None:
+                return True
+        return False
+
+
 def evaluate(ctx: AppContext, rollout_id: str) -> None:
     """One engine step for one rollout: decide running waves, then start the next or finish."""
+    if not _may_move(ctx, rollout_id):
+        return
     with ctx.db.write() as s:
         r = _lock(s, rollout_id)
         if r is None or r.state not in ACTIVE_STATES:
