@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -148,16 +148,23 @@ class HybridClassifier:
             return None, "circuit_open"
         try:
             result = self.cloud.infer(x, deadline)
+            outputs = np.asarray(result.outputs)
+            if outputs.ndim < 2 or len(outputs) != len(x):
+                raise CloudFailure("bad_response", f"outputs of shape {outputs.shape} for {len(x)} inputs")
         except CloudFailure as e:
             self.breaker.record_failure()
             log.debug("cloud failed: %s", e)
             return None, e.reason
+        except Exception:  # noqa: BLE001 - whatever the cloud side does, the caller gets the device answer
+            self.breaker.record_failure()
+            log.exception("cloud client raised unexpectedly; answering from the device")
+            return None, "bad_response"
         self.breaker.record_success()
-        return result.outputs, ""
+        return outputs, ""
 
     def _finish(self, p: Prediction, start: float) -> Prediction:
         latency = (time.monotonic() - start) * 1000.0
-        p = Prediction(p.label, p.probs, p.source, p.degraded, p.reason, latency, p.confidence, p.escalated)
+        p = replace(p, latency_ms=latency)
         if self.recorder is not None:
             try:
                 self.recorder.record(latency_ms=latency, confidence=p.confidence, source=p.source,

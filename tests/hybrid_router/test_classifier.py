@@ -166,3 +166,23 @@ def test_the_real_agent_recorder_counts_predictions(device_bundle: Path, digits_
     assert sum(p["degraded"] for p in points) == 5
     assert sum(p["escalations"] for p in points) == 5
     assert sum(p["errors"] for p in points) == 5
+
+
+def test_a_cloud_client_that_raises_anything_still_gets_the_device_answer(device_bundle: Path, digits_cloud) -> None:
+    from edgekit.runtime import load
+
+    class Exploding:
+        def infer(self, x, deadline):
+            raise KeyError("surprise")
+
+    class WrongRows:
+        def infer(self, x, deadline):
+            class R:
+                outputs = np.zeros((len(x) + 1, 10), np.float32)
+            return R()
+
+    x, _ = _data(digits_cloud)
+    for cloud in (Exploding(), WrongRows()):
+        clf = HybridClassifier(load(device_bundle), cloud, EscalationPolicy(1.0, 1.000001))
+        p = clf.predict(x[0])
+        assert (p.source, p.degraded, p.reason) == ("device", True, "bad_response")
