@@ -102,6 +102,7 @@ class Agent:
         daemon_lock.acquire(0, "another 'edgekit agent run'")
         try:
             identity = self.enroll()
+            self.settings = self.settings.for_profile(identity.get("profile"))
             client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s)
             try:
                 self._loop(identity, client)

@@ -28,6 +28,7 @@ def install_local(data_dir: str | os.PathLike[str], source: str | os.PathLike[st
         identity = data.identity()
         if identity and settings.profile and identity.get("profile") != settings.profile:
             raise UsageError(f"this device enrolled as {identity.get('profile')}, not {settings.profile}", "Drop --profile.")
+        settings = settings.for_profile((identity or {}).get("profile") or settings.profile)
         runner = open_runner(data, settings, identity=identity)
         resumed = None
         if runner.state is not State.IDLE:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from device_agents.profiler import ProfileSettings
 
@@ -33,6 +33,19 @@ class AgentSettings:
     http_timeout_s: float = 30.0
     max_download_stalls: int = 5
     """Answered-but-cut-short downloads in a row with no new byte before giving up (download_failed)."""
+
+    def for_profile(self, profile_id: str | None) -> AgentSettings:
+        """These settings with the profile (and the formats it runs) of an enrolled device filled in."""
+        if profile_id is None or (self.profile == profile_id and self.formats is not None):
+            return self
+        from edgekit.errors import ProfileError
+        from edgekit.profiles import find_profile
+
+        try:
+            formats: tuple[str, ...] | None = find_profile(profile_id).formats.supported()
+        except ProfileError:  # e.g. a 'detected-<host>' profile the server knows and this install does not ship
+            formats = self.formats
+        return replace(self, profile=profile_id, formats=formats)
 
     @classmethod
     def from_env(cls, **overrides: object) -> AgentSettings:
