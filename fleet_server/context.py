@@ -29,7 +29,9 @@ class LastSeen:
         self._lock = threading.Lock()
 
     def touch(self, device_id: str) -> None:
-        self._pending[device_id] = utcnow()
+        now = utcnow()
+        with self._lock:  # flush() swaps the dict under this lock; never insert into one being read
+            self._pending[device_id] = now
 
     def peek(self, device_id: str):  # noqa: ANN201 - datetime | None
         return self._pending.get(device_id)

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
-from fleet_server.schemas import TERMINAL_PHASES
 from fleet_server.services.assignments import issue
 from fleet_server.tables import Assignment, Rollout, RolloutDevice, RolloutWave
 
@@ -172,8 +171,3 @@ def step_all(ctx: AppContext) -> None:
         ids = list(s.execute(select(Rollout.id).where(Rollout.state.in_(ACTIVE_STATES))).scalars())
     for rollout_id in ids:
         evaluate(ctx, rollout_id)
-
-
-def is_terminal(phase: str) -> bool:
-    """Phases that end a device's part in a wave."""
-    return phase in TERMINAL_PHASES

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,8 @@ from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from fleet_server.services.validation import ValidatedBundle, validate_ekb
 from fleet_server.tables import Artifact, Model, ModelVersion, VersionArtifact
 
-__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "get_version", "list_models", "upload_version", "version_row"]
+__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "get_version", "list_models", "new_staging_dir", "upload_version",
+           "version_row"]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -80,15 +81,11 @@ def list_models(session: Session) -> list[dict[str, Any]]:
     return [{"name": n, "versions": v, "latest": v[-1]} for n, v in out.items()]
 
 
-def _staging(ctx: AppContext) -> Path:
+def new_staging_dir(ctx: AppContext) -> Path:
+    """A private directory for one upload, removed by the caller (and at the next start)."""
     root = ctx.settings.data_dir / "staging"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
-
-
-def new_staging_dir(ctx: AppContext) -> Path:
-    """A private directory for one upload, removed by the caller (and at the next start)."""
-    return _staging(ctx)
 
 
 def upload_version(ctx: AppContext, name: str, version: str | None, bundles: list[tuple[str, Path]], work: Path) -> dict[str, Any]:
@@ -170,8 +167,3 @@ def _undo(ctx: AppContext, created: list[str]) -> None:
     for sha in created:
         if sha not in referenced:
             ctx.store.delete(sha)
-
-
-def count_versions(session: Session) -> int:
-    """How many versions the registry holds."""
-    return session.execute(select(func.count()).select_from(ModelVersion)).scalar_one()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -16,6 +17,8 @@ from fleet_server.services.engine import evaluate
 from fleet_server.tables import Assignment, Device, Report, RolloutDevice
 
 __all__ = ["record_report"]
+
+log = logging.getLogger("edgekit.fleet")
 
 _DUPLICATE = {"accepted": False, "duplicate": True}
 
@@ -66,5 +69,8 @@ def record_report(ctx: AppContext, device_id: str, req: ReportRequest) -> dict[s
             s.execute(update(Device).where(Device.id == device_id).values(**device_values))
     except IntegrityError:  # a concurrent copy of this report won the unique constraint
         return _DUPLICATE
-    evaluate(ctx, a.rollout_id)
+    try:
+        evaluate(ctx, a.rollout_id)
+    except Exception:  # noqa: BLE001 - the report is stored; the engine loop takes the step on its next tick
+        log.exception("rollout step after a report failed; the engine loop will retry")
     return {"accepted": True, "duplicate": False}
