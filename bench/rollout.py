@@ -368,49 +368,66 @@ async def _run(args: argparse.Namespace, server_pid: int, port: int, admin: str,
     return results
 
 
+def _one(args: argparse.Namespace, client: str, scratch: Path, bundles: dict[str, Path]) -> dict:
+    """One full run (fresh server, fresh fleet) with one HTTP client for the simulated agents."""
+    import httpx
+
+    with ServerProcess(scratch / f"server-{client}", poll_interval_s=max(1, round(args.interval))) as server:
+        admin, enroll = server.token("admin"), server.token("enroll")
+        for b in bundles.values():
+            _upload(server.url, admin, b)
+        public_key = httpx.get(f"{server.url}/v1/server/public-key").json()["public_key"]
+        run_args = argparse.Namespace(**{**vars(args), "client": client})
+        return asyncio.run(_run(run_args, server.proc.pid, server.port, admin, enroll, public_key))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--interval", type=float, default=1.0, help="Poll interval of the simulated agents (s).")
-    ap.add_argument("--client", choices=("httpx", "raw"), default="httpx")
+    ap.add_argument("--client", choices=("httpx", "raw", "both"), default="both",
+                    help="HTTP client of the simulated agents: httpx (~2 ms client CPU a request), the raw asyncio client of "
+                         "bench/fleet_sim.py (~0.05 ms), or both, one after the other.")
     ap.add_argument("--connections", type=int, default=64, help="Keep-alive connections shared by the simulated agents.")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)
     scratch = prepare_process()
     host = host_facts()
     bundles = _make_bundles(scratch)
-    with ServerProcess(scratch / "server", poll_interval_s=max(1, round(args.interval))) as server:
-        admin, enroll = server.token("admin"), server.token("enroll")
-        for b in bundles.values():
-            _upload(server.url, admin, b)
-        import httpx
-
-        public_key = httpx.get(f"{server.url}/v1/server/public-key").json()["public_key"]
-        results = asyncio.run(_run(args, server.proc.pid, server.port, admin, enroll, public_key))
-    c, r = results["converge"], results["rollback"]
-    rows = [
-        ["enroll all devices", f"{results['enroll_s']:.1f}", ""],
-        [f"converge: 3 waves {WAVES} to {c['state']}", f"{c['seconds_to_completed']:.1f}", f"{c['devices_activated']} activated"],
-        *[[f"  wave {i + 1} ({w['percent']}%)", "", f"{w['devices']} devices, {w['state']}"] for i, w in enumerate(c["waves"])],
-        ["regressed version: gate decision (failed)", f"{r['seconds_to_gate_failed']:.1f}", (r["reason"] or "").split(" on device")[0]],
-        ["  last rolled_back report after create", f"{r['seconds_to_last_rolled_back']:.1f}" if r["seconds_to_last_rolled_back"] else "-",
-         f"{r['devices_rolled_back']}/{r['wave_devices']} devices"],
-        ["  decision -> last rolled_back", f"{r['seconds_decision_to_last_rolled_back']:.1f}" if r["seconds_decision_to_last_rolled_back"] else "-",
-         f"later waves that got it: {r['later_wave_devices_that_received_it']}"],
-    ]
-    print_table(f"Rollout across {args.devices} simulated agents, poll {args.interval:g} s ({args.client} client)", ["step", "seconds", "note"],
-                rows)
-    cpu = results["cpu_cores"]
-    print(f"cores busy during the rollouts: client {cpu['client']}, server {cpu['server']} (of {cpu['machine']}); "
-          f"client loop lag p99 {results['client_loop_lag_p99_ms']} ms; errors {results['errors'] or 'none'}; "
-          f"load average {os.getloadavg()[0]:.2f}")
-    ratios = [Ratio("converge_s / poll_interval_s", c["seconds_to_completed"] / args.interval, None, "3 waves"),
-              Ratio("rollback_s / poll_interval_s", (r["seconds_decision_to_last_rolled_back"] or float("nan")) / args.interval, None,
-                    "gate decision to the last device back")]
-    path = write_result(NAME, host, {"devices": args.devices, "interval_s": args.interval, "client": args.client, "waves": WAVES,
-                                     **results, "ratios": [x.to_dict() for x in ratios]})
+    clients = ("httpx", "raw") if args.client == "both" else (args.client,)
+    runs = {c: _one(args, c, scratch, bundles) for c in clients}
+    rows = []
+    for c, res in runs.items():
+        cv, rb, cpu = res["converge"], res["rollback"], res["cpu_cores"]
+        waves = ", ".join(f"{w['devices']} {w['state']}" for w in cv["waves"])
+        rows += [
+            [c, "enroll all devices", _fmt(res["enroll_s"]), ""],
+            [c, f"converge: {len(WAVES)} waves {WAVES} -> {cv['state']}", _fmt(cv["seconds_to_completed"]),
+             f"{cv['devices_activated']} activated ({waves})"],
+            [c, "regressed version: wave 1 gate failed", _fmt(rb["seconds_to_gate_failed"]), (rb["reason"] or "").split(" on device")[0]],
+            [c, "  + wave 1 back on the previous version", _fmt(rb["seconds_decision_to_last_rolled_back"]),
+             f"{rb['devices_rolled_back']}/{rb['wave_devices']} rolled back; later waves that got it: "
+             f"{rb['later_wave_devices_that_received_it']}"],
+            [c, "  cores busy: client / server", f"{cpu['client']} / {cpu['server']}",
+             f"of {cpu['machine']}; loop lag p99 {res['client_loop_lag_p99_ms']} ms; errors {sum(res['errors'].values())}"],
+        ]
+    print_table(f"Rollout across {args.devices} simulated agents, poll {args.interval:g} s", ["client", "step", "seconds", "note"], rows,
+                text_columns=2)
+    print(f"load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (the machine is shared: other processes disturb the figures)")
+    main_run = runs[clients[0]]
+    cv, rb = main_run["converge"], main_run["rollback"]
+    ratios = [Ratio(f"converge_s / poll_interval_s ({clients[0]})", cv["seconds_to_completed"] / args.interval, None, "3 waves"),
+              Ratio(f"rollback_s / poll_interval_s ({clients[0]})", (rb["seconds_decision_to_last_rolled_back"] or float("nan")) / args.interval,
+                    None, "gate decision to the last device back")]
+    path = write_result(NAME, host, {"devices": args.devices, "interval_s": args.interval, "waves": WAVES, "runs": runs,
+                                     "ratios": [x.to_dict() for x in ratios]})
     print(f"wrote {path}")
-    ok = c["state"] == "completed" and r["state"] == "failed" and r["later_wave_devices_that_received_it"] == 0
+    ok = all(r["converge"]["state"] == "completed" and r["rollback"]["state"] == "failed"
+             and r["rollback"]["later_wave_devices_that_received_it"] == 0 for r in runs.values())
     return 0 if ok else 1
 
 
