@@ -201,7 +201,7 @@ class Fleet:
 
         await asyncio.gather(*(one(d) for d in self.devices if d.token))
 
-    async def run(self, interval: float, seconds: float) -> tuple[Recorder, float, list[float]]:
+    async def run(self, interval: float, seconds: float, telemetry: bool = True) -> tuple[Recorder, float, list[float]]:
         """Each device polls and posts telemetry every ``interval`` s (±20%) for ``seconds``, open loop.
 
         Returns what finished in the window, the window's length and the event loop's lag samples
@@ -225,7 +225,8 @@ class Fleet:
                 lags.append(time.perf_counter() - t - 0.05)
 
         live = [d for d in self.devices if d.token]
-        tasks = [asyncio.create_task(device_loop(d, job)) for d in live for job in (self.poll, self.post_telemetry)]
+        jobs = (self.poll, self.post_telemetry) if telemetry else (self.poll,)
+        tasks = [asyncio.create_task(device_loop(d, job)) for d in live for job in jobs]
         tasks.append(asyncio.create_task(lag_probe()))
         self.rec, self.recording = Recorder(), True
         t0 = time.perf_counter()
