@@ -18,6 +18,7 @@ from edgekit.errors import EdgekitError
 from fleet_server.context import AppContext
 from fleet_server.db import Database
 from fleet_server.errors import http_status
+from fleet_server.limits import BodyLimitMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.routers import device, fleet, models, public, rollouts
 from fleet_server.services.engine import step_all
@@ -119,5 +120,6 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     _install_error_handlers(app)
     for r in (public.router, models.router, rollouts.router, fleet.router, device.router):
         app.include_router(r)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

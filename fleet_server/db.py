@@ -1,8 +1,9 @@
 """Database engine, sessions and migrations, for SQLite (default, WAL) and PostgreSQL.
 
-SQLite: WAL so readers never wait for the writer, ``synchronous=NORMAL`` (durable at each
-checkpoint, safe against corruption), a busy timeout, and ``BEGIN IMMEDIATE`` for write
-transactions so two writers queue on the lock instead of failing on a read-to-write upgrade.
+SQLite: WAL so readers never wait for the writer, ``synchronous=NORMAL`` (a killed process loses
+no committed transaction; a power cut may lose the last few, never corrupts), a busy timeout, and
+``BEGIN IMMEDIATE`` for write transactions so two writers queue on the lock instead of failing on a
+read-to-write upgrade.
 """
 
 from __future__ import annotations

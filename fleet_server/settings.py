@@ -30,6 +30,7 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8400, ge=0, le=65535)
     max_upload_mb: float = Field(default=512, gt=0, description="Largest accepted upload (all bundles of one request).")
+    max_json_mb: float = Field(default=8, gt=0, description="Largest accepted JSON request body.")
     poll_interval_s: int = Field(default=60, ge=1, description="How often devices poll their desired state.")
     assignment_ttl_s: int = Field(default=30 * 24 * 3600, ge=2, description="Lifetime of a signed assignment.")
     engine_interval_s: float = Field(default=0.5, gt=0, description="Period of the rollout engine's loop.")
@@ -45,6 +46,10 @@ class Settings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
 
     @property
     def artifacts_dir(self) -> Path:

@@ -132,3 +132,24 @@ def test_telemetry_roundtrip(live_server, fleet_bundles):
     nan = '{"points": [{"minute": "2026-11-23T10:41:00Z", "count": 1, "latency_ms": {"p50": NaN}}]}'
     assert a.http.post("/v1/device/telemetry", content=nan, headers={"content-type": "application/json"}).status_code == 422
     assert len(live_server.admin.get("/v1/telemetry").json()["points"]) == 3
+
+
+def test_json_bodies_over_the_limit_are_413(start_fleet_server):
+    server = start_fleet_server(max_json_mb=0.01)  # 10 KB
+    d = SimDevice(server, "pi-big").enroll()
+    point = {"minute": "2026-11-23T10:41:00Z", "count": 1}
+    big = {"points": [point] * 600}  # ~25 KB
+    r = d.http.post("/v1/device/telemetry", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"points": ['
+        yield b",".join([b'{"minute": "2026-11-23T10:41:00Z", "count": 1}'] * 600)
+        yield b"]}"
+
+    r = d.http.post("/v1/device/telemetry", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    small = b'{"points": [{"minute": "2026-11-23T10:41:00Z", "count": 1}]}'
+    r = d.http.post("/v1/device/telemetry", content=iter([small[:10], small[10:]]), headers={"content-type": "application/json"})
+    assert r.status_code == 202 and r.json() == {"accepted": 1}
+    assert len(server.admin.get("/v1/telemetry").json()["points"]) == 1

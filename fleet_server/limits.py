@@ -1,0 +1,61 @@
+"""A cap on JSON request bodies (uploads have their own streaming limit): FastAPI reads a JSON body
+whole, so without this one request could hold gigabytes of memory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+__all__ = ["BodyLimitMiddleware"]
+
+_UPLOAD = re.compile(r"^/v1/models/[^/]+/versions$")
+
+
+class BodyLimitMiddleware:
+    """413 for a non-upload request body over ``max_bytes`` (by Content-Length, or counted as it arrives)."""
+
+    def __init__(self, app, max_bytes: int) -> None:  # noqa: ANN001 - ASGI app
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or _UPLOAD.match(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        # chunked: buffer up to the limit (the route would read it all anyway), then replay it
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():  # noqa: ANN202
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send) -> None:  # noqa: ANN001
+        body = json.dumps({"error": {"code": "too_large", "message": f"request body over {self.max_bytes} bytes",
+                                     "hint": "Send smaller batches (telemetry: at most 1,000 points)."}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
