@@ -47,6 +47,15 @@ NAME = "cloud_batching"
 GOAL = 1 / 3  # request-by-request throughput / batched throughput: batching must be >= 3x
 
 
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +142,7 @@ def server(model: Path, extra: list[str]):
                 raise RuntimeError("server not ready")
             time.sleep(0.2)
         meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/m").json()
-        yield port, meta
+        yield port, meta, proc.pid
     finally:
         proc.terminate()
         try:
@@ -221,14 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         label, path = resolve_model(choice, scratch)
         runs: dict[str, list[dict]] = {s: [] for s in sides}
         provider = None
+        server_cpu = wall = 0.0
         print(f"cloud_batching: {label}: {args.reps} reps x {args.seconds:g} s per side, {args.clients} clients ...", flush=True)
         with OtherLoad() as load:
             for rep in range(args.reps):
                 order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
                 for side in order:
-                    with server(path, sides[side]) as (port, meta):
+                    with server(path, sides[side]) as (port, meta, pid):
                         provider = meta["parameters"]["execution_provider"]
+                        c0, t0 = proc_cpu_s(pid), time.perf_counter()
                         runs[side].append(run_side(port, meta, args.clients, args.seconds, not args.json_inputs))
+                        server_cpu, wall = server_cpu + proc_cpu_s(pid) - c0, wall + time.perf_counter() - t0
         summary = {}
         for side, rs in runs.items():
             summary[side] = {"rps": float(np.median([r["rps"] for r in rs])), "p50_ms": float(np.median([r["p50_ms"] for r in rs])),
@@ -238,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         speedup = summary["batched"]["rps"] / summary["request-by-request"]["rps"]
         ratios.append(Ratio(f"{label}: request-by-request / batched throughput", 1 / speedup, GOAL,
                             f"batching {speedup:.2f}x on {provider}"))
-        results[label] = {"model": str(path), "provider": provider, "speedup": speedup, "other_load_cores": load.cores, **summary}
-        print(load.describe())
+        server_cores = server_cpu / wall if wall else 0.0
+        others = None if load.cores is None else max(0.0, load.cores - server_cores)
+        results[label] = {"model": str(path), "provider": provider, "speedup": speedup, "server_cores": server_cores,
+                          "other_load_cores": others, **summary}
+        print(f"the server used {server_cores:.2f} cores; other processes (not this benchmark's) kept "
+              + ("n/a" if others is None else f"{others:.2f}") + f" of {os.cpu_count()} cores busy")
     print_table(f"KServe v2 /infer, {args.clients} concurrent clients, batch-1 requests (median of {args.reps} runs)",
                 ["model", "serving", "req/s", "p50 ms", "p99 ms", "non-200"], rows, text_columns=2)
     print_table("Ratios (lower is better; goal: batching >= 3x)", ["ratio", "value", "goal", "met"], ratio_rows(ratios))

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BatchConfig", "BatchStats", "DynamicBatcher", "QueueFull"]
+__all__ = ["BatchConfig", "BatchStats", "DynamicBatcher", "QueueFull", "ShuttingDown"]
 
 
 class QueueFull(Exception):
     """The request queue is at its bound; the caller should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped before the request ran."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class DynamicBatcher:
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
-                p.future.set_exception(RuntimeError("server shutting down"))
+                p.future.set_exception(ShuttingDown("server shutting down"))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run_direct(self, x: np.ndarray) -> np.ndarray:

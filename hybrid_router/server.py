@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hybrid_router.batcher import BatchConfig, BatchStats, DynamicBatcher, QueueFull
+from hybrid_router.batcher import BatchConfig, BatchStats, DynamicBatcher, QueueFull, ShuttingDown
 from hybrid_router.client import DATATYPES
 
 __all__ = ["CloudServerSettings", "InferRequest", "create_app", "serve"]
@@ -197,18 +197,26 @@ def create_app(settings: CloudServerSettings):
 
     model = _Model(settings)
     metrics = _Metrics()
-    batcher = DynamicBatcher(lambda x: _Outputs(model.run(x)), settings.batch, on_batch=metrics.on_batch)
+    batch = settings.batch
+    static = model.input.shape[0] if model.input.shape and model.input.shape[0] > 0 else None
+    if static is not None and batch.max_batch != 1:
+        # a graph with a fixed batch axis takes exactly that many rows: no batching across requests
+        log.warning("model input has a fixed batch of %d; serving request by request", static)
+        batch = BatchConfig(1, batch.max_delay_us, batch.max_queue)
+    batcher = DynamicBatcher(lambda x: _Outputs(model.run(x)), batch, on_batch=metrics.on_batch)
     state = {"ready": False}
     headers = {PROVIDER_HEADER: model.onnx.provider}
 
     async def warm_up() -> None:
-        sizes = sorted({1, settings.batch.max_batch})
+        sizes = [static] if static is not None else sorted({1, batch.max_batch})
         shape = [d if d > 0 else 1 for d in model.input.shape[1:]]
-        for n in sizes:
-            if model.input.shape[0] > 0 and n != model.input.shape[0]:
-                continue
-            for _ in range(3):
-                await batcher.run_direct(np.zeros([n, *shape], dtype=model.dtype))
+        try:
+            for n in sizes:
+                for _ in range(3):
+                    await batcher.run_direct(np.zeros([n, *shape], dtype=model.dtype))
+        except Exception:  # noqa: BLE001 - stay live and unready, and say why
+            log.exception("warm-up of %s failed; the server stays not ready", model.name)
+            return
         state["ready"] = True
         log.info("model %s warm on %s; ready", model.name, model.onnx.provider)
 
@@ -237,7 +245,7 @@ def create_app(settings: CloudServerSettings):
     async def server_metadata() -> dict:
         from edgekit import __version__
 
-        return {"name": "edgekit-cloud", "version": __version__, "extensions": []}
+        return {"name": "edgekit-cloud", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -278,8 +286,11 @@ def create_app(settings: CloudServerSettings):
             outs = await batcher.submit(x)
         except QueueFull as e:
             return error(429, f"server overloaded: {e}", **{"Retry-After": "1"})
-        except RuntimeError as e:
+        except ShuttingDown as e:
             return error(503, str(e), **{"Retry-After": "1"})
+        except Exception as e:  # noqa: BLE001 - the model failed on input that passed the checks: a server error, as JSON
+            log.exception("inference failed")
+            return error(500, f"inference failed: {type(e).__name__}: {str(e)[:200]}")
         finally:
             metrics.queue_depth.set(batcher.depth)
         body: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": []}

@@ -142,3 +142,24 @@ def test_bad_binary_requests_are_400(cloud: str, size, header_len, fragment: str
         headers = {"inference-header-content-length": "x"}
     r = httpx.post(f"{cloud}/v2/models/digits/infer", content=body, headers=headers)
     assert r.status_code == 400 and fragment in r.json()["error"]
+
+
+def test_a_fixed_batch_model_is_served_request_by_request(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(4).normal(size=(64, 10)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["probs"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 1])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 10])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    with cloud_server(path, "fixed") as (url, _):
+        with httpx.Client() as c, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: c.post(f"{url}/v2/models/fixed/infer", json=_body(x)).status_code, range(40)))
+        two = httpx.post(f"{url}/v2/models/fixed/infer", json=_body(np.zeros((2, 8, 8, 1), np.float32)))
+        assert codes == [200] * 40
+        assert _metric(url, "edgekit_cloud_batch_size_sum") == _metric(url, "edgekit_cloud_batch_size_count") == 40
+    assert two.status_code == 400 and "does not fit" in two.json()["error"]
