@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit import __version__
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, OutputError
 from fleet_server.context import AppContext
 from fleet_server.db import Database
 from fleet_server.errors import http_status
@@ -34,13 +34,16 @@ log = logging.getLogger("edgekit.fleet")
 
 def bootstrap(settings: Settings) -> AppContext:
     """Open the database and migrate it, load or create the signing key, open the artifact store."""
-    if not settings.data_dir.exists():
-        settings.data_dir.mkdir(parents=True, mode=0o700)
+    try:
+        if not settings.data_dir.exists():
+            settings.data_dir.mkdir(parents=True, mode=0o700)
+        store = DirectoryArtifactStore(settings.artifacts_dir)
+        store.clear_temporaries()
+        key = ServerKey.load_or_create(settings.key_path)
+    except OSError as e:
+        raise OutputError(f"cannot write to the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir the server can write.") from None
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     head = db.migrate()
-    store = DirectoryArtifactStore(settings.artifacts_dir)
-    store.clear_temporaries()
-    key = ServerKey.load_or_create(settings.key_path)
     return AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from edgekit.errors import UsageError
+from edgekit.errors import OutputError, RemoteError, UsageError
 
 __all__ = ["Database", "utc", "utcnow"]
 
@@ -54,7 +54,11 @@ class Database:
         try:
             if self.dialect == "sqlite":
                 if parsed.database and parsed.database != ":memory:":
-                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise OutputError(f"cannot create the SQLite database's directory {Path(parsed.database).parent}: {e.strerror}",
+                                          "Choose a --data-dir or --db path the server can write.") from None
                 self.engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_timeout=30,
                                             connect_args={"check_same_thread": False, "timeout": 30})
                 _sqlite_events(self.engine)
@@ -111,7 +115,11 @@ class Database:
         """Upgrade the schema to the newest migration; returns the head revision."""
         from alembic import command
 
-        command.upgrade(self._alembic_config(), "head")
+        try:
+            command.upgrade(self._alembic_config(), "head")
+        except OperationalError as e:
+            raise RemoteError(f"cannot use the database {self.url.render_as_string(hide_password=True)}: {e.orig}",
+                              "Check --db / EDGEKIT_DB, that the database server is running, and its credentials.") from None
         return self.head()
 
     def head(self) -> str:

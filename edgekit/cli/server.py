@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgekit.cli.output import emit, stdout
-from edgekit.errors import RuntimeUnavailableError, UsageError
+from edgekit.errors import OutputError, RuntimeUnavailableError, UsageError
 
 __all__ = ["server"]
 
@@ -68,7 +68,10 @@ def create(scope: str, label: str, db: str | None, data_dir: Path | None, as_jso
     from fleet_server.tokens import create_token
 
     if settings.db is None and not settings.data_dir.exists():
-        settings.data_dir.mkdir(parents=True, mode=0o700)
+        try:
+            settings.data_dir.mkdir(parents=True, mode=0o700)
+        except OSError as e:
+            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
     database = Database(settings.database_url)
     try:
         database.migrate()

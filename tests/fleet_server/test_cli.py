@@ -39,3 +39,12 @@ def test_bad_settings_are_usage_errors(run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEKIT_MAX_UPLOAD_MB", "lots")
     code, _, err = run_cli("server", "start", "--data-dir", tmp_path)
     assert code == 2 and "EDGEKIT_MAX_UPLOAD_MB" in err
+
+
+def test_an_unreachable_database_or_unwritable_dir_is_a_clear_error(run_cli, tmp_path):
+    code, _, err = run_cli("server", "token", "create", "--scope", "admin", "--db", "postgresql+psycopg://u:secret@127.0.0.1:1/x")
+    assert code == 8 and "cannot use the database" in err and "secret" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli("server", "start", "--data-dir", blocker / "data")
+    assert code == 7 and "data dir" in err
