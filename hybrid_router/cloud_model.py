@@ -60,7 +60,9 @@ def resolve_onnx(model: str | os.PathLike[str]) -> Path:
         return target
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import keras
+        with captured_output():  # TensorFlow prints absl/oneDNN lines on import
+            import keras
+            import tensorflow  # noqa: F401 - imported here so its import-time output is captured too
     except ImportError:
         raise RuntimeUnavailableError("TensorFlow is not installed, so a .keras cloud model cannot be exported to ONNX",
                                       "Install it (pip install 'edgekit[convert]') or pass an .onnx file.") from None
