@@ -189,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         opened.close()
         server_cores = (proc_cpu_s(pid) - c0) / (time.perf_counter() - w0)
     assert reasons == {"circuit_open"}, reasons
+    from hybrid_router import decide
+
+    policy = EscalationPolicy.from_router_policy(load(bundle).manifest.router_policy)
+    outs = [np.asarray(local.predict(x[i][None]))[0] for i in range(200)]
+    decide_s = []
+    for i in range(args.calls):
+        t0 = time.perf_counter()
+        decide(outs[i % len(outs)], policy)
+        decide_s.append(time.perf_counter() - t0)
     all_over = conf_over + esc_over
     rows = [
         ["overhead, all calls", f"{pct(all_over, 50):.3f}", f"{pct(all_over, 99):.3f}", str(len(all_over))],
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         ["HybridClassifier.predict total", f"{pct(totals, 50):.3f}", f"{pct(totals, 99):.3f}", str(len(totals))],
         ["breaker open: added to the device call", f"{pct(added, 50):.3f}", f"{pct(added, 99):.3f}", str(len(added))],
         ["bare LocalModel.predict (same inputs)", f"{pct(bare, 50):.3f}", f"{pct(bare, 99):.3f}", str(len(bare))],
+        ["decide() alone (the pure decision)", f"{pct(decide_s, 50):.3f}", f"{pct(decide_s, 99):.3f}", str(len(decide_s))],
     ]
     ratios = [
         Ratio("router overhead p99, ms (all calls)", pct(all_over, 99), GOAL_OVERHEAD_P99_MS, "beyond device model + cloud HTTP"),
