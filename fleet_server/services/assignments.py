@@ -24,15 +24,20 @@ def _iso(t: dt.datetime) -> str:
 
 
 def artifact_ref(session: Session, version_artifact_id: int | None) -> dict[str, Any] | None:
-    """The ``artifact`` object of a payload for a version artifact (None → null)."""
+    """The ``artifact`` object of a payload for a version artifact (None → null); cached per transaction."""
     if version_artifact_id is None:
         return None
+    cache = session.info.setdefault("edgekit_artifact_refs", {})
+    if version_artifact_id in cache:
+        return cache[version_artifact_id]
     va, size = session.execute(
         select(VersionArtifact, Artifact.size_bytes).join(Artifact, Artifact.sha256 == VersionArtifact.artifact_sha256)
         .where(VersionArtifact.id == version_artifact_id)
     ).one()
-    return {"sha256": va.artifact_sha256, "size_bytes": size, "profile": va.profile, "format": va.format, "file": va.file,
-            "manifest_sha256": va.manifest_sha256, "url": f"/v1/artifacts/{va.artifact_sha256}"}
+    ref = {"sha256": va.artifact_sha256, "size_bytes": size, "profile": va.profile, "format": va.format, "file": va.file,
+           "manifest_sha256": va.manifest_sha256, "url": f"/v1/artifacts/{va.artifact_sha256}"}
+    cache[version_artifact_id] = ref
+    return ref
 
 
 def issue(session: Session, ctx: AppContext, *, device_id: str, rollout_id: str, action: str, model: str, version: str,
@@ -47,7 +52,9 @@ def issue(session: Session, ctx: AppContext, *, device_id: str, rollout_id: str,
     guard = [Device.id == device_id]
     if expect_desired_serial is not None:
         guard.append(Device.desired_serial == expect_desired_serial)
-    serial = session.execute(update(Device).where(*guard).values(serial=Device.serial + 1).returning(Device.serial)).scalar_one_or_none()
+    # synchronize_session=False: the ORM would otherwise scan every loaded Device per UPDATE (quadratic in a wave)
+    serial = session.execute(update(Device).where(*guard).values(serial=Device.serial + 1).returning(Device.serial)
+                             .execution_options(synchronize_session=False)).scalar_one_or_none()
     if serial is None:
         return None
     now = utcnow().replace(microsecond=0)
@@ -65,8 +72,7 @@ def issue(session: Session, ctx: AppContext, *, device_id: str, rollout_id: str,
                            payload=payload, signature=signature, issued_at=now, expires_at=expires))
     body = json.dumps({"payload": payload, "signature": signature, "key_id": ctx.key.key_id}, separators=(",", ":"))
     session.execute(update(Device).where(Device.id == device_id).values(
-        desired_serial=serial, desired_body=body, desired_issued_at=now, desired_expires_at=expires))
-    session.flush()
+        desired_serial=serial, desired_body=body, desired_issued_at=now, desired_expires_at=expires).execution_options(synchronize_session=False))
     return serial
 
 

@@ -54,7 +54,7 @@ class Desired:
     body: bytes
 
 
-def desired_state(ctx: AppContext, device_id: str) -> Desired:
+def desired_state(ctx: AppContext, device_id: str, *, reissue: bool = True) -> Desired:
     """One primary-key read; the signed body was built when the assignment was issued."""
     ctx.last_seen.touch(device_id)
     with ctx.db.connect() as c:
@@ -62,11 +62,11 @@ def desired_state(ctx: AppContext, device_id: str) -> Desired:
     if row is None:
         raise NotFound("this device is not enrolled any more", "Enroll the device again.")
     serial, body, issued = row
-    if body is not None and issued is not None:
+    if reissue and body is not None and issued is not None:
         half = dt.timedelta(seconds=ctx.settings.assignment_ttl_s / 2)
         if utc(issued) + half < utcnow():
             reissue_if_stale(ctx, device_id, serial)
-            return desired_state(ctx, device_id)
+            return desired_state(ctx, device_id, reissue=False)
     poll = ctx.settings.poll_interval_s
     etag = f'"{serial}.{poll}"'
     text = f'{{"poll_interval_s":{poll},"assignment":{body or "null"}}}'
