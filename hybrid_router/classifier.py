@@ -16,6 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from edgekit.errors import InputError
+from edgekit.manifest import RouterPolicy
 from hybrid_router.breaker import BreakerState, CircuitBreaker
 from hybrid_router.client import CloudFailure, KServeClient
 from hybrid_router.policy import EscalationPolicy, decide, decide_batch
@@ -75,13 +76,13 @@ def _as_probs(out: np.ndarray) -> np.ndarray:
 class HybridClassifier:
     """Device-first classification with escalation to a KServe v2 cloud model under a deadline and a breaker."""
 
-    def __init__(self, local: DeviceModel, cloud: CloudModel | None, policy: EscalationPolicy, *, deadline_ms: float = 100.0,
-                 breaker: CircuitBreaker | None = None, recorder: Recorder | None = None) -> None:
+    def __init__(self, local: DeviceModel, cloud: CloudModel | None, policy: EscalationPolicy | RouterPolicy, *,
+                 deadline_ms: float = 100.0, breaker: CircuitBreaker | None = None, recorder: Recorder | None = None) -> None:
         if deadline_ms <= 0:
             raise ValueError("deadline_ms must be > 0")
         self.local = local
         self.cloud = cloud
-        self.policy = policy
+        self.policy = EscalationPolicy.from_router_policy(policy) if isinstance(policy, RouterPolicy) else policy
         self.deadline_ms = float(deadline_ms)
         self.breaker = breaker or CircuitBreaker()
         self.recorder = recorder

@@ -186,3 +186,15 @@ def test_a_cloud_client_that_raises_anything_still_gets_the_device_answer(device
         clf = HybridClassifier(load(device_bundle), cloud, EscalationPolicy(1.0, 1.000001))
         p = clf.predict(x[0])
         assert (p.source, p.degraded, p.reason) == ("device", True, "bad_response")
+
+
+def test_the_manifest_policy_can_be_passed_as_is(calibrated, device_bundle: Path, digits_cloud) -> None:
+    from edgekit.runtime import load
+
+    clf = HybridClassifier(load(device_bundle), None, calibrated.policy)
+    assert isinstance(clf.policy, EscalationPolicy) and clf.policy.threshold == calibrated.policy.threshold
+
+
+def test_cloud_url_without_model_name_is_refused(calibrated) -> None:
+    with pytest.raises(InputError, match="both"):
+        HybridClassifier.from_bundle(calibrated.bundle, "http://127.0.0.1:1", None)
