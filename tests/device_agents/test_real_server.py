@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from agent_support import wait_for
 from device_agents.slots import Slots
 from device_agents.store import DataDir
-from edgekit.runtime import read_active_pointer
+from device_agents.telemetry import Recorder, TelemetryBuffer
+from edgekit.runtime import load_active, read_active_pointer
 from fleet_support import upload
 
 pytestmark = pytest.mark.timeout(280)
@@ -139,3 +141,38 @@ def test_sigkill_during_real_rollouts(start_fleet_server, fleet_bundles, spawn_a
     # a real download of a small artifact on loopback is too quick to be hit every time; the scripted-server
     # test (test_kill.py) throttles it and requires all four states
     assert sum(hit.get(t, 0) for t in TARGETS) >= 10 and sum(1 for t in TARGETS if hit.get(t)) >= 3, hit
+
+
+def test_real_server_down_then_back_gets_every_buffered_point(start_fleet_server, fleet_bundles, spawn_agent, tmp_path: Path) -> None:
+    server = start_fleet_server(process=True)
+    admin = server.admin
+    r = upload(admin, "digits", [fleet_bundles.ekb["v1"]["raspberry-pi-5"]])
+    assert r.status_code == 201, r.text
+    sha = r.json()["artifacts"][0]["sha256"]
+    data = tmp_path / "dev"
+    spawn_agent(server.url, data, token=server.enroll_token)
+    wait_for(lambda: admin.get("/v1/devices").json(), 60, "enrolled")
+    rid = _rollout(admin, "1.2.3")
+    assert wait_for(lambda: _done(admin, rid), 90, "1.2.3")["state"] == "completed"
+    device_id = admin.get("/v1/devices").json()[0]["id"]
+
+    server.stop()
+    model = load_active(data)  # the app keeps answering from the active model
+    rec = Recorder(data, background=False)
+    t0 = int(time.time() // 60 * 60) - 3600  # an hour ago, one point per minute
+    x = np.load(fleet_bundles.dirs["v1"]["raspberry-pi-5"] / "golden.npz")["x"]
+    for minute in range(20):
+        y = model.predict(x[minute % len(x)][None])
+        rec.record(latency_ms=1.0, confidence=float(y.max()), source="device", error=None, escalated=False, degraded=False,
+                   at=t0 + 60 * minute)
+    rec.close()
+    assert TelemetryBuffer(data).fill()[0] == 20
+    log = data.with_name(data.name + ".log")
+    wait_for(lambda: log.read_text().count("server unreachable") >= 3, 30, "the agent backing off")
+    server.start()  # same port, database and data dir
+    admin = server.admin  # stop() closed the old clients
+    wait_for(lambda: TelemetryBuffer(data).fill()[0] == 0, 60, "buffer flushed")
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0 - 60))
+    points = admin.get("/v1/telemetry", params={"device_id": device_id, "since": since}).json()["points"]
+    assert len(points) == 20 and sum(p["count"] for p in points) == 20
+    assert {p["model_sha256"] for p in points} == {sha}
