@@ -155,7 +155,10 @@ class RolloutDevice(Base):
     """A device targeted by a rollout: its wave, target and previous artifact, and its progress."""
 
     __tablename__ = "rollout_devices"
-    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_devices_device"),)
+    __table_args__ = (
+        UniqueConstraint("rollout_id", "device_id", name="uq_rollout_devices_device"),
+        Index("ix_rollout_devices_wave", "rollout_id", "wave_index", "finished"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)

@@ -71,10 +71,11 @@ def create_rollout(ctx: AppContext, req: RolloutCreate) -> dict[str, Any]:
             raise BadRequest(f"{len(matched)} device(s) match, but version '{req.version}' has no artifact for their profiles "
                              f"({', '.join(sorted({d.profile for d in matched}))})",
                              f"The version has artifacts for: {', '.join(sorted(artifacts)) or 'none'}.", code="no_matching_devices")
-        busy = s.execute(select(RolloutDevice.device_id, RolloutDevice.rollout_id).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-                         .where(Rollout.state.in_(ACTIVE_STATES), RolloutDevice.device_id.in_([d.id for d in targets]))).first()
-        if busy is not None:
-            raise Conflict(f"device {busy.device_id} is in running rollout {busy.rollout_id}",
+        busy = dict(s.execute(select(RolloutDevice.device_id, RolloutDevice.rollout_id).join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+                              .where(Rollout.state.in_(ACTIVE_STATES))).all())  # no IN list: fleets outgrow SQLite's parameter limit
+        clash = next((d for d in targets if d.id in busy), None)
+        if clash is not None:
+            raise Conflict(f"device {clash.id} ({clash.name}) is in running rollout {busy[clash.id]}",
                            "Wait for it to finish, or pause/rollback it first.")
         now = utcnow()
         rollout_id = "ro_" + secrets.token_hex(8)

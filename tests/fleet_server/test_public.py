@@ -12,7 +12,7 @@ def test_health_ready_key_and_metrics(live_server):
     c = live_server.client()
     assert c.get("/healthz").json() == {"status": "ok"}
     ready = c.get("/readyz").json()
-    assert ready["status"] == "ready" and ready["migrations"] == "0001"
+    assert ready["status"] == "ready" and ready["migrations"] == "0002"
     assert ready["database"] == ("sqlite" if live_server.db_url.startswith("sqlite") else "postgresql")
     key = c.get("/v1/server/public-key").json()
     assert key["algorithm"] == "ed25519" and len(base64.b64decode(key["public_key"])) == 32 and len(key["key_id"]) == 16
