@@ -128,3 +128,14 @@ def test_crash_loop_in_profiling_rolls_back(bundles, run_cli, agent_env, tmp_pat
     assert [t for t in resumed["transitions"] if t[0] == "profiling"] == [["profiling", "crash_loop", "rolling_back"]]
     # then the requested install ran from the start and succeeded
     assert code == 0 and r["ok"] and read_active_pointer(data).version == "1.3.0"
+
+
+def test_profile_auto_detects_this_machine_and_status_prints_for_people(bundles, run_cli, tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    code, r = install(run_cli, bundles["pi"], data, "--profile", "auto")
+    # this host is not a Raspberry Pi 5: the detected profile refuses the bundle
+    assert code == 9 and r["failure"]["reason"] == "wrong_profile" and "detected-" in r["failure"]["message"]
+    code, r = install(run_cli, bundles["pi"], data)
+    assert code == 0
+    code, out, _ = run_cli("agent", "status", "--data-dir", data)
+    assert code == 0 and "active: digits 1.2.3" in out and "last result: ok" in out and "telemetry buffer: 0/10000" in out
