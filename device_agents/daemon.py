@@ -22,7 +22,7 @@ from edgekit.errors import RemoteError, UsageError
 
 from device_agents.client import FleetClient
 from device_agents.lock import DirLock
-from device_agents.machine import Event, Interrupted, State, TransientError, backoff_delay
+from device_agents.machine import Event, Interrupted, Runner, State, TransientError, backoff_delay
 from device_agents.settings import AgentSettings
 from device_agents.steps import open_runner
 from device_agents.store import DataDir, utc_now
@@ -115,7 +115,7 @@ class Agent:
         finally:
             daemon_lock.release()
 
-    def _runner(self, identity: dict, client: FleetClient):
+    def _runner(self, identity: dict, client: FleetClient) -> Runner:
         return open_runner(self.data, self.settings, identity=identity, client=client, should_stop=self.stop.is_set,
                            sleep=self.stop.wait)
 

@@ -18,12 +18,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from edgekit.errors import EdgekitError, VerificationError
 
 from device_agents.slots import Slots
 from device_agents.store import DataDir, utc_now
+
+if TYPE_CHECKING:  # the client imports this module's errors; the settings import the profiler
+    from device_agents.client import FleetClient
+    from device_agents.settings import AgentSettings
 
 __all__ = ["Event", "Interrupted", "Runner", "State", "StepContext", "TRANSITIONS", "TransientError", "backoff_delay"]
 
@@ -118,10 +122,10 @@ class StepContext:
 
     data: DataDir
     slots: Slots
-    settings: Any
+    settings: AgentSettings
     record: dict
     identity: dict | None = None
-    client: Any = None
+    client: FleetClient | None = None
     should_stop: Callable[[], bool] = lambda: False
     sleep: Callable[[float], None] = field(default=lambda s: None)
 

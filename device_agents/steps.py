@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from edgekit.bundle import open_bundle
 from edgekit.errors import VerificationError
 
-from device_agents.client import IncompleteDownload
-from device_agents.machine import Event, State, StepContext
+from device_agents.client import FleetClient, IncompleteDownload
+from device_agents.machine import Event, Runner, State, StepContext
+from device_agents.settings import AgentSettings
+from device_agents.slots import Slots
+from device_agents.store import DataDir
 from device_agents.profiler import ProfileSettings, profile_candidate
 from device_agents.store import utc_now
 from device_agents.verify import check_artifact_file, check_bundle, verify_assignment
 
-__all__ = ["HANDLERS"]
+__all__ = ["HANDLERS", "open_runner"]
 
 
 def _claimed_serial(signed: dict) -> int | None:
@@ -193,11 +197,9 @@ HANDLERS = {
 }
 
 
-def open_runner(data, settings, *, identity: dict | None = None, client=None, should_stop=lambda: False,
-                sleep=lambda s: None):
+def open_runner(data: DataDir, settings: AgentSettings, *, identity: dict | None = None, client: FleetClient | None = None,
+                should_stop: Callable[[], bool] = lambda: False, sleep: Callable[[float], None] = lambda s: None) -> Runner:
     """A :class:`~device_agents.machine.Runner` over this data dir's persisted record, with the handlers above."""
-    from device_agents.machine import Runner
-    from device_agents.slots import Slots
 
     ctx = StepContext(data=data, slots=Slots(data, settings.keep_slots), settings=settings, record=data.load_state(),
                       identity=identity, client=client, should_stop=should_stop, sleep=sleep)
