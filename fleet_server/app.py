@@ -20,6 +20,7 @@ from fleet_server.db import Database
 from fleet_server.errors import http_status
 from fleet_server.limits import BodyLimitMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
+from fleet_server.responses import ErrorBody
 from fleet_server.routers import device, fleet, models, public, rollouts
 from fleet_server.services.engine import step_all
 from fleet_server.settings import Settings
@@ -121,8 +122,12 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
                   description="Model registry, devices, signed staged rollouts and telemetry. See docs/protocol.md.")
     app.state.metrics = FleetMetrics(lambda: getattr(app.state, "ctx", None) and app.state.ctx.db)
     _install_error_handlers(app)
-    for r in (public.router, models.router, rollouts.router, fleet.router, device.router):
-        app.include_router(r)
+    errors = {status: {"model": ErrorBody, "description": text} for status, text in (
+        (400, "Wrong request"), (401, "No or unknown token"), (403, "Wrong scope or another device's data"), (404, "Not found"),
+        (409, "Exists, or the state forbids it"), (413, "Too large"), (416, "Range not satisfiable"), (422, "Malformed request"))}
+    app.include_router(public.router)
+    for r in (models.router, rollouts.router, fleet.router, device.router):
+        app.include_router(r, responses=errors)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -6,19 +6,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fleet_server.deps import AnyPrincipalDep, CtxDep, DeviceDep, EnrollDep
+from fleet_server.responses import DesiredState, EnrollResponse, ReportAck, TelemetryAck
 from fleet_server.schemas import EnrollRequest, ReportRequest, TelemetryBatch
 from fleet_server.services import artifacts, devices, reports, telemetry
 
 router = APIRouter(tags=["device"])
 
 
-@router.post("/v1/devices/enroll", status_code=201)
+@router.post("/v1/devices/enroll", status_code=201, response_model=EnrollResponse)
 def enroll(body: EnrollRequest, ctx: CtxDep, _: EnrollDep) -> dict:
     """Register a device; its token is returned once."""
     return devices.enroll(ctx, body)
 
 
-@router.get("/v1/device/desired")
+@router.get("/v1/device/desired", response_model=DesiredState, responses={304: {"description": "Unchanged since If-None-Match."}})
 def desired(request: Request, ctx: CtxDep, device_id: DeviceDep) -> Response:
     """The device's signed assignment (304 when its ETag still matches)."""
     state = devices.desired_state(ctx, device_id)
@@ -40,7 +41,8 @@ def _chunks(path, start: int, length: int, chunk: int = 1 << 16):  # noqa: ANN00
             yield block
 
 
-@router.get("/v1/artifacts/{sha256}")
+@router.get("/v1/artifacts/{sha256}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "A Range of the artifact."}})
 def get_artifact(sha256: str, request: Request, ctx: CtxDep, principal: AnyPrincipalDep) -> Response:
     """The .ekb bytes; single ``Range`` requests get 206."""
     size = artifacts.authorize_artifact(ctx, principal, sha256)
@@ -59,13 +61,13 @@ def get_artifact(sha256: str, request: Request, ctx: CtxDep, principal: AnyPrinc
     return StreamingResponse(_chunks(path, start, end - start + 1), status_code=206, media_type="application/octet-stream", headers=headers)
 
 
-@router.post("/v1/device/reports")
+@router.post("/v1/device/reports", response_model=ReportAck)
 def report(body: ReportRequest, ctx: CtxDep, device_id: DeviceDep) -> dict:
     """Report a phase of an assignment; idempotent on (device, rollout, phase)."""
     return reports.record_report(ctx, device_id, body)
 
 
-@router.post("/v1/device/telemetry", status_code=202)
+@router.post("/v1/device/telemetry", status_code=202, response_model=TelemetryAck)
 def post_telemetry(body: TelemetryBatch, ctx: CtxDep, device_id: DeviceDep) -> dict:
     """A batch of per-minute telemetry points."""
     return telemetry.store_batch(ctx, device_id, body)

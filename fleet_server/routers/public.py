@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from fleet_server.deps import CtxDep
+from fleet_server.responses import PublicKey
 
 router = APIRouter(tags=["public"])
 
@@ -34,7 +35,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/server/public-key")
+@router.get("/v1/server/public-key", response_model=PublicKey)
 async def public_key(ctx: CtxDep) -> dict:
     """The Ed25519 key that signs every assignment (agents pin it at enrollment)."""
     return {"algorithm": "ed25519", "public_key": ctx.key.public_key, "key_id": ctx.key.key_id}
