@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.mnist.train import DEFAULT_OUT, ensure_example, load_mnist, split
 from hybrid_router.cloud_model import export_keras_onnx
+from examples.mnist.train import DEFAULT_OUT, ensure_example, load_mnist, split
 
 __all__ = ["CLOUD_RECIPE", "build_cloud_model", "ensure_cloud_model"]
 
