@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PIP) install --upgrade pip
 
 $(VENV)/.demo-deps: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[convert,agent,examples]'
+	$(PIP) install -e '.[all]'
 	touch $@
 
 $(VENV)/.dev-deps: pyproject.toml | $(BIN)/python
