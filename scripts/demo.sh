@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# make demo: train the MNIST example (cached), convert it for three devices, benchmark one bundle.
+# make demo: the main job end to end on the embedded defaults (SQLite, a local artifact
+# directory, loopback): train the MNIST example (cached), convert it for four devices, run a
+# fleet server and three device agents, roll the model out in waves, then route predictions
+# device-first with a cloud model behind, and once more with the cloud stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export EDGEKIT_SIGNING_KEY=${EDGEKIT_SIGNING_KEY:-$PWD/.cache/demo/signing_key.pem}
@@ -23,5 +26,96 @@ echo
 echo "== 4. edgekit bench on this machine (TFLite with LiteRT, ONNX with ONNX Runtime) =="
 edgekit bench "$OUT/mnist-raspberry-pi-5-tflite" --runs 500
 edgekit bench "$OUT/mnist-pixel-8-onnx" --runs 500
+
+DEMO=.cache/demo
+FLEET=$DEMO/fleet
+rm -rf "$FLEET" bundles/mnist-router
+mkdir -p "$FLEET"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() {  # URL: poll until it answers 200 (60 s)
+  python - "$1" <<'PY'
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        time.sleep(0.1)
+sys.exit(f"{sys.argv[1]} did not become ready")
+PY
+}
+
 echo
-echo "Bundles, report.json and report.md are in $OUT/"
+echo "== 5. A fleet server (SQLite + artifact directory in $FLEET/server) and its tokens =="
+PORT=$(free_port)
+export EDGEKIT_SERVER=http://127.0.0.1:$PORT
+edgekit server start --data-dir "$FLEET/server" --port "$PORT" --poll-interval 1 --log-level warning &
+PIDS+=($!)
+wait_ready "$EDGEKIT_SERVER/readyz"
+export EDGEKIT_TOKEN=$(edgekit server token create --scope admin --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+ENROLL=$(edgekit server token create --scope enroll --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+echo "server on $EDGEKIT_SERVER; admin and enroll tokens created (only their hashes are stored)"
+
+echo
+echo "== 6. Three device agents, each with its own data dir and hardware profile =="
+for dev in raspberry-pi-5 pixel-8 coral-edgetpu; do
+  edgekit agent run --server "$EDGEKIT_SERVER" --enroll-token "$ENROLL" --data-dir "$FLEET/agent-$dev" \
+    --profile "$dev" --name "demo-$dev" --tag demo --profile-runs 200 --profile-budget-s 5 \
+    2>"$FLEET/agent-$dev.log" &
+  PIDS+=($!)
+done
+python - <<'PY'
+import json, os, time, urllib.request
+req = urllib.request.Request(os.environ["EDGEKIT_SERVER"] + "/v1/devices", headers={"Authorization": "Bearer " + os.environ["EDGEKIT_TOKEN"]})
+for _ in range(300):
+    if len(json.load(urllib.request.urlopen(req))) >= 3:
+        break
+    time.sleep(0.2)
+PY
+edgekit devices list
+
+echo
+echo "== 7. edgekit push: upload every bundle as mnist 1.0.0 and roll it out in two waves, with gates =="
+ROLLOUT=$(edgekit push "$OUT"/mnist-* --rollout --select tag=demo --waves 34,100 \
+  --gate max_failure_rate=0 --gate min_agreement=0.99 --json | python -c 'import json,sys; print(json.load(sys.stdin)["rollout"]["id"])')
+echo "rollout $ROLLOUT"
+edgekit rollout status "$ROLLOUT" --watch --interval 1 --watch-timeout 300
+
+echo
+echo "== 8. What each device measured on its own hardware before activating =="
+edgekit devices list
+for dev in raspberry-pi-5 pixel-8 coral-edgetpu; do
+  edgekit agent status --data-dir "$FLEET/agent-$dev"
+done
+
+echo
+echo "== 9. Hybrid router: calibrate the escalation threshold for a 0.5-point loss bound =="
+python -m examples.mnist.cloud
+edgekit router calibrate --device "$OUT/mnist-raspberry-pi-5-tflite" --cloud .cache/examples/mnist/mnist_cloud.onnx \
+  --data .cache/examples/mnist/router_calib.npz --max-loss 0.5 --out bundles/mnist-router
+
+echo
+echo "== 10. Device first, cloud when unsure: a KServe v2 cloud server with dynamic batching =="
+CPORT=$(free_port)
+edgekit cloud serve .cache/examples/mnist/mnist_cloud.onnx --name mnist --port "$CPORT" 2>"$DEMO/cloud.log" &
+CLOUD_PID=$!
+PIDS+=($CLOUD_PID)
+wait_ready "http://127.0.0.1:$CPORT/v2/health/ready"
+edgekit router eval --bundle bundles/mnist-router/mnist-raspberry-pi-5-tflite --cloud-url "http://127.0.0.1:$CPORT" \
+  --cloud-model mnist --data .cache/examples/mnist/router_test.npz
+
+echo
+echo "== 11. The same with the cloud stopped: every request still answered, flagged degraded =="
+kill -TERM "$CLOUD_PID"; wait "$CLOUD_PID" 2>/dev/null || true
+edgekit router eval --bundle bundles/mnist-router/mnist-raspberry-pi-5-tflite --cloud-url "http://127.0.0.1:$CPORT" \
+  --cloud-model mnist --data .cache/examples/mnist/router_test.npz
+
+echo
+echo "Bundles, report.json and report.md are in $OUT/; the calibrated bundle and its report in bundles/mnist-router/."
+echo "Stopping the server and the agents."
