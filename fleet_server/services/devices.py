@@ -20,7 +20,7 @@ from fleet_server.services.assignments import reissue_if_stale
 from fleet_server.tables import Device, Model, ModelVersion, VersionArtifact
 from fleet_server.tokens import create_token
 
-__all__ = ["Desired", "desired_state", "enroll", "get_device", "list_devices"]
+__all__ = ["Desired", "enroll", "get_device", "list_devices", "read_desired", "refresh_desired"]
 
 
 def enroll(ctx: AppContext, req: EnrollRequest) -> dict[str, Any]:
@@ -52,25 +52,30 @@ class Desired:
 
     etag: str
     body: bytes
+    serial: int
 
 
-def desired_state(ctx: AppContext, device_id: str, *, reissue: bool = True) -> Desired:
-    """One primary-key read; the signed body was built when the assignment was issued."""
+def read_desired(ctx: AppContext, device_id: str) -> tuple[Desired, bool]:
+    """The device's desired state from one primary-key read, and whether it is due for re-issue.
+
+    No write and no lock wait (a WAL read), so on SQLite the route runs it on the event loop.
+    """
     ctx.last_seen.touch(device_id)
     with ctx.db.connect() as c:
         row = c.execute(_DESIRED, {"id": device_id}).first()
     if row is None:
         raise NotFound("this device is not enrolled any more", "Enroll the device again.")
     serial, body, issued = row
-    if reissue and body is not None and issued is not None:
-        half = dt.timedelta(seconds=ctx.settings.assignment_ttl_s / 2)
-        if utc(issued) + half < utcnow():
-            reissue_if_stale(ctx, device_id, serial)
-            return desired_state(ctx, device_id, reissue=False)
+    stale = body is not None and issued is not None and utc(issued) + dt.timedelta(seconds=ctx.settings.assignment_ttl_s / 2) < utcnow()
     poll = ctx.settings.poll_interval_s
-    etag = f'"{serial}.{poll}"'
     text = f'{{"poll_interval_s":{poll},"assignment":{body or "null"}}}'
-    return Desired(etag, text.encode())
+    return Desired(f'"{serial}.{poll}"', text.encode(), serial), stale
+
+
+def refresh_desired(ctx: AppContext, device_id: str, desired_serial: int) -> Desired:
+    """Re-issue an assignment past half its lifetime (a write: run it in the threadpool), then read again."""
+    reissue_if_stale(ctx, device_id, desired_serial)
+    return read_desired(ctx, device_id)[0]
 
 
 def _active(session: Session, artifact_ids: set[int]) -> dict[int, dict[str, Any]]:
