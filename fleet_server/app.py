@@ -4,6 +4,7 @@ one place that turns errors into the protocol's JSON error shape."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -106,6 +107,8 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     async def lifespan(app: FastAPI):  # noqa: ANN202
         ctx = context or await run_in_threadpool(bootstrap, settings)
         app.state.ctx = ctx
+        gc.collect()
+        gc.freeze()  # the import-time heap is never garbage: keep it out of every later full collection (shorter GC pauses)
         task = asyncio.create_task(_engine_loop(ctx))
         try:
             yield
