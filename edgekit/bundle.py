@@ -7,6 +7,7 @@ and checks the manifest signature, so any changed byte is detected.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -128,7 +129,9 @@ def write_bundle(
 
 
 def _extract(archive: Path) -> Path:
+    """Unpack an ``.ekb`` into a temporary directory that is removed when the process exits."""
     target = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(target, filter="data")

@@ -136,10 +136,10 @@ class FleetClient:
             import httpx
         except ImportError:
             raise RuntimeUnavailableError("talking to a fleet server needs httpx, which is not installed",
-                                          "Install it with: pip install 'edgekit[server]' (or pip install httpx).") from None
+                                          "Install it with: pip install 'edgekit[admin]' (or pip install httpx).") from None
 
         if not re.match(r"^https?://[^/\s]+", server or ""):
-            raise UsageError(f"--server {server!r}: expected an http:// or https:// URL", "For example: --server http://127.0.0.1:8000.")
+            raise UsageError(f"--server {server!r}: expected an http:// or https:// URL", "For example: --server http://127.0.0.1:8400.")
         if not token:
             raise UsageError("no admin token", "Pass --token or set EDGEKIT_TOKEN ('edgekit server token create --scope admin').")
         self.server = server.rstrip("/")

@@ -135,7 +135,7 @@ def _paramiko():  # noqa: ANN202 - the module, imported on first use
         import paramiko
     except ImportError:
         raise RuntimeUnavailableError("'edgekit push --ssh' needs paramiko, which is not installed",
-                                      "Install it with: pip install 'edgekit[server]' (or pip install paramiko).") from None
+                                      "Install it with: pip install 'edgekit[admin]' (or pip install paramiko).") from None
     return paramiko
 
 

@@ -21,7 +21,7 @@ from edgekit.fleet_client import TERMINAL_STATES, FleetClient, RolloutSpec, pars
 
 __all__ = ["devices", "push", "rollout"]
 
-_SERVER_HELP = "Fleet server URL (or EDGEKIT_SERVER), e.g. http://127.0.0.1:8000."
+_SERVER_HELP = "Fleet server URL (or EDGEKIT_SERVER), e.g. http://127.0.0.1:8400."
 _TOKEN_HELP = "Admin token (or EDGEKIT_TOKEN), from 'edgekit server token create --scope admin'."
 
 
@@ -34,7 +34,7 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _client(server: str | None, token: str | None, timeout: float) -> FleetClient:
     if not server:
-        raise UsageError("no fleet server given", "Pass --server URL or set EDGEKIT_SERVER (e.g. http://127.0.0.1:8000).")
+        raise UsageError("no fleet server given", "Pass --server URL or set EDGEKIT_SERVER (e.g. http://127.0.0.1:8400).")
     return FleetClient(server, token or "", timeout=timeout)
 
 
@@ -48,7 +48,7 @@ def _client(server: str | None, token: str | None, timeout: float) -> FleetClien
 @click.option("--version", help="Version to register (default: the bundles' manifest version).")
 @click.option("--rollout", "start_rollout", is_flag=True, help="Create a rollout of the uploaded version and print its id.")
 @click.option("--select", "select", multiple=True, metavar="profile=ID,tag=T", help="Rollout target (repeatable); default: every device.")
-@click.option("--waves", default="100", show_default=True, metavar="5,25,100", help="Cumulative percentages of the matched devices per wave.")
+@click.option("--waves", default="5,25,100", show_default=True, metavar="5,25,100", help="Cumulative percentages of the matched devices per wave.")
 @click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE",
               help="Wave gate (repeatable): max_failure_rate, min_agreement, max_p95_ratio, max_peak_rss_mb.")
 @click.option("--wave-timeout", type=click.FloatRange(min=1), help="Seconds a wave may take before unfinished devices count as failed.")
@@ -68,7 +68,7 @@ def push(ctx: click.Context, bundles: tuple[Path, ...], server: str | None, toke
     to one device with --ssh.
 
     \b
-    edgekit push bundles/digits-*-tflite --server http://127.0.0.1:8000 --rollout \\
+    edgekit push bundles/digits-*-tflite --server http://127.0.0.1:8400 --rollout \\
         --select profile=raspberry-pi-5 --waves 5,25,100 --gate max_p95_ratio=1.2 --gate min_agreement=0.99
     edgekit push bundles/digits-raspberry-pi-5-tflite --ssh pi@192.168.1.20
     """
