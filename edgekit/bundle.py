@@ -164,6 +164,8 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     for name in (manifest.file, *(e.file for e in manifest.extra_files)):
         if Path(name).name != name or name in (MANIFEST_FILE, SIGNATURE_FILE, GOLDEN_FILE):
             raise BundleError(f"{mpath}: file name '{name}' is not allowed in a bundle", "Rebuild the bundle.")
+    if Path(manifest.golden.file).name != manifest.golden.file or manifest.golden.file in (MANIFEST_FILE, SIGNATURE_FILE, manifest.file):
+        raise BundleError(f"{mpath}: golden file name '{manifest.golden.file}' is not allowed in a bundle", "Rebuild the bundle.")
     return Bundle(p, manifest)
 
 
@@ -198,6 +200,8 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
     sig_path = root / SIGNATURE_FILE
     manifest_bytes = (root / MANIFEST_FILE).read_bytes()
     try:
+        if sig_path.exists() and (sig_path.is_symlink() or not sig_path.is_file()):
+            raise BundleError(f"{SIGNATURE_FILE} is not a regular file")
         sig = json.loads(sig_path.read_text())
         key_id = signing.fingerprint(sig["public_key"])
         signing.verify(sig["public_key"], manifest_bytes, sig["signature"])
@@ -215,15 +219,35 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
     files += [(f"file {e.file}", e.file, e.sha256) for e in m.extra_files]
     for label, rel, expected in files:
         f = root / rel
-        if not f.exists():
+        if not f.exists() and not f.is_symlink():
             checks.append((label, False, "missing"))
+            continue
+        if problem := _not_plain(root, f):
+            checks.append((label, False, problem))
             continue
         actual = sha256_file(f)
         checks.append((label, actual == expected, "sha256 matches" if actual == expected else f"sha256 {actual[:12]}… != manifest {expected[:12]}…"))
-    if (root / m.file).exists():
+    if (root / m.file).exists() and not _not_plain(root, root / m.file):
         size = _size(root / m.file)
         checks.append(("model size", size == m.size_bytes, f"{size} bytes" if size == m.size_bytes else f"{size} != manifest {m.size_bytes}"))
     return BundleVerification(str(path), all(ok for _, ok, _ in checks), tuple(checks), key_id)
+
+
+def _not_plain(root: Path, f: Path) -> str | None:
+    """Why ``f`` may not be hashed as part of the bundle at ``root`` (None: it may).
+
+    Only regular files (or a directory of them, e.g. an .mlpackage) inside the bundle count:
+    a link or a device file could make the bundle depend on bytes it does not contain.
+    """
+    inside = root.resolve()
+    for p in (f, *(f.rglob("*") if f.is_dir() and not f.is_symlink() else ())):
+        if p.is_symlink():
+            return "a symbolic link, not a file inside the bundle"
+        if not (p.is_file() or p.is_dir()):
+            return "not a regular file"
+        if not p.resolve().is_relative_to(inside):
+            return "outside the bundle"
+    return None
 
 
 def pack(bundle_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:

@@ -147,8 +147,8 @@ class Coverage(_Model):
 class GoldenSet(_Model):
     """Reference inputs and outputs shipped in golden.npz."""
 
-    file: str = "golden.npz"
-    sha256: str
+    file: str = Field(default="golden.npz", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     count: int
     min_top1_agreement: float = Field(description="Device outputs must agree with y_host at least this often.")
     atol: float = Field(description="Largest expected absolute difference from y_host on a conforming runtime.")

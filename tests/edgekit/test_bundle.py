@@ -95,3 +95,30 @@ def test_not_a_bundle(tmp_path: Path, run_cli) -> None:
         open_bundle(tmp_path)
     code, _, err = run_cli("bundle", "inspect", tmp_path / "nope")
     assert code == 3 and "Error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["../../outside.npz", "/dev/zero", "sub/golden.npz", "manifest.json"])
+def test_golden_file_must_be_a_plain_name_inside_the_bundle(bundle_copy: Path, name: str) -> None:
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    raw["golden"]["file"] = name
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError):
+        open_bundle(bundle_copy)
+
+
+def test_a_link_to_bytes_outside_the_bundle_never_verifies(bundle_copy: Path, tmp_path: Path) -> None:
+    """A golden.npz that is a symlink to an identical file elsewhere: the hash would match, the bundle does not hold it."""
+    outside = tmp_path / "outside.npz"
+    shutil.move(bundle_copy / "golden.npz", outside)
+    (bundle_copy / "golden.npz").symlink_to(outside)
+    result = verify_bundle(bundle_copy)
+    assert not result.ok
+    assert any(name.startswith("golden") and not ok and "link" in detail for name, ok, detail in result.checks)
+
+
+def test_signature_that_is_a_directory_fails_the_check_not_the_program(bundle_copy: Path) -> None:
+    (bundle_copy / "signature.json").unlink()
+    (bundle_copy / "signature.json").mkdir()
+    result = verify_bundle(bundle_copy)
+    assert not result.ok
+    assert ("signature", False, "signature.json is not a regular file") in result.checks
