@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from edgekit import signing
 from edgekit.bundle import MANIFEST_FILE, open_bundle, sha256_file, verify_bundle
 from edgekit.errors import BundleError, VerificationError
 
 __all__ = ["Artifact", "Assignment", "check_artifact_file", "check_bundle", "parse_time", "verify_assignment"]
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Artifact(BaseModel):
@@ -39,6 +43,14 @@ class Artifact(BaseModel):
     file: str
     manifest_sha256: str
     url: str
+
+    @field_validator("sha256", "manifest_sha256")
+    @classmethod
+    def _hex_sha256(cls, value: str) -> str:
+        # sha256 names paths on the device (models/<sha256>, models/<sha256>.part): only a plain digest is a name
+        if not _SHA256.fullmatch(value):
+            raise ValueError("must be 64 lowercase hex characters")
+        return value
 
 
 class Assignment(BaseModel):

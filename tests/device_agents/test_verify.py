@@ -93,3 +93,14 @@ def test_artifact_and_bundle_checks(bundles, tmp_path: Path) -> None:
     with pytest.raises(VerificationError) as e:  # a trusted signer is required and this one is not it
         check_bundle(b, manifest_sha256=msha, profile=None, fmt=None, trusted_keys=(PUB,))
     assert e.value.reason == "bundle_invalid"
+
+
+@pytest.mark.parametrize("sha", ["../../x", "A" * 64, "a" * 63, "a" * 65, "g" * 64, "a" * 63 + "/", "a" * 64 + "\n", ""])
+def test_an_artifact_sha256_that_is_not_64_lowercase_hex_is_refused(sha: str) -> None:
+    """The sha256 names paths on the device (models/<sha>, <sha>.part): even a validly signed odd value is refused."""
+    with pytest.raises(VerificationError) as e:
+        check(sign_payload(KEY, payload(artifact={**payload()["artifact"], "sha256": sha})))
+    assert e.value.reason == "other:malformed_assignment"
+    with pytest.raises(VerificationError) as e:  # a revert target too: the slot path is built from it
+        check(sign_payload(KEY, payload(action="revert", artifact={**payload()["artifact"], "sha256": sha})))
+    assert e.value.reason == "other:malformed_assignment"
