@@ -175,6 +175,10 @@ def revert(ctx: StepContext) -> Event:
     if target is not None:
         if not ctx.slots.has(target):
             raise VerificationError(f"the revert target {target[:12]} is not on this device", reason="other:revert_target_missing")
+        blocked = (ctx.slots.info(target) or {}).get("blocked")
+        if blocked and target != current:  # a slot kept out of use as bad is never switched back to; the current model stays
+            raise VerificationError(f"the revert target {target[:12]} is blocked ({blocked}); the current model is kept",
+                                    reason="other:revert_target_blocked")
         ctx.slots.verify(target)
     if ctx.slots.active_sha() != target:
         ctx.slots.point_to(target, previous=None)
