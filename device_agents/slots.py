@@ -20,7 +20,7 @@ from edgekit.bundle import sha256_file, verify_bundle
 from edgekit.errors import BundleError, VerificationError
 from edgekit.runtime import ACTIVE_POINTER, ActivePointer, read_active_pointer
 
-from device_agents.store import DataDir, atomic_write_json, read_json, utc_now
+from device_agents.store import DataDir, atomic_write_json, fsync_dir, fsync_tree, read_json, utc_now
 
 __all__ = ["Slots"]
 
@@ -73,11 +73,18 @@ class Slots:
         return tmp
 
     def _commit(self, sha: str, tmp: Path, facts: dict) -> Path:
+        """Make the slot durable, then rename it into place and make the rename durable.
+
+        Only after this returns may ``active.json`` name the slot (``point_to``): a power cut must not
+        leave a pointer to a slot that is missing or whose files are empty.
+        """
         atomic_write_json(tmp / "slot.json", {**facts, "sha256": sha, "installed_at": utc_now(), "blocked": None})
+        fsync_tree(tmp)  # every extracted or copied file and each directory of the slot
         target = self.path(sha)
         if target.exists():  # a stale, incomplete slot cannot exist (slots appear by rename), but a blocked one can
             shutil.rmtree(target)
         os.replace(tmp, target)
+        fsync_dir(self.data.models)  # the slot's name in models/
         return target
 
     def create_from_artifact(self, sha: str, archive: Path, facts: dict, check: Callable[[Path], dict]) -> Path:
