@@ -62,7 +62,9 @@ def download(ctx: StepContext) -> Event:
         have = 0
     if have < size:
         try:
-            ctx.client.download(art["url"], part, have, should_stop=ctx.should_stop)
+            # The path is built from the verified sha256, never taken from the payload's url: the device
+            # token must only ever go to the server the agent enrolled with.
+            ctx.client.download(f"/v1/artifacts/{sha}", part, have, should_stop=ctx.should_stop)
         except IncompleteDownload:
             # The server answers but keeps ending early without new bytes (e.g. its stored file is short):
             # unlike an unreachable server, waiting will not fix that.
