@@ -59,3 +59,4 @@ class AppContext:
     tokens: TokenCache
     last_seen: LastSeen = field(default_factory=LastSeen)
     head: str = ""
+    upload_lock: threading.Lock = field(default_factory=threading.Lock)  # artifact writes + their transaction (registry.store_version)

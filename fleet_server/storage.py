@@ -47,6 +47,10 @@ class ArtifactStore(ABC):
     def delete(self, sha256: str) -> None:
         """Remove it (used to undo a write whose database transaction failed)."""
 
+    @abstractmethod
+    def list(self) -> list[str]:
+        """The sha256 of every stored artifact."""
+
     def path(self, sha256: str) -> Path | None:
         """A local path to the bytes when the store has one (lets the server use sendfile)."""
         return None
@@ -97,6 +101,9 @@ class DirectoryArtifactStore(ArtifactStore):
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
+
+    def list(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("*/*") if is_sha256(p.name) and p.parent.name == p.name[:2] and p.is_file())
 
     def clear_temporaries(self) -> None:
         """Remove temporary files a killed server left behind."""

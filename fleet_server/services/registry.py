@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
@@ -18,8 +19,10 @@ from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from fleet_server.services.validation import ValidatedBundle, validate_ekb
 from fleet_server.tables import Artifact, Model, ModelVersion, VersionArtifact
 
-__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "get_version", "list_models", "new_staging_dir", "upload_version",
-           "version_row"]
+__all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "check_upload", "get_version", "list_models", "new_staging_dir",
+           "store_version", "sweep_orphan_artifacts", "upload_version", "version_row"]
+
+log = logging.getLogger("edgekit.fleet")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -92,8 +95,16 @@ def upload_version(ctx: AppContext, name: str, version: str | None, bundles: lis
     """Validate every bundle, then store the artifacts and the version in one transaction.
 
     Nothing is written to the registry or the artifact directory unless every check passed; a
-    database failure after the artifact writes removes the artifacts this call created.
+    database failure after the artifact writes removes the artifacts this call created (unless a
+    committed version references them).
     """
+    version, checked = check_upload(ctx, name, version, bundles, work)
+    return store_version(ctx, name, version, checked)
+
+
+def check_upload(ctx: AppContext, name: str, version: str | None, bundles: list[tuple[str, Path]],
+                 work: Path) -> tuple[str, list[ValidatedBundle]]:
+    """Every check of an upload (reads only): the version to store and the validated bundles; BadRequest/Conflict otherwise."""
     check_name(name)
     if version is not None:
         check_version(version)
@@ -123,7 +134,19 @@ def upload_version(ctx: AppContext, name: str, version: str | None, bundles: lis
             raise BadRequest(f"two bundles for profile '{v.profile}' format '{v.format}' ({seen[key]}, {label})",
                              "Upload at most one bundle per (profile, format).", code="bad_bundle")
         seen[key] = label
-    return _store(ctx, name, version, checked)
+    return version, checked
+
+
+def store_version(ctx: AppContext, name: str, version: str, checked: list[ValidatedBundle]) -> dict[str, Any]:
+    """Store validated bundles as ``name`` ``version``: the artifact files, then the rows, in one transaction.
+
+    The files are content-addressed and shared between versions, so the whole store (file writes,
+    transaction, and the undo of a failed one) runs under the server's upload lock: a failed upload
+    deletes a file it created only when no committed row references it, and no other upload can be
+    between its own file write and its commit at that moment (else its file could vanish under it).
+    """
+    with ctx.upload_lock:
+        return _store(ctx, name, version, checked)
 
 
 def _store(ctx: AppContext, name: str, version: str, checked: list[ValidatedBundle]) -> dict[str, Any]:
@@ -162,8 +185,40 @@ def _store(ctx: AppContext, name: str, version: str, checked: list[ValidatedBund
 
 
 def _undo(ctx: AppContext, created: list[str]) -> None:
-    with ctx.db.read() as s:
-        referenced = set(s.execute(select(Artifact.sha256).where(Artifact.sha256.in_(created))).scalars()) if created else set()
+    """Remove the files a failed store created and no committed row references (called under the upload lock)."""
+    if not created:
+        return
+    try:
+        with ctx.db.read() as s:
+            referenced = set(s.execute(select(Artifact.sha256).where(Artifact.sha256.in_(created))).scalars())
+    except Exception:  # noqa: BLE001 - the database is unreachable: keep the files (the start-up sweep removes orphans)
+        log.exception("could not check which artifact files a failed upload may remove; keeping them")
+        return
     for sha in created:
         if sha not in referenced:
             ctx.store.delete(sha)
+
+
+def sweep_orphan_artifacts(ctx: AppContext) -> int:
+    """At start-up: remove artifact files that no database row references (left by a crash between a
+    file write and its transaction's commit). Returns how many were removed.
+
+    A database that references no artifact at all removes nothing (that is more likely the wrong
+    database for this data dir than a registry whose every upload crashed): it is logged instead.
+    """
+    files = ctx.store.list()
+    if not files:
+        return 0
+    with ctx.db.read() as s:
+        referenced = set(s.execute(select(Artifact.sha256)).scalars())
+    orphans = sorted(set(files) - referenced)
+    if not orphans:
+        return 0
+    if not referenced:
+        log.warning("%d artifact files in %s but the database references none; not removing them (is --db the right database?)",
+                    len(orphans), ctx.settings.artifacts_dir)
+        return 0
+    for sha in orphans:
+        log.warning("removing orphan artifact %s (no version references it; left by an interrupted upload)", sha)
+        ctx.store.delete(sha)
+    return len(orphans)
