@@ -36,6 +36,7 @@ class Settings(BaseModel):
     engine_interval_s: float = Field(default=0.5, gt=0, description="Period of the rollout engine's loop.")
     token_cache_ttl_s: float = Field(default=60.0, ge=0, description="How long a token lookup is cached in-process.")
     db_pool_size: int = Field(default=8, ge=1)
+    upload_validation_timeout_s: float = Field(default=120.0, gt=0, description="Longest an upload's validation may take (else 400 validation_timeout).")
     log_level: str = "info"
 
     @property

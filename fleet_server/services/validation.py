@@ -129,10 +129,20 @@ def validate_ekb(ekb: Path, label: str, work: Path, *, max_extract_bytes: int) -
     work.mkdir(parents=True, exist_ok=True)
     root = _extract(ekb, work, label, max_extract_bytes)
     try:
+        return _check_extracted(ekb, sha, size, root, work, label)
+    except OSError as e:  # e.g. a directory where the bundle has a file: the bundle is wrong, not the server
+        raise _bad(label, f"a bundle file is unreadable ({e.strerror or type(e).__name__})") from None
+
+
+def _check_extracted(ekb: Path, sha: str, size: int, root: Path, work: Path, label: str) -> ValidatedBundle:
+    try:
         bundle = open_bundle(root)
     except EdgekitError as e:
         raise _bad(label, e.message.replace(str(work), "<bundle>")) from None
-    verification = verify_bundle(root)
+    try:
+        verification = verify_bundle(root)
+    except EdgekitError as e:  # e.g. BundleError for a file that is not a regular file
+        raise _bad(label, e.message.replace(str(work), "<bundle>")) from None
     failed = [f"{c}: {d}" for c, ok, d in verification.checks if not ok]
     if failed:
         raise _bad(label, "verification failed: " + "; ".join(failed))
