@@ -28,13 +28,39 @@ REASONS = frozenset({
     "load_failed", "golden_mismatch", "activation_failed", "crash_loop", "server_rollback", "gate_failed",
 })
 _TAG = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$"
+INT64_MAX = 2**63 - 1  # the largest integer SQLite and PostgreSQL's JSON/bigint take (Python ints are unbounded)
+INT32_MAX = 2**31 - 1  # the largest value of an INTEGER column on PostgreSQL
+
+
+def _reject_nul(value: Any, path: str = "") -> None:
+    """Raise ValueError for a NUL character in any string or key (PostgreSQL's text and JSON refuse them)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{path or 'a string'} contains a NUL character (\\u0000)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nul(k, f"{path}.{k}" if path else "a key")
+            _reject_nul(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _reject_nul(v, f"{path}[{i}]")
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EnrollRequest(_In):
+class _Body(_In):
+    """A whole request body: no NUL character anywhere in it, keys of free-form objects included."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        _reject_nul(data)
+        return data
+
+
+class EnrollRequest(_Body):
     """``POST /v1/devices/enroll``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -59,7 +85,9 @@ class Selector(_In):
 
 
 class Gates(_In):
-    """Wave gates; an absent gate is not checked."""
+    """Wave gates; an absent gate is not checked. Limits are finite (NaN and ±Infinity → 422)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_failure_rate: float | None = Field(default=None, ge=0, le=1)
     min_agreement: float | None = Field(default=None, ge=0, le=1)
@@ -67,8 +95,10 @@ class Gates(_In):
     max_peak_rss_mb: float | None = Field(default=None, gt=0)
 
 
-class RolloutCreate(_In):
+class RolloutCreate(_Body):
     """``POST /v1/rollouts``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
@@ -101,25 +131,25 @@ class ProfiledMetrics(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    load_ms: float | None = None
-    warmup_runs: int | None = None
-    runs: int | None = None
+    load_ms: float | None = Field(default=None, ge=0)
+    warmup_runs: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    runs: int | None = Field(default=None, ge=0, le=INT64_MAX)
     p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
     peak_rss_mb: float | None = Field(default=None, ge=0)
     golden_top1_agreement: float | None = Field(default=None, ge=0, le=1)
-    golden_max_abs_err: float | None = None
+    golden_max_abs_err: float | None = Field(default=None, ge=0)
     golden_passed: bool | None = None
     runtime: str | None = None
     delegate: str | None = None
     baseline: Baseline | None = None
 
 
-class ReportRequest(_In):
+class ReportRequest(_Body):
     """``POST /v1/device/reports``."""
 
-    serial: int = Field(ge=1)
+    serial: int = Field(ge=1, le=INT32_MAX)  # an INTEGER column
     phase: Literal["downloaded", "verified", "profiled", "activated", "failed", "rolled_back"]
     reason: str | None = Field(default=None, max_length=500)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -155,10 +185,10 @@ class TelemetryPointIn(_In):
     minute: dt.datetime
     model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     model_version: str | None = Field(default=None, max_length=64)
-    count: int = Field(ge=0)
-    errors: int = Field(default=0, ge=0)
-    escalations: int = Field(default=0, ge=0)
-    degraded: int = Field(default=0, ge=0)
+    count: int = Field(ge=0, le=INT64_MAX)
+    errors: int = Field(default=0, ge=0, le=INT64_MAX)
+    escalations: int = Field(default=0, ge=0, le=INT64_MAX)
+    degraded: int = Field(default=0, ge=0, le=INT64_MAX)
     latency_ms: Latency = Field(default_factory=Latency)
     confidence_hist: list[int] = Field(default_factory=lambda: [0] * 10, min_length=10, max_length=10)
     sources: dict[str, int] = Field(default_factory=dict, max_length=8)
@@ -166,11 +196,14 @@ class TelemetryPointIn(_In):
     @field_validator("minute")
     @classmethod
     def _aware(cls, v: dt.datetime) -> dt.datetime:
-        return v.replace(tzinfo=dt.timezone.utc) if v.tzinfo is None else v.astimezone(dt.timezone.utc)
+        try:
+            return v.replace(tzinfo=dt.timezone.utc) if v.tzinfo is None else v.astimezone(dt.timezone.utc)
+        except OverflowError:  # e.g. 9999-12-31T23:59-05:00 is past year 9999 in UTC
+            raise ValueError("the minute is outside the years 1-9999 in UTC") from None
 
 
-class TelemetryBatch(_In):
+class TelemetryBatch(_Body):
     """``POST /v1/device/telemetry``."""
 
     points: list[TelemetryPointIn] = Field(max_length=1000)
-    dropped: int = Field(default=0, ge=0)
+    dropped: int = Field(default=0, ge=0, le=INT32_MAX)

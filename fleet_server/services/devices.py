@@ -17,6 +17,7 @@ from fleet_server.db import utc, utcnow
 from fleet_server.errors import BadRequest, Conflict, NotFound
 from fleet_server.schemas import EnrollRequest
 from fleet_server.services.assignments import reissue_if_stale
+from fleet_server.services.reports import finite
 from fleet_server.tables import Device, Model, ModelVersion, VersionArtifact
 from fleet_server.tokens import create_token
 
@@ -33,7 +34,7 @@ def enroll(ctx: AppContext, req: EnrollRequest) -> dict[str, Any]:
         with ctx.db.write() as s:
             if s.execute(select(Device.id).where(Device.name == req.name)).first() is not None:
                 raise Conflict(f"a device named '{req.name}' is enrolled already", "Pick another name; a device enrolls once.")
-            s.add(Device(id=device_id, name=req.name, profile=req.profile, tags=sorted(set(req.tags)), facts=req.facts,
+            s.add(Device(id=device_id, name=req.name, profile=req.profile, tags=sorted(set(req.tags)), facts=finite(req.facts),
                          enrolled_at=utcnow(), serial=0, desired_serial=0))
             s.flush()
             token = create_token(s, "device", device_id=device_id, label=req.name)
