@@ -98,7 +98,7 @@ class WaveDevice(_Out):
 class GateResult(_Out):
     gate: str
     limit: float
-    value: float
+    value: float | None  # None: the value was not a finite number (the gate failed)
     passed: bool
     device_id: str | None
 

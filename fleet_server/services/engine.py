@@ -9,6 +9,8 @@ The app runs ``step_all`` every ``engine_interval_s`` and ``evaluate`` after eac
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 from typing import Any
 
 from sqlalchemy import select, update
@@ -23,6 +25,8 @@ __all__ = ["ACTIVE_STATES", "evaluate", "evaluate_gates", "revert_devices", "sta
 
 ACTIVE_STATES = ("running", "paused")
 _EPS = 1e-9
+
+log = logging.getLogger("edgekit.fleet")
 
 
 def start_wave(s: Session, ctx: AppContext, rollout: Rollout, index: int) -> bool:
@@ -59,25 +63,39 @@ def _failed(rd: RolloutDevice) -> bool:
     return rd.finished and rd.phase != "activated"
 
 
+def _result(gate: str, limit: float, value: float, passed: bool, device_id: str | None) -> dict[str, Any]:
+    """One gate result; a value that is not a finite number (e.g. a ratio that overflowed) fails with value null."""
+    if not math.isfinite(value):
+        return {"gate": gate, "limit": limit, "value": None, "passed": False, "device_id": device_id}
+    return {"gate": gate, "limit": limit, "value": value, "passed": passed, "device_id": device_id}
+
+
+def _ratio(num: float, den: float) -> float:
+    try:
+        return num / den
+    except (OverflowError, ZeroDivisionError):
+        return math.inf
+
+
 def evaluate_gates(gates: dict[str, Any], rds: list[RolloutDevice]) -> list[dict[str, Any]]:
     """Every configured gate's result on one finished wave (per device where the gate is per device)."""
     results: list[dict[str, Any]] = []
     limit = gates.get("max_failure_rate")
     if limit is not None:
         rate = sum(_failed(rd) for rd in rds) / len(rds) if rds else 0.0
-        results.append({"gate": "max_failure_rate", "limit": limit, "value": rate, "passed": rate <= limit + _EPS, "device_id": None})
+        results.append(_result("max_failure_rate", limit, rate, rate <= limit + _EPS, None))
     for rd in rds:
         m = rd.metrics or {}
         if (limit := gates.get("min_agreement")) is not None and m.get("golden_top1_agreement") is not None:
             v = float(m["golden_top1_agreement"])
-            results.append({"gate": "min_agreement", "limit": limit, "value": v, "passed": v >= limit - _EPS, "device_id": rd.device_id})
+            results.append(_result("min_agreement", limit, v, v >= limit - _EPS, rd.device_id))
         base = (m.get("baseline") or {}).get("p95_ms")
         if (limit := gates.get("max_p95_ratio")) is not None and m.get("p95_ms") is not None and base:
-            v = float(m["p95_ms"]) / float(base)
-            results.append({"gate": "max_p95_ratio", "limit": limit, "value": v, "passed": v <= limit + _EPS, "device_id": rd.device_id})
+            v = _ratio(float(m["p95_ms"]), float(base))
+            results.append(_result("max_p95_ratio", limit, v, v <= limit + _EPS, rd.device_id))
         if (limit := gates.get("max_peak_rss_mb")) is not None and m.get("peak_rss_mb") is not None:
             v = float(m["peak_rss_mb"])
-            results.append({"gate": "max_peak_rss_mb", "limit": limit, "value": v, "passed": v <= limit + _EPS, "device_id": rd.device_id})
+            results.append(_result("max_peak_rss_mb", limit, v, v <= limit + _EPS, rd.device_id))
     return results
 
 
@@ -103,7 +121,8 @@ def _decide_wave(s: Session, ctx: AppContext, r: Rollout, w: RolloutWave, now: d
     if failed:
         g = failed[0]
         who = f" on device {g['device_id']}" if g["device_id"] else ""
-        r.reason = f"wave {w.index + 1}: gate {g['gate']} failed{who} (value {g['value']:.4g}, limit {g['limit']})"
+        value = "not a finite number" if g["value"] is None else f"{g['value']:.4g}"
+        r.reason = f"wave {w.index + 1}: gate {g['gate']} failed{who} (value {value}, limit {g['limit']})"
     r.updated_at = now
     return bool(failed)
 
@@ -166,8 +185,11 @@ def evaluate(ctx: AppContext, rollout_id: str) -> None:
 
 
 def step_all(ctx: AppContext) -> None:
-    """One engine step for every running or paused rollout."""
+    """One engine step for every running or paused rollout; one that fails is logged and never holds up the others."""
     with ctx.db.read() as s:
         ids = list(s.execute(select(Rollout.id).where(Rollout.state.in_(ACTIVE_STATES))).scalars())
     for rollout_id in ids:
-        evaluate(ctx, rollout_id)
+        try:
+            evaluate(ctx, rollout_id)
+        except Exception:  # noqa: BLE001 - isolate rollouts: log this one, step the rest, retry it next tick
+            log.exception("rollout engine step failed for rollout %s; retrying next tick", rollout_id)

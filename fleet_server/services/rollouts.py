@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 from typing import Any
@@ -20,6 +21,8 @@ from fleet_server.services.registry import version_row
 from fleet_server.tables import Device, Rollout, RolloutDevice, RolloutWave, VersionArtifact
 
 __all__ = ["create_rollout", "get_rollout", "pause", "promote", "resume", "rollback", "split_waves"]
+
+log = logging.getLogger("edgekit.fleet")
 
 
 def split_waves(n: int, waves: list[float]) -> list[tuple[float, int]]:
@@ -129,7 +132,10 @@ def _transition(ctx: AppContext, rollout_id: str, allowed: tuple[str, ...], acti
             raise Conflict(f"cannot {action} a rollout that is {r.state}", f"'{action}' needs a rollout that is {' or '.join(allowed)}.")
         then(s, r)
         r.updated_at = utcnow()
-    evaluate(ctx, rollout_id)
+    try:
+        evaluate(ctx, rollout_id)
+    except Exception:  # noqa: BLE001 - the transition is committed; the engine loop retries the step (and logs it)
+        log.exception("rollout step after '%s' of rollout %s failed; the engine loop will retry", action, rollout_id)
     return get_rollout(ctx, rollout_id)
 
 
