@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
 from fleet_server.routers import device, fleet, models, public, rollouts
 from fleet_server.services.engine import step_all
+from fleet_server.services.registry import sweep_orphan_artifacts
 from fleet_server.settings import Settings
 from fleet_server.signer import ServerKey
 from fleet_server.storage import DirectoryArtifactStore
@@ -46,7 +48,9 @@ def bootstrap(settings: Settings) -> AppContext:
         raise OutputError(f"cannot write to the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir the server can write.") from None
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     head = db.migrate()
-    return AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
+    ctx = AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
+    sweep_orphan_artifacts(ctx)
+    return ctx
 
 
 def engine_tick(ctx: AppContext) -> None:
@@ -96,8 +100,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}", "This is a server bug; see the server log.")
+        # The details (which may name files, SQL or data) go to the log only; the client gets an id to find them by.
+        request_id = uuid.uuid4().hex
+        log.error("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id, exc_info=exc)
+        return _error(500, "internal_error", f"internal server error (request id {request_id})",
+                      "This is a server bug; the server log has the details under this request id.", {"X-Request-ID": request_id})
 
 
 def create_app(settings: Settings, *, context: AppContext | None = None) -> FastAPI:

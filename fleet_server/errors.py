@@ -10,6 +10,7 @@ from __future__ import annotations
 from edgekit.errors import BundleError, EdgekitError, ModelLoadError, ProfileError, RemoteError
 
 __all__ = [
+    "ArtifactDamaged",
     "BadRequest",
     "Conflict",
     "FleetError",
@@ -89,6 +90,18 @@ class RangeNotSatisfiable(FleetError):
     status = 416
     code = "range_not_satisfiable"
     default_hint = "Ask for a range inside the artifact's size."
+
+
+class ArtifactDamaged(FleetError):
+    """The server's stored copy of an artifact is not the size its database row says (truncated or replaced on disk).
+
+    410, not 5xx: devices treat 5xx as "retry later", but this copy will not heal by waiting, and a
+    device should fail the download now (``download_failed``) so the rollout's gates see it.
+    """
+
+    status = 410
+    code = "artifact_damaged"
+    default_hint = "The server's copy of this artifact is damaged; an operator must restore it from a backup or upload it again."
 
 
 class InvalidRequest(FleetError):

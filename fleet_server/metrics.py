@@ -12,7 +12,14 @@ from sqlalchemy import func, select
 
 from fleet_server.tables import Device, Rollout
 
-__all__ = ["FleetMetrics", "MetricsMiddleware"]
+__all__ = ["FleetMetrics", "MetricsMiddleware", "method_label"]
+
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The method as a label value: the standard ones as they are, anything a client invents as 'other' (bounded cardinality)."""
+    return method if method in _METHODS else "other"
 
 
 class _StateCollector:
@@ -71,7 +78,9 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            # The matched route's template (``/v1/rollouts/{rollout_id}``), never the raw path: unmatched paths share one label.
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], template, str(status[0])).inc()
-            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+            method = method_label(scope["method"])
+            self.metrics.requests.labels(method, template, str(status[0])).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

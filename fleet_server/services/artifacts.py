@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from sqlalchemy import select
 
 from fleet_server.context import AppContext
-from fleet_server.errors import Forbidden, NotFound, RangeNotSatisfiable
+from fleet_server.errors import ArtifactDamaged, Forbidden, NotFound, RangeNotSatisfiable
 from fleet_server.storage import is_sha256
 from fleet_server.tables import Artifact, Assignment, VersionArtifact
 from fleet_server.tokens import Principal
 
 __all__ = ["authorize_artifact", "parse_range"]
 
+log = logging.getLogger("edgekit.fleet")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -33,6 +35,14 @@ def authorize_artifact(ctx: AppContext, principal: Principal, sha256: str) -> in
                 raise Forbidden("this artifact is not in any of this device's assignments", "Fetch the artifact named in your assignment.")
     if size is None or not ctx.store.exists(sha256):
         raise NotFound("no such artifact", "Fetch the artifact named in your assignment.")
+    try:
+        stored = ctx.store.size(sha256)
+    except OSError:
+        raise NotFound("no such artifact", "Fetch the artifact named in your assignment.") from None
+    if stored != size:  # never promise a Content-Length the file cannot fill: the connection would drop mid-body
+        log.error("ARTIFACT DAMAGED: stored file of artifact %s has %d bytes, the database says %d; refusing to serve it "
+                  "(restore it from a backup or upload it again)", sha256, stored, size)
+        raise ArtifactDamaged(f"the server's copy of artifact {sha256} is damaged ({stored} of {size} bytes)")
     return size
 
 
