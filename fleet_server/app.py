@@ -20,7 +20,7 @@ from edgekit.errors import EdgekitError, OutputError
 from fleet_server.context import AppContext
 from fleet_server.db import Database
 from fleet_server.errors import http_status
-from fleet_server.limits import BodyLimitMiddleware
+from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
 from fleet_server.routers import device, fleet, models, public, rollouts
@@ -139,5 +139,6 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     for r in (models.router, rollouts.router, fleet.router, device.router):
         app.include_router(r, responses=errors)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
+    app.add_middleware(NulMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

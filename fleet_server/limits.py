@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["BodyLimitMiddleware"]
+__all__ = ["BodyLimitMiddleware", "NulMiddleware"]
 
 _UPLOAD = re.compile(r"^/v1/models/[^/]+/versions$")
 
@@ -59,3 +59,25 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class NulMiddleware:
+    """422 for a NUL character in the path or query string (PostgreSQL's text refuses them: a 500 otherwise).
+
+    JSON bodies are checked by the request schemas (``fleet_server.schemas``).
+    """
+
+    def __init__(self, app) -> None:  # noqa: ANN001 - ASGI app
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http":
+            path, query = scope.get("path", ""), scope.get("query_string", b"").lower()
+            if "\x00" in path or b"%00" in query or b"\x00" in query:
+                body = json.dumps({"error": {"code": "invalid_request", "message": "a NUL character (%00) in the path or query string",
+                                             "hint": "Remove the NUL character from the URL."}}).encode()
+                await send({"type": "http.response.start", "status": 422,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
