@@ -62,9 +62,10 @@ class BodyLimitMiddleware:
 
 
 class NulMiddleware:
-    """422 for a NUL character in the path or query string (PostgreSQL's text refuses them: a 500 otherwise).
+    """A NUL character in the URL never reaches the database (PostgreSQL's text refuses them: a 500 otherwise).
 
-    JSON bodies are checked by the request schemas (``fleet_server.schemas``).
+    In the path → 404 (no model, device, rollout or artifact is named with one); in the query
+    string → 422. JSON bodies are checked by the request schemas (``fleet_server.schemas``).
     """
 
     def __init__(self, app) -> None:  # noqa: ANN001 - ASGI app
@@ -72,12 +73,18 @@ class NulMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] == "http":
-            path, query = scope.get("path", ""), scope.get("query_string", b"").lower()
-            if "\x00" in path or b"%00" in query or b"\x00" in query:
-                body = json.dumps({"error": {"code": "invalid_request", "message": "a NUL character (%00) in the path or query string",
-                                             "hint": "Remove the NUL character from the URL."}}).encode()
-                await send({"type": "http.response.start", "status": 422,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+            query = scope.get("query_string", b"").lower()
+            if "\x00" in scope.get("path", ""):
+                await _answer(send, 404, "not_found", "no such resource (a NUL character in the path)", "Check the name or id.")
+                return
+            if b"%00" in query or b"\x00" in query:
+                await _answer(send, 422, "invalid_request", "a NUL character (%00) in the query string", "Remove the NUL character from the URL.")
                 return
         await self.app(scope, receive, send)
+
+
+async def _answer(send, status: int, code: str, message: str, hint: str) -> None:  # noqa: ANN001
+    body = json.dumps({"error": {"code": code, "message": message, "hint": hint}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
