@@ -38,17 +38,15 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from bench.fleet_sim import Fleet, HttpxPool, RawPool, Recorder
+from bench.fleet_sim import Fleet, FleetServerProcess, HttpxPool, RawPool, Recorder
 from bench.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-from fleet_support import PostgresCluster, free_port  # noqa: E402  (the tests' throwaway cluster, reused as is)
+from fleet_support import PostgresCluster  # noqa: E402  (the tests' throwaway cluster, reused as is)
 from bench.harness import OtherLoad, Ratio, host_facts, prepare_process, write_result
 
 NAME = "fleet_load"
@@ -88,63 +86,6 @@ def cluster_cpu_seconds(data_dir: Path | None) -> float:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
                 total += process_cpu_seconds(int(stat.parent.name))
     return total
-
-
-class FleetServerProcess:
-    """``edgekit server start`` as a real process on a free port, with its tokens."""
-
-    def __init__(self, data_dir: Path, db_url: str | None, poll_interval_s: int = 60) -> None:
-        self.data_dir, self.port = data_dir, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "EDGEKIT_LOG_LEVEL": "warning", "EDGEKIT_POLL_INTERVAL_S": str(max(1, poll_interval_s))}
-        if db_url:
-            self.env["EDGEKIT_DB"] = db_url
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def _edgekit(self, *args: str) -> list[str]:
-        return [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", *args]
-
-    def __enter__(self) -> FleetServerProcess:
-        import httpx
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.data_dir / "server.log", "wb")
-        self.proc = subprocess.Popen(self._edgekit("server", "start", "--data-dir", str(self.data_dir), "--port", str(self.port)),
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {(self.data_dir / 'server.log').read_text()[-2000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"the server was not ready within 60 s: {(self.data_dir / 'server.log').read_text()[-2000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def token(self, scope: str) -> str:
-        """A new token of ``scope`` from ``edgekit server token create``."""
-        out = subprocess.run(self._edgekit("server", "token", "create", "--scope", scope, "--data-dir", str(self.data_dir)),
-                             env=self.env, check=True, capture_output=True, text=True).stdout
-        found = re.findall(r"\bek[a-z]{3}_[A-Za-z0-9_-]+", out)
-        if not found:
-            raise RuntimeError(f"no token in the output of 'edgekit server token create': {out!r}")
-        return found[-1]
 
 
 @dataclass(frozen=True)

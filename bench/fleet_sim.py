@@ -15,14 +15,21 @@ server; both are kept so the difference can be measured (``--client``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import re
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["Fleet", "HttpxPool", "RawPool", "Recorder"]
+__all__ = ["Fleet", "FleetServerProcess", "HttpxPool", "RawPool", "Recorder"]
 
 PROFILE = "raspberry-pi-5"
 Response = tuple[int, dict[str, str], bytes]
@@ -239,3 +246,62 @@ class Fleet:
         if inflight:  # requests still in flight finish unrecorded before the next phase starts
             await asyncio.wait(list(inflight), timeout=60)
         return self.rec, took, lags
+
+
+class FleetServerProcess:
+    """``edgekit server start`` as a real process on a free port, with its tokens."""
+
+    def __init__(self, data_dir: Path, db_url: str | None = None, poll_interval_s: int = 60, **env: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.data_dir, self.url = data_dir, f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "EDGEKIT_LOG_LEVEL": "warning", "EDGEKIT_POLL_INTERVAL_S": str(max(1, poll_interval_s)), **env}
+        if db_url:
+            self.env["EDGEKIT_DB"] = db_url
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _edgekit(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", *args]
+
+    def __enter__(self) -> FleetServerProcess:
+        import httpx
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.data_dir / "server.log", "wb")
+        self.proc = subprocess.Popen(self._edgekit("server", "start", "--data-dir", str(self.data_dir), "--port", str(self.port)),
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {(self.data_dir / 'server.log').read_text()[-2000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"the server was not ready within 60 s: {(self.data_dir / 'server.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def token(self, scope: str) -> str:
+        """A new token of ``scope`` from ``edgekit server token create``."""
+        out = subprocess.run(self._edgekit("server", "token", "create", "--scope", scope, "--data-dir", str(self.data_dir)),
+                             env=self.env, check=True, capture_output=True, text=True).stdout
+        found = re.findall(r"\bek[a-z]{3}_[A-Za-z0-9_-]+", out)
+        if not found:
+            raise RuntimeError(f"no token in the output of 'edgekit server token create': {out!r}")
+        return found[-1]

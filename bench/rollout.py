@@ -36,6 +36,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from bench.fleet_sim import FleetServerProcess
 from bench.harness import Ratio, host_facts, prepare_process, print_table, quiet, write_result
 
 NAME = "rollout"
@@ -161,69 +162,6 @@ class Bench:
             t = time.monotonic()
             await asyncio.sleep(0.1)
             self.lags.append(time.monotonic() - t - 0.1)
-
-
-class ServerProcess:
-    """``edgekit server start`` (SQLite in its data dir) on a free port, with tokens from ``edgekit server token create``."""
-
-    def __init__(self, data_dir: Path, poll_interval_s: int) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.data_dir, self.url = data_dir, f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "EDGEKIT_LOG_LEVEL": "warning", "EDGEKIT_POLL_INTERVAL_S": str(poll_interval_s),
-                    "EDGEKIT_ENGINE_INTERVAL_S": "0.5"}
-
-    @staticmethod
-    def _edgekit(*args: str) -> list[str]:
-        return [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", *args]
-
-    def __enter__(self) -> ServerProcess:
-        import subprocess
-
-        import httpx
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.data_dir / "server.log", "wb")
-        self.proc = subprocess.Popen(self._edgekit("server", "start", "--data-dir", str(self.data_dir), "--port", str(self.port)),
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {(self.data_dir / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError("the server was not ready within 60 s")
-
-    def __exit__(self, *exc: object) -> None:
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def token(self, scope: str) -> str:
-        import re
-        import subprocess
-
-        out = subprocess.run(self._edgekit("server", "token", "create", "--scope", scope, "--data-dir", str(self.data_dir)),
-                             env=self.env, check=True, capture_output=True, text=True).stdout
-        found = re.findall(r"\bek[a-z]{3}_[A-Za-z0-9_-]+", out)
-        if not found:
-            raise RuntimeError(f"no token in: {out!r}")
-        return found[-1]
 
 
 async def wait_rollout(pool, admin: str, rid: str, states: tuple[str, ...], timeout: float) -> tuple[dict, float]:
@@ -372,7 +310,8 @@ def _one(args: argparse.Namespace, client: str, scratch: Path, bundles: dict[str
     """One full run (fresh server, fresh fleet) with one HTTP client for the simulated agents."""
     import httpx
 
-    with ServerProcess(scratch / f"server-{client}", poll_interval_s=max(1, round(args.interval))) as server:
+    with FleetServerProcess(scratch / f"server-{client}", poll_interval_s=max(1, round(args.interval)),
+                            EDGEKIT_ENGINE_INTERVAL_S="0.5") as server:
         admin, enroll = server.token("admin"), server.token("enroll")
         for b in bundles.values():
             _upload(server.url, admin, b)
