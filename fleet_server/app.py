@@ -19,7 +19,7 @@ from edgekit import __version__
 from edgekit.errors import EdgekitError, OutputError
 from fleet_server.context import AppContext
 from fleet_server.db import Database
-from fleet_server.errors import http_status
+from fleet_server.errors import Unavailable, http_status
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
@@ -30,6 +30,7 @@ from fleet_server.settings import Settings
 from fleet_server.signer import ServerKey
 from fleet_server.storage import DirectoryArtifactStore
 from fleet_server.tokens import TokenCache
+from fleet_server.writer import TelemetryWriter
 
 __all__ = ["bootstrap", "create_app"]
 
@@ -81,6 +82,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status >= 500:
             log.error("internal error on %s %s: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, Unavailable):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return _error(status, code, exc.message, exc.hint, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -116,6 +119,8 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
         app.state.ctx = ctx
         gc.collect()
         gc.freeze()  # the import-time heap is never garbage: keep it out of every later full collection (shorter GC pauses)
+        ctx.telemetry = TelemetryWriter(ctx.db, ctx.settings.telemetry_queue_points)
+        ctx.telemetry.start()
         task = asyncio.create_task(_engine_loop(ctx))
         try:
             yield
@@ -125,6 +130,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
                 await task
             except asyncio.CancelledError:
                 pass
+            await run_in_threadpool(ctx.telemetry.stop)  # writes what is queued
             await run_in_threadpool(ctx.last_seen.flush, ctx.db)
             ctx.db.dispose()
 

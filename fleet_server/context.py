@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, update
 
@@ -13,6 +14,9 @@ from fleet_server.signer import ServerKey
 from fleet_server.storage import ArtifactStore
 from fleet_server.tables import Device
 from fleet_server.tokens import TokenCache
+
+if TYPE_CHECKING:
+    from fleet_server.writer import TelemetryWriter
 
 __all__ = ["AppContext", "LastSeen"]
 
@@ -60,3 +64,4 @@ class AppContext:
     last_seen: LastSeen = field(default_factory=LastSeen)
     head: str = ""
     upload_lock: threading.Lock = field(default_factory=threading.Lock)  # artifact writes + their transaction (registry.store_version)
+    telemetry: TelemetryWriter | None = None  # the telemetry group-commit writer; started in the app's lifespan

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from edgekit.errors import OutputError, RemoteError, UsageError
 
@@ -43,6 +44,7 @@ class Database:
     """One engine plus read and write session factories."""
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        self._loop_engine: Engine | None = None
         try:
             parsed = make_url(url)
         except ArgumentError:
@@ -62,6 +64,11 @@ class Database:
                 self.engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_timeout=30,
                                             connect_args={"check_same_thread": False, "timeout": 30})
                 _sqlite_events(self.engine)
+                # The desired-state route reads on the event loop (one thread): it gets a connection of
+                # its own, so it never waits for the pool, which writers may hold while they queue on the lock.
+                if parsed.database and parsed.database != ":memory:":
+                    self._loop_engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False, "timeout": 30})
+                    _sqlite_events(self._loop_engine)
             else:
                 self.engine = create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True, pool_timeout=30)
         except (NoSuchModuleError, ImportError) as e:
@@ -69,6 +76,7 @@ class Database:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
         self._fast = self.engine.execution_options(**{_AUTOCOMMIT: True})
+        self._loop_fast = (self._loop_engine or self.engine).execution_options(**{_AUTOCOMMIT: True})
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -80,6 +88,13 @@ class Database:
     def connect(self) -> Iterator[Connection]:
         """A bare connection for one quick read (no ORM session; SQLite: no explicit BEGIN)."""
         with self._fast.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def connect_on_loop(self) -> Iterator[Connection]:
+        """Like :meth:`connect`, for a read ON THE EVENT LOOP only: on a SQLite file, one dedicated
+        connection (never a wait for the pool); it must not be used from any other thread."""
+        with self._loop_fast.connect() as conn:
             yield conn
 
     @contextmanager
@@ -100,6 +115,8 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        if self._loop_engine is not None:
+            self._loop_engine.dispose()
 
     # -- migrations ---------------------------------------------------------------------------
 

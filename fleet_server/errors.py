@@ -20,6 +20,7 @@ __all__ = [
     "RangeNotSatisfiable",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "http_status",
 ]
 
@@ -110,6 +111,18 @@ class InvalidRequest(FleetError):
     status = 422
     code = "invalid_request"
     default_hint = "See GET /openapi.json for the request's schema."
+
+
+class Unavailable(FleetError):
+    """The server cannot take this request now (e.g. its telemetry write queue is full); answered with ``Retry-After``."""
+
+    status = 503
+    code = "unavailable"
+    default_hint = "Try again later; nothing was stored."
+
+    def __init__(self, message: str, hint: str | None = None, *, retry_after_s: int = 5) -> None:
+        super().__init__(message, hint)
+        self.retry_after_s = retry_after_s
 
 
 def http_status(error: EdgekitError) -> tuple[int, str]:

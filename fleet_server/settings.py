@@ -36,6 +36,8 @@ class Settings(BaseModel):
     engine_interval_s: float = Field(default=0.5, gt=0, description="Period of the rollout engine's loop.")
     token_cache_ttl_s: float = Field(default=60.0, ge=0, description="How long a token lookup is cached in-process.")
     db_pool_size: int = Field(default=8, ge=1)
+    telemetry_queue_points: int = Field(default=100_000, ge=1000,
+                                        description="Telemetry points queued for the writer at most; a post over it gets 503 + Retry-After.")
     upload_validation_timeout_s: float = Field(default=120.0, gt=0, description="Longest an upload's validation may take (else 400 validation_timeout).")
     log_level: str = "info"
 

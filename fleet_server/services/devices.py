@@ -56,13 +56,14 @@ class Desired:
     serial: int
 
 
-def read_desired(ctx: AppContext, device_id: str) -> tuple[Desired, bool]:
+def read_desired(ctx: AppContext, device_id: str, *, on_loop: bool = False) -> tuple[Desired, bool]:
     """The device's desired state from one primary-key read, and whether it is due for re-issue.
 
-    No write and no lock wait (a WAL read), so on SQLite the route runs it on the event loop.
+    No write and no lock wait (a WAL read), so on SQLite the route runs it on the event loop
+    (``on_loop``: through the connection reserved for the loop, never a wait for the pool).
     """
     ctx.last_seen.touch(device_id)
-    with ctx.db.connect() as c:
+    with (ctx.db.connect_on_loop() if on_loop else ctx.db.connect()) as c:
         row = c.execute(_DESIRED, {"id": device_id}).first()
     if row is None:
         raise NotFound("this device is not enrolled any more", "Enroll the device again.")

@@ -5,29 +5,24 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from fleet_server.context import AppContext
-from fleet_server.db import utc, utcnow
+from fleet_server.db import utc
 from fleet_server.schemas import TelemetryBatch
 from fleet_server.tables import Model, ModelVersion, TelemetryDrop, TelemetryPoint, VersionArtifact
 
 __all__ = ["query_telemetry", "store_batch"]
 
 
-def store_batch(ctx: AppContext, device_id: str, batch: TelemetryBatch) -> dict[str, Any]:
-    """Insert every point of a batch (one statement) and the device's dropped count."""
+async def store_batch(ctx: AppContext, device_id: str, batch: TelemetryBatch) -> dict[str, Any]:
+    """Queue a batch for the group-commit writer (fleet_server.writer) and wait for its commit.
+
+    Runs on the event loop; 503 (Unavailable) at once when the writer's queue is full.
+    """
     ctx.last_seen.touch(device_id)
-    now = utcnow()
-    rows = [{"device_id": device_id, "minute": p.minute, "model_sha256": p.model_sha256, "model_version": p.model_version,
-             "data": p.model_dump(mode="json", exclude={"minute", "model_sha256", "model_version"}), "received_at": now}
-            for p in batch.points]
-    with ctx.db.write() as s:
-        if rows:
-            s.execute(insert(TelemetryPoint), rows)
-        if batch.dropped:
-            s.add(TelemetryDrop(device_id=device_id, dropped=batch.dropped, received_at=now))
-    return {"accepted": len(rows)}
+    assert ctx.telemetry is not None, "the telemetry writer starts in the app's lifespan"
+    return {"accepted": await ctx.telemetry.submit(device_id, batch)}
 
 
 def query_telemetry(ctx: AppContext, device_id: str | None, model: str | None, since: dt.datetime | None, limit: int) -> dict[str, Any]:
