@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+from edgekit.archive import copy_bundle_dir, extract_bundle
 from edgekit.bundle import sha256_file, verify_bundle
 from edgekit.errors import BundleError, VerificationError
 from edgekit.runtime import ACTIVE_POINTER, ActivePointer, read_active_pointer
@@ -26,20 +26,11 @@ __all__ = ["Slots"]
 
 
 def _extract_into(archive: Path, dest: Path) -> None:
-    """Extract a ``.ekb`` so that ``dest`` is the bundle directory."""
-    raw = dest.with_name(dest.name + ".x")
+    """Extract a ``.ekb`` so that ``dest`` is the bundle directory (only listed members, bounded, no links)."""
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(raw, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        shutil.rmtree(raw, ignore_errors=True)
-        raise VerificationError(f"{archive.name}: not a readable bundle archive ({e})", reason="bundle_invalid") from None
-    entries = list(raw.iterdir())
-    if len(entries) == 1 and entries[0].is_dir():
-        os.replace(entries[0], dest)
-        raw.rmdir()
-    else:
-        os.replace(raw, dest)
+        extract_bundle(archive, dest)
+    except BundleError as e:
+        raise VerificationError(e.message, reason="bundle_invalid") from None
 
 
 class Slots:
@@ -93,8 +84,12 @@ class Slots:
         ``check(bundle_dir)`` runs on the extracted bundle before the slot exists and returns facts for slot.json.
         """
         tmp = self._tmp(sha)
-        _extract_into(archive, tmp / "bundle")
-        facts = {**facts, **check(tmp / "bundle")}
+        try:
+            _extract_into(archive, tmp / "bundle")
+            facts = {**facts, **check(tmp / "bundle")}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a refused bundle leaves no temporary slot behind
+            raise
         try:  # a link, not a move: killed before the commit, the step starts over from the intact download
             os.link(archive, tmp / "artifact.ekb")
         except OSError:
@@ -106,13 +101,20 @@ class Slots:
     def create_from_source(self, sha: str, source: Path, facts: dict, check: Callable[[Path], dict]) -> Path:
         """Make slot ``sha`` from a local bundle directory or ``.ekb`` (copied; the source is untouched)."""
         tmp = self._tmp(sha)
-        if source.is_dir():
-            shutil.copytree(source, tmp / "bundle")
-        else:
-            shutil.copy2(source, tmp / "artifact.ekb")
-            _extract_into(tmp / "artifact.ekb", tmp / "bundle")
-        facts = {**facts, **check(tmp / "bundle")}
-        return self._commit(sha, tmp, facts)
+        try:
+            if source.is_dir():
+                try:
+                    copy_bundle_dir(source, tmp / "bundle")
+                except BundleError as e:
+                    raise VerificationError(e.message, reason="bundle_invalid") from None
+            else:
+                shutil.copy2(source, tmp / "artifact.ekb")
+                _extract_into(tmp / "artifact.ekb", tmp / "bundle")
+            facts = {**facts, **check(tmp / "bundle")}
+            return self._commit(sha, tmp, facts)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a refused install leaves no temporary slot behind
+            raise
 
     def verify(self, sha: str) -> None:
         """Re-check a slot: the artifact's sha256 (or the directory hash) and every bundle hash; raises on a mismatch."""

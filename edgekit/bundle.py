@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from edgekit import signing
+from edgekit.archive import extract_bundle
 from edgekit.errors import BundleError
 from edgekit.manifest import Manifest
 
@@ -129,17 +130,14 @@ def write_bundle(
 
 
 def _extract(archive: Path) -> Path:
-    """Unpack an ``.ekb`` into a temporary directory that is removed when the process exits."""
-    target = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
-    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    """Unpack an ``.ekb`` (safely, with limits) into a temporary directory removed when the process exits."""
+    parent = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
+    atexit.register(shutil.rmtree, parent, ignore_errors=True)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        shutil.rmtree(target, ignore_errors=True)
-        raise BundleError(f"{archive}: not a readable bundle archive ({e})", "Re-create it with 'edgekit bundle pack'.") from None
-    entries = [p for p in target.iterdir()]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+        return extract_bundle(archive, parent / "bundle")
+    except BundleError:
+        shutil.rmtree(parent, ignore_errors=True)
+        raise
 
 
 def open_bundle(path: str | os.PathLike[str]) -> Bundle:

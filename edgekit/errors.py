@@ -13,6 +13,7 @@ that turns them into ``Error: ...`` / ``Hint: ...`` lines.
     │   ├── CalibrationDataError               .npz shape, dtype, NaN, empty, y length
     │   ├── ProfileError                       unknown id, bad YAML, unknown key, wrong type
     │   └── BundleError                        bad manifest, changed byte, missing file
+    │       └── BundleTooLargeError                unpacking would pass a size or member limit
     ├── IncompatibleError             exit 4   profile cannot take this model / format
     ├── ConversionError               exit 5   a converter failed
     │   └── AccuracyBudgetError                no recipe met --max-accuracy-drop
@@ -28,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "AccuracyBudgetError",
     "BundleError",
+    "BundleTooLargeError",
     "CalibrationDataError",
     "ConversionError",
     "EdgekitError",
@@ -94,6 +96,12 @@ class BundleError(InputError):
     """A bundle that is malformed or does not match its manifest."""
 
     default_hint = "Rebuild the bundle with 'edgekit convert'."
+
+
+class BundleTooLargeError(BundleError):
+    """Unpacking a bundle would pass a byte or member limit."""
+
+    default_hint = "Raise EDGEKIT_MAX_BUNDLE_BYTES / EDGEKIT_MAX_BUNDLE_MEMBERS if this bundle is genuine."
 
 
 class IncompatibleError(EdgekitError):

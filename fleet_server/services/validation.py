@@ -7,14 +7,13 @@ Everything happens in a private work directory; nothing here touches the registr
 from __future__ import annotations
 
 import hashlib
-import tarfile
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from edgekit.archive import ExtractLimits, extract_bundle
 from edgekit.bundle import MANIFEST_FILE, Bundle, open_bundle, sha256_file, verify_bundle
-from edgekit.errors import EdgekitError
+from edgekit.errors import BundleError, BundleTooLargeError, EdgekitError
 from edgekit.profiles import list_profiles
 from fleet_server.errors import BadRequest
 
@@ -45,29 +44,13 @@ def _bad(label: str, message: str, hint: str = "Rebuild the bundle with 'edgekit
 
 
 def _extract(ekb: Path, dest: Path, label: str, max_bytes: int) -> Path:
-    """Extract a tar safely: regular files and directories only, no absolute or '..' paths, bounded size."""
+    """Extract with the one safe routine (:mod:`edgekit.archive`): listed members only, no links, bounded."""
     try:
-        with tarfile.open(ekb, "r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_MEMBERS:
-                raise _bad(label, f"{len(members)} entries in the archive (at most {MAX_MEMBERS})")
-            total = 0
-            for m in members:
-                parts = PurePosixPath(m.name).parts
-                if m.name.startswith(("/", "\\")) or ".." in parts or any("\\" in p or ":" in p for p in parts):
-                    raise _bad(label, f"unsafe path {m.name!r} in the archive")
-                if not (m.isfile() or m.isdir()):
-                    raise _bad(label, f"{m.name!r} is a link or special file; bundles hold regular files only")
-                total += m.size
-                if total > max_bytes:
-                    raise _bad(label, f"the archive expands past {max_bytes} bytes", code="too_large_bundle")
-            tar.extractall(dest, members=members, filter="data")
-    except BadRequest:
-        raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
-        raise _bad(label, f"not a readable .ekb archive ({type(e).__name__}: {e})") from None
-    entries = list(dest.iterdir())
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
+        return extract_bundle(ekb, dest / "bundle", ExtractLimits(max_bytes=max_bytes, max_members=MAX_MEMBERS))
+    except BundleTooLargeError as e:
+        raise _bad(label, e.message, code="too_large_bundle") from None
+    except BundleError as e:
+        raise _bad(label, e.message) from None
 
 
 def _coreml_structure(path: Path) -> str:
