@@ -2,8 +2,11 @@
 # System packages the test-suite needs beyond Python. Installed here, never by hand.
 # openssh-server: the SSH push tests start a real sshd on 127.0.0.1.
 # postgresql: the fleet tests run once on SQLite and once on a throwaway PostgreSQL cluster.
+# qemu-user-static binfmt-support debootstrap: scripts/arm64-root.sh builds the Debian 12 arm64
+#   root in which tests/e2e/test_arm64_device.py runs the agent on real aarch64 binaries.
+# systemd: systemd-analyze verify checks the units in packaging/systemd.
 set -euo pipefail
-NEEDED=(openssh-server postgresql)
+NEEDED=(openssh-server postgresql qemu-user-static binfmt-support debootstrap systemd)
 missing=()
 for pkg in "${NEEDED[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -15,4 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "missing system packages: ${missing[*]} (install them as root)" >&2
     exit 1
   fi
+fi
+# The Debian 12 arm64 root (cached outside the checkout; a no-op once built and current).
+if [ "$(id -u)" = 0 ]; then
+  "$(dirname "$0")/arm64-root.sh" >/dev/null
 fi
