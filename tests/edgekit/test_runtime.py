@@ -67,3 +67,18 @@ def test_bench_command(digits_bundles, run_cli) -> None:
     r = json.loads(out)
     assert r["runs"] == 30 and r["threads"] == 1 and r["runtime"].startswith("litert")
     assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["load_ms"] > 0
+
+
+def test_run_returns_every_output_by_name_and_matches_predict(digits_bundles) -> None:
+    model = runtime.load(digits_bundles.results[0].bundle_dir)
+    g = open_bundle(digits_bundles.results[0].bundle_dir).golden()
+    name = model.inputs[0].name
+    outs = model.run({name: g["x"]})
+    assert list(outs) == [s.name for s in model.outputs]
+    assert np.array_equal(outs[model.outputs[0].name], model.predict(g["x"]))
+
+
+def test_run_refuses_feeds_that_do_not_name_the_inputs(digits_bundles) -> None:
+    model = runtime.load(digits_bundles.results[0].bundle_dir)
+    with pytest.raises(InputError, match="missing"):
+        model.run({"nope": np.zeros((1, 8, 8, 1), np.float32)})
