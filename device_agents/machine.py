@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING
 
 from edgekit.errors import EdgekitError, VerificationError
@@ -34,7 +34,14 @@ __all__ = ["Event", "Interrupted", "Runner", "State", "StepContext", "TRANSITION
 log = logging.getLogger("edgekit.agent")
 
 
-class State(StrEnum):
+class _StrEnum(str, Enum):
+    """A str-valued enum whose str() and format() are the value (enum.StrEnum is 3.11+; devices run 3.10)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class State(_StrEnum):
     """Where the agent is with its current assignment."""
 
     IDLE = "idle"
@@ -48,7 +55,7 @@ class State(StrEnum):
     REVERTING = "reverting"
 
 
-class Event(StrEnum):
+class Event(_StrEnum):
     """What a step reports back."""
 
     ASSIGNED = "assigned"
