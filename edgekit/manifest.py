@@ -193,8 +193,13 @@ class RouterPolicy(_Model):
     input is escalated to the cloud when the top-1 probability is below ``threshold``.
     """
 
-    method: Literal["max_softmax"] = "max_softmax"
+    method: Literal["max_softmax", "margin", "entropy"] = Field(
+        default="max_softmax", description="The confidence score: top-1 probability, top-1 minus top-2, or 1 - entropy/log(classes).")
     device_output: Literal["probabilities", "logits"]
+    score_output: str | None = Field(default=None, description="The device output the score reads (None: the first output).")
+    classes: int | None = Field(default=None, ge=1, description="Classes of the device model (and of the cloud model).")
+    device_model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                            description="sha256 of the device model file the policy was calibrated for.")
     temperature: float = Field(gt=0)
     probability_floor: float = Field(default=1e-6, gt=0, lt=1)
     threshold: float = Field(ge=0, le=1.000001)

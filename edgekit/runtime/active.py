@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import BundleError, RuntimeUnavailableError
+from edgekit.manifest import Manifest
 from edgekit.runtime.base import LocalModel
 from edgekit.runtime.loader import load
 
@@ -102,6 +103,11 @@ class ActiveModel(LocalModel):
                 self._reload()
                 return True
         return False
+
+    def snapshot(self) -> tuple[LocalModel | None, Manifest | None, str | None, str | None]:
+        """The loaded model with its manifest, sha256 and version, read together (never a mix across a switch)."""
+        with self._lock:
+            return self._model, self.manifest, self.sha256, self.version
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if time.monotonic() - self._checked >= self.check_interval_s:

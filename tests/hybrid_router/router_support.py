@@ -66,8 +66,9 @@ class Misbehaving(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        classes = getattr(self.server, "meta_classes", 10)
         self._send(200, json.dumps({"name": "digits", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8, 1]}],
-                                    "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, 10]}]}).encode())
+                                    "outputs": [{"name": "out", "datatype": "FP32", "shape": [-1, classes]}]}).encode())
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -84,6 +85,37 @@ class Misbehaving(BaseHTTPRequestHandler):
             self._send(200, b"\x00not json at all")
         elif mode == "wrong_shape":
             self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [3, 10], "data": [0.1] * 30}]}).encode())
+        elif mode in ("classes20", "classes3"):  # metadata says 10, the answer has another class count
+            k = int(mode[7:])
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, k], "data": [1.0 / k] * k}]}).encode())
+        elif mode == "huge":  # 2 million floats for one input
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 2_000_000],
+                                                     "data": [0.5] * 2_000_000}]}).encode())
+        elif mode == "huge_undeclared":  # the same, chunked (no content-length)
+            self._chunked(json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10],
+                                                   "data": [0.5] * 2_000_000}]}).encode())
+        elif mode == "midbody_close":  # promises 10,000 bytes, sends 100, closes
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "10000")
+            self.end_headers()
+            self.wfile.write(b'{"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [0.1, 0.1, 0.1, ' + b" " * 40)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+        elif mode == "nan":
+            self._send(200, b'{"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [NaN, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}]}')
+        elif mode == "huge_int":
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "INT64", "shape": [1, 10], "data": [10**30] + [0] * 9}]}).encode())
+        elif mode == "huge_int_meta":  # the datatype the metadata promises, values past it
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [10**400] + [0] * 9}]}).encode())
+        elif mode == "other_model":  # a correct-looking answer from another model
+            self._send(200, json.dumps({"model_name": "imagenet", "outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10],
+                                                                               "data": [0.1] * 10}]}).encode())
+        elif mode == "other_output":
+            self._send(200, json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}).encode())
+        elif mode == "strings":
+            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": ["0.1"] * 10}]}).encode())
         elif mode == "flaky":  # first POST fails with 500, then answers correctly
             if server.posts == 1:
                 self._send(500, b'{"error": "flaky"}')
@@ -96,6 +128,19 @@ class Misbehaving(BaseHTTPRequestHandler):
         out = np.full((1, 10), 0.01, dtype=np.float32)
         out[0, 3] = 0.91
         self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": out.ravel().tolist()}]}).encode())
+
+    def _chunked(self, body: bytes) -> None:
+        try:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 65536):
+                part = body[i : i + 65536]
+                self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         try:

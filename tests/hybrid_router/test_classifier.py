@@ -75,7 +75,7 @@ def test_every_cloud_failure_gives_the_device_answer_degraded(device_bundle: Pat
     clf.close()
     assert (p.source, p.degraded, p.reason, p.label) == ("device", True, reason, device)
     assert took_ms < 300 + 250  # never much past the deadline (e2e checks the tight bound)
-    assert rec.calls[0] == {"latency_ms": p.latency_ms, "confidence": p.confidence, "source": "device", "error": reason,
+    assert rec.calls[0] == {"latency_ms": p.latency_ms, "confidence": p.confidence, "source": "device", "error": None,
                             "escalated": True, "degraded": True}
 
 
@@ -165,7 +165,7 @@ def test_the_real_agent_recorder_counts_predictions(device_bundle: Path, digits_
     assert sum(p["count"] for p in points) == 5
     assert sum(p["degraded"] for p in points) == 5
     assert sum(p["escalations"] for p in points) == 5
-    assert sum(p["errors"] for p in points) == 5
+    assert sum(p["errors"] for p in points) == 0  # degraded answers are answers, counted apart from errors
 
 
 def test_a_cloud_client_that_raises_anything_still_gets_the_device_answer(device_bundle: Path, digits_cloud) -> None:

@@ -81,7 +81,7 @@ def test_a_hanging_server_costs_the_deadline_not_more(bad_cloud) -> None:
 def test_input_name_comes_from_the_metadata(bad_cloud) -> None:
     with KServeClient(bad_cloud.url, "digits") as c:
         c.infer(_x(), time.monotonic() + 5)
-        assert c.input_name == "input"
+        assert c.contract().input_name == "input" and c.contract().classes == 10
 
 
 def test_a_deadline_already_past_fails_at_once(bad_cloud) -> None:
