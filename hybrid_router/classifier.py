@@ -130,7 +130,7 @@ def _model_classes(model: Any) -> int | None:
 
 
 def _policy_problem(policy: EscalationPolicy, classes: int | None, sha256: str | None, where: str) -> str:
-    """Why ``policy`` cannot route this model ('' when it can)."""
+    """Why ``policy`` cannot route this model ('' when it can); ``sha256`` is the model file's (the manifest's)."""
     if policy.device_model_sha256 and sha256 and policy.device_model_sha256 != sha256:
         return (f"{where}: the router policy was calibrated for device model {policy.device_model_sha256[:12]}, "
                 f"not this one ({sha256[:12]})")
@@ -147,7 +147,7 @@ def _route_for(model: Any, manifest: Manifest | None, sha256: str | None, versio
     if rp is None:
         return _Route(model, None, classes, sha256, version, f"{where} has no router policy")
     policy = EscalationPolicy.from_router_policy(rp)
-    problem = _policy_problem(policy, classes, sha256, where)
+    problem = _policy_problem(policy, classes, manifest.sha256 if manifest is not None else None, where)
     if problem:
         return _Route(model, None, classes, sha256, version, problem)
     return _Route(model, policy, classes, sha256, version)
@@ -185,7 +185,7 @@ class HybridClassifier:
             policy = rp
         pol = EscalationPolicy.from_router_policy(policy) if isinstance(policy, RouterPolicy) else policy
         classes = _model_classes(model)
-        problem = _policy_problem(pol, classes, sha256, "device model")
+        problem = _policy_problem(pol, classes, manifest.sha256 if manifest is not None else None, "device model")
         if problem:
             raise InputError(problem, "Use the policy of this model's calibrated bundle, or calibrate this model: edgekit router calibrate.")
         self._route = _Route(model, pol, classes, sha256, version)
