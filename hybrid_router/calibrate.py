@@ -18,11 +18,11 @@ import numpy as np
 
 from edgekit import signing
 from edgekit.bundle import open_bundle, write_bundle
-from edgekit.errors import AccuracyBudgetError, CalibrationDataError, IncompatibleError, OutputError, UsageError
+from edgekit.errors import CalibrationDataError, IncompatibleError, OutputError, UsageError
 from edgekit.manifest import RouterPolicy, RouterTarget
 from hybrid_router.calibration import (choose_for_budget, choose_for_max_loss, escalation_curve, expected_calibration_error,
                                        fit_temperature, reliability_bins)
-from hybrid_router.policy import calibrated_probs
+from hybrid_router.policy import SCORES, calibrated_probs, score
 
 __all__ = ["CalibrationResult", "calibrate_router", "load_labelled", "output_kind"]
 
@@ -52,6 +52,9 @@ def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
             x, y = d["x"], d["y"]
     except (OSError, ValueError) as e:
         raise CalibrationDataError(f"{path}: not a readable .npz ({e})") from None
+    if len(x) == 0:
+        raise CalibrationDataError(f"{path}: no labelled examples ('x' is empty)", "Give at least 70 labelled examples (20 fit the "
+                                   "temperature, 50 choose the threshold); a few hundred give a useful guarantee.")
     if len(x) != len(y) or y.ndim != 1:
         raise CalibrationDataError(f"{path}: 'x' has {len(x)} examples but 'y' has shape {y.shape}")
     if y.dtype.kind not in "iu":
@@ -77,7 +80,9 @@ def _check_classes(dev: np.ndarray, cloud: np.ndarray, y: np.ndarray, labels: tu
         raise IncompatibleError(f"the cloud model gives {cloud.shape[1:]} outputs per example, the device model {dev.shape[1]} classes",
                                 "Calibrate against a cloud model trained on the same classes, in the same order.")
     if y.min() < 0 or y.max() >= dev.shape[1]:
-        raise CalibrationDataError(f"labels run from {y.min()} to {y.max()}, outside the model's {dev.shape[1]} classes")
+        raise CalibrationDataError(f"labels run from {y.min()} to {y.max()}, outside the model's {dev.shape[1]} classes",
+                                   f"Labels are class indices 0-{dev.shape[1] - 1} in the order of the device model's labels "
+                                   f"({', '.join(labels[:10]) or 'none recorded'}).")
     agree = float((dev.argmax(1) == cloud.argmax(1)).mean())
     cloud_acc = float((cloud.argmax(1) == y).mean())
     dev_acc = float((dev.argmax(1) == y).mean())
@@ -88,10 +93,47 @@ def _check_classes(dev: np.ndarray, cloud: np.ndarray, y: np.ndarray, labels: tu
                                 f"Check that both models use the same labels in the same order ({', '.join(labels[:10]) or 'no labels'}).")
 
 
+def _score_output(model) -> str | None:
+    """The device output calibration reads: a float or int16 output beside the app's first one (logits kept at full
+    resolution), else None (the first output, dequantized)."""
+    outs = tuple(getattr(model, "outputs", ()))
+    if len(outs) < 2:
+        return None
+    first = outs[0].shape
+    for o in outs[1:]:
+        if o.dtype in ("float32", "float16", "int16") and tuple(o.shape) == tuple(first):
+            return o.name
+    return None
+
+
+def _choose(conf: np.ndarray, dev_ok: np.ndarray, cloud_ok: np.ndarray, cloud_acc: float, max_loss: float | None,
+            budget: float | None, delta: float) -> dict:
+    """The threshold one score gives for the target, as report fields plus a ``rank`` (lower is better)."""
+    if max_loss is not None:
+        ch = choose_for_max_loss(conf, dev_ok, cloud_ok, max_loss / 100.0, delta)
+        everything = not ch.feasible  # nothing certifiable keeps an example on the device: escalate all (cloud-only, loss 0)
+        threshold, esc, loss, bound = (ch.threshold, 1.0, 0.0, 0.0) if everything else (ch.threshold, ch.escalation, ch.loss, ch.loss_bound)
+        return {"threshold": threshold, "escalation_rate": esc, "hybrid_accuracy": cloud_acc - loss, "loss_points": loss * 100,
+                "loss_bound_points": bound * 100, "escalates_everything": everything,
+                "point_estimate": {"threshold": ch.point_threshold, "escalation_rate": ch.point_escalation, "loss_points": ch.point_loss * 100},
+                "guarantee_extra_escalation": esc - ch.point_escalation,
+                "best_certifiable_loss_points": ch.best_bound * 100, "best_certifiable_escalation_rate": ch.best_bound_escalation,
+                "rank": (esc, bound)}
+    bc = choose_for_budget(conf, dev_ok, cloud_ok, float(budget), delta)
+    return {"threshold": bc.threshold, "escalation_rate": bc.escalation, "hybrid_accuracy": cloud_acc - bc.loss,
+            "loss_points": bc.loss * 100, "loss_bound_points": bc.loss_bound * 100, "rank": (bc.loss_bound, bc.loss, bc.escalation)}
+
+
 def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_loss: float | None = None,
                      escalation_budget: float | None = None, confidence: float = 0.95, temperature_fraction: float = 0.2,
-                     seed: int = 0, step: Callable[[str], None] = lambda _m: None) -> CalibrationResult:
-    """Calibrate; ``max_loss`` in accuracy points, ``escalation_budget`` a fraction. Raises AccuracyBudgetError when infeasible."""
+                     seed: int = 0, score_method: str = "auto", step: Callable[[str], None] = lambda _m: None) -> CalibrationResult:
+    """Calibrate; ``max_loss`` in accuracy points, ``escalation_budget`` a fraction.
+
+    ``score_method``: one of :data:`~hybrid_router.policy.SCORES`, or ``auto``: each score is tested at
+    ``delta / 3`` (Bonferroni, so the guarantee holds for whichever is picked) and the one needing the
+    least escalation wins. A ``max_loss`` target is always met: when no threshold that keeps examples
+    on the device can be certified, the policy escalates everything (cloud-only: loss 0 by construction).
+    """
     from edgekit.runtime import load
     from hybrid_router.cloud_model import OnnxCloudModel
     from hybrid_router.report import plot_accuracy_vs_escalation, plot_reliability
@@ -104,71 +146,78 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
         raise UsageError(f"--escalation-budget is a fraction of traffic (0-1), got {escalation_budget}")
     if not 0.5 <= confidence < 1 or not 0 < temperature_fraction < 1:
         raise UsageError("--confidence must be in [0.5, 1) and the temperature fraction in (0, 1)")
+    if score_method != "auto" and score_method not in SCORES:
+        raise UsageError(f"--score {score_method!r} is not one of auto, {', '.join(SCORES)}")
     step("loading data and models")
     x, y, data_sha = load_labelled(data)
+    n_t = int(round(len(x) * temperature_fraction))
+    if n_t < 20 or len(x) - n_t < 50:
+        raise CalibrationDataError(f"{len(x)} labelled examples are too few (need >= 20 for the temperature and >= 50 for the threshold)",
+                                   "Give a few hundred labelled examples the models have not been trained on.")
     bundle = open_bundle(device)
     dev_model = load(device)
     cloud_model = OnnxCloudModel(cloud, providers=["CPUExecutionProvider"])
+    score_output = _score_output(dev_model)
     step(f"running the device model on {len(x)} examples")
-    dev_out = np.asarray(dev_model.predict(x), dtype=np.float64)
+    if score_output is None:
+        dev_out = np.asarray(dev_model.predict(x), dtype=np.float64)
+    else:
+        dev_out = np.asarray(dev_model.run({dev_model.inputs[0].name: x})[score_output], dtype=np.float64)
+    if not np.isfinite(dev_out).all():
+        raise IncompatibleError("the device model gives NaN or infinity on the calibration data", "Check the bundle: edgekit bundle verify.")
     step(f"running the cloud model on {len(x)} examples")
     cloud_out = np.asarray(cloud_model.predict(x), dtype=np.float64)
     _check_classes(dev_out, cloud_out, y, bundle.manifest.labels)
     kind = output_kind(dev_out)
-    q = dev_model.outputs[0].quantization if dev_model.outputs else None
+    q = next((o.quantization for o in dev_model.outputs if o.name == score_output), None) if score_output else \
+        (dev_model.outputs[0].quantization if dev_model.outputs else None)
     floor = q.scale / 2 if (q is not None and kind == "probabilities") else 1e-6  # a quantized zero means "under half a step"
 
     idx = np.random.default_rng(seed).permutation(len(x))
-    n_t = int(round(len(x) * temperature_fraction))
     t_idx, s_idx = idx[:n_t], idx[n_t:]
-    if n_t < 20 or len(s_idx) < 50:
-        raise CalibrationDataError(f"{len(x)} labelled examples are too few (need >= 20 for the temperature and >= 50 for the threshold)")
     step("fitting the temperature")
     temperature = fit_temperature(dev_out[t_idx], y[t_idx], kind, floor)
     ys = y[s_idx]
     raw = dev_out[s_idx] if kind == "probabilities" else calibrated_probs(dev_out[s_idx], 1.0, "logits")
     probs = calibrated_probs(dev_out[s_idx], temperature, kind, floor)
     ece_before, ece_after = expected_calibration_error(raw, ys), expected_calibration_error(probs, ys)
-    conf = probs.max(axis=1)
     dev_ok = probs.argmax(axis=1) == ys
     cloud_ok = cloud_out[s_idx].argmax(axis=1) == ys
     delta = 1.0 - confidence
     dev_acc, cloud_acc = float(dev_ok.mean()), float(cloud_ok.mean())
-    curve = escalation_curve(conf, dev_ok, cloud_ok)
+    methods = SCORES if score_method == "auto" else (score_method,)
+    delta_each = delta / len(methods)  # Bonferroni: the guarantee holds for whichever score is picked
 
-    step("choosing the threshold")
+    step("choosing the score and the threshold")
     summary: dict = {
         "device_bundle": str(device), "cloud_model": str(cloud), "data": str(data), "data_sha256": data_sha,
         "examples": len(x), "temperature_examples": int(n_t), "threshold_examples": int(len(s_idx)), "seed": seed,
-        "device_output": kind, "probability_floor": floor, "temperature": temperature,
+        "device_output": kind, "score_output": score_output, "probability_floor": floor, "temperature": temperature,
         "ece_before": ece_before, "ece_after": ece_after,
         "device_accuracy": dev_acc, "cloud_accuracy": cloud_acc, "confidence": confidence,
     }
+    candidates = {m: _choose(score(probs, m), dev_ok, cloud_ok, cloud_acc, max_loss, escalation_budget, delta_each) for m in methods}
+    method = min(methods, key=lambda m: candidates[m]["rank"])
+    chosen = candidates[method]
+    conf = score(probs, method)
+    curve = escalation_curve(conf, dev_ok, cloud_ok)
+    threshold, esc, loss, bound = chosen["threshold"], chosen["escalation_rate"], chosen["loss_points"] / 100, chosen["loss_bound_points"] / 100
     point = None
+    how = (f"{len(methods)} scores each tested at delta={delta_each:.4g} (Bonferroni over {', '.join(methods)}); "
+           if len(methods) > 1 else "")
     if max_loss is not None:
-        ch = choose_for_max_loss(conf, dev_ok, cloud_ok, max_loss / 100.0, delta)
         target = RouterTarget(kind="max_loss", value=max_loss, confidence=confidence)
-        threshold, esc, loss, bound = ch.threshold, ch.escalation, ch.loss, ch.loss_bound
-        point = (ch.point_escalation, cloud_acc - ch.point_loss)
-        summary.update({
-            "target": target.model_dump(), "feasible": ch.feasible,
-            "bound": f"Learn-then-Test fixed sequence, Clopper-Pearson (exact binomial) p-values on the harmful rate, delta={delta:g}",
-            "threshold": threshold, "escalation_rate": esc, "hybrid_accuracy": cloud_acc - loss, "loss_points": loss * 100,
-            "loss_bound_points": bound * 100,
-            "point_estimate": {"threshold": ch.point_threshold, "escalation_rate": ch.point_escalation, "loss_points": ch.point_loss * 100},
-            "guarantee_extra_escalation": esc - ch.point_escalation,
-            "best_certifiable_loss_points": ch.best_bound * 100, "best_certifiable_escalation_rate": ch.best_bound_escalation,
-        })
+        point = (chosen["point_estimate"]["escalation_rate"], cloud_acc - chosen["point_estimate"]["loss_points"] / 100)
+        summary["bound"] = (how + f"Learn-then-Test fixed sequence, Clopper-Pearson (exact binomial) p-values on the harmful rate, "
+                            f"delta={delta:g}")
     else:
-        bc = choose_for_budget(conf, dev_ok, cloud_ok, float(escalation_budget), delta)
         target = RouterTarget(kind="escalation_budget", value=float(escalation_budget), confidence=confidence)
-        threshold, esc, loss, bound = bc.threshold, bc.escalation, bc.loss, bc.loss_bound
-        summary.update({
-            "target": target.model_dump(), "feasible": True,
-            "bound": f"Clopper-Pearson upper bound on the harmful rate at delta={delta:g}",
-            "threshold": threshold, "escalation_rate": esc, "hybrid_accuracy": cloud_acc - loss, "loss_points": loss * 100,
-            "loss_bound_points": bound * 100,
-        })
+        summary["bound"] = how + f"Clopper-Pearson upper bound on the harmful rate at delta={delta:g}"
+    summary.update({"target": target.model_dump(), "feasible": True, "score": method,
+                    "scores": {m: {k: v for k, v in c.items() if k != "rank"} for m, c in candidates.items()},
+                    **{k: v for k, v in chosen.items() if k != "rank"}})
+    # Escalating everything is the cloud-only policy: its loss against cloud-only is 0 on any data, so any loss target is met.
+    summary["certified_at_full_escalation_points"] = 0.0
 
     step("writing the report")
     try:
@@ -176,24 +225,14 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output directory ({e.strerror})") from None
     rel = plot_reliability(reliability_bins(raw, ys), reliability_bins(probs, ys), ece_before, ece_after, temperature, out / "reliability.png")
-    feasible = bool(summary["feasible"])
-    chosen = (esc, cloud_acc - loss) if feasible else None
-    ave = plot_accuracy_vs_escalation(curve["escalation"], curve["hybrid_accuracy"], dev_acc, cloud_acc, chosen, point,
+    ave = plot_accuracy_vs_escalation(curve["escalation"], curve["hybrid_accuracy"], dev_acc, cloud_acc, (esc, cloud_acc - loss), point,
                                       max_loss / 100.0 if max_loss is not None else None, out / "accuracy_vs_escalation.png")
     summary["figures"] = {"reliability": str(rel), "accuracy_vs_escalation": str(ave)}
     summary["curve"] = {k: [round(float(v), 6) for v in curve[k]] for k in ("threshold", "escalation", "hybrid_accuracy")}
     report = out / "router_report.json"
 
-    if not feasible:
-        summary["bundle"] = None
-        report.write_text(json.dumps(summary, indent=2) + "\n")
-        raise AccuracyBudgetError(
-            f"no threshold keeps the hybrid within {max_loss:g} points of cloud-only accuracy with {confidence:.0%} confidence on "
-            f"{len(s_idx)} threshold examples; the best this data can certify is {summary['best_certifiable_loss_points']:.2f} points "
-            f"(escalating {summary['best_certifiable_escalation_rate']:.1%}); report: {report}",
-            "Give more labelled data (the bound tightens with n), raise --max-loss, lower --confidence, or use --escalation-budget.")
-
     policy = RouterPolicy(
+        method=method, score_output=score_output, classes=int(dev_out.shape[1]), device_model_sha256=bundle.manifest.sha256,
         device_output=kind, temperature=temperature, probability_floor=floor, threshold=min(threshold, 1.000001), target=target,
         expected_escalation_rate=esc, expected_loss_points=loss * 100, loss_bound_points=bound * 100,
         point_estimate_threshold=summary.get("point_estimate", {}).get("threshold"),
@@ -230,10 +269,17 @@ def render_markdown(s: dict) -> str:
              f"hybrid {s['hybrid_accuracy'] * 100:.2f}%",
              f"- Threshold {s['threshold']:.6f}: escalates {s['escalation_rate'] * 100:.1f}% of traffic; "
              f"loss vs cloud-only {s['loss_points']:.2f} points (upper bound {s['loss_bound_points']:.2f} at {s['confidence']:.0%})",
+             f"- Score: {s['score']} (" + ", ".join(f"{m}: escalates {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items()) + ")",
              f"- Bound: {s['bound']}"]
     if "point_estimate" in s:
         pe = s["point_estimate"]
         lines.append(f"- Point-estimate threshold {pe['threshold']:.6f} would escalate {pe['escalation_rate'] * 100:.1f}%; the guarantee "
                      f"costs {s['guarantee_extra_escalation'] * 100:.1f} points of extra escalation")
+        lines.append(f"- Certified at 100% escalation (cloud only): {s['certified_at_full_escalation_points']:.2f} points; the smallest "
+                     f"loss this data certifies while keeping examples on the device: {s['best_certifiable_loss_points']:.2f} points "
+                     f"(escalating {s['best_certifiable_escalation_rate'] * 100:.1f}%)")
+        if s.get("escalates_everything"):
+            lines.append("- No threshold that keeps examples on the device is certified at this target: the policy escalates "
+                         "everything. More labelled data tightens the bound.")
     lines += ["", "![reliability](reliability.png)", "", "![accuracy vs escalation](accuracy_vs_escalation.png)", ""]
     return "\n".join(lines)

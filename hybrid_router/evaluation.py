@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.errors import RemoteError
 from hybrid_router.breaker import BreakerConfig, CircuitBreaker
 from hybrid_router.calibrate import load_labelled
 from hybrid_router.classifier import HybridClassifier
@@ -42,6 +43,10 @@ def evaluate_router(bundle: Path, cloud_url: str, cloud_model: str, data: Path, 
     breaker = CircuitBreaker(BreakerConfig())
     clf = HybridClassifier.from_bundle(bundle, cloud_url, cloud_model, deadline_ms=deadline_ms, breaker=breaker)
     try:
+        try:
+            clf.check_cloud()  # a cloud model the router cannot interpret is an error; one that is down is measured
+        except RemoteError:
+            pass
         device_acc = float((np.asarray(clf.local.predict(x)).argmax(axis=1) == y).mean())
         cloud_acc, cloud_err = _cloud_only(cloud_url, cloud_model, x, y)
         preds, latency = [], []

@@ -25,16 +25,19 @@ def router() -> None:
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Confidence of the --max-loss guarantee.")
 @click.option("--temperature-fraction", type=float, default=0.2, show_default=True, help="Share of the data that fits the temperature.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the temperature/threshold split.")
+@click.option("--score", "score_method", type=click.Choice(["auto", "max_softmax", "margin", "entropy"]), default="auto", show_default=True,
+              help="Confidence score; auto tests all three (Bonferroni) and keeps the one escalating least.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the calibrated bundle and the report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, escalation_budget: float | None, confidence: float,
-              temperature_fraction: float, seed: int, out: Path, as_json: bool) -> None:
+              temperature_fraction: float, seed: int, score_method: str, out: Path, as_json: bool) -> None:
     """Fit temperature scaling and pick the escalation threshold; write a re-signed bundle carrying the policy, and a report."""
     from hybrid_router.calibrate import calibrate_router
 
     with progress(not as_json) as step:
         result = calibrate_router(device, cloud, data, out, max_loss=max_loss, escalation_budget=escalation_budget,
-                                  confidence=confidence, temperature_fraction=temperature_fraction, seed=seed, step=step)
+                                  confidence=confidence, temperature_fraction=temperature_fraction, seed=seed,
+                                  score_method=score_method, step=step)
     s = {k: v for k, v in result.summary.items() if k != "curve"}
 
     def render() -> None:
@@ -44,10 +47,17 @@ def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, esc
                      f"hybrid {s['hybrid_accuracy'] * 100:.2f}%  (threshold split)")
         stdout.print(f"threshold [bold]{s['threshold']:.6f}[/]: escalates [bold]{s['escalation_rate'] * 100:.1f}%[/]; loss "
                      f"{s['loss_points']:.2f} pt, upper bound {s['loss_bound_points']:.2f} pt at {s['confidence']:.0%}")
+        stdout.print(f"score [bold]{s['score']}[/] (" + ", ".join(f"{m} {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items())
+                     + " escalated)")
         if "point_estimate" in s:
             pe = s["point_estimate"]
             stdout.print(f"point-estimate threshold would escalate {pe['escalation_rate'] * 100:.1f}%: the guarantee costs "
                          f"[bold]{s['guarantee_extra_escalation'] * 100:.1f}[/] points of extra escalation")
+            stdout.print(f"certified: 0.00 pt at 100% escalation (cloud only); keeping examples on the device, the smallest certifiable "
+                         f"loss is {s['best_certifiable_loss_points']:.2f} pt (escalating {s['best_certifiable_escalation_rate'] * 100:.1f}%)")
+            if s.get("escalates_everything"):
+                stdout.print("[yellow]no threshold keeping examples on the device is certified at this target: the policy escalates "
+                             "everything; more labelled data tightens the bound[/]")
         stdout.print(f"bundle: {s['bundle']}")
         stdout.print(f"report: {result.report_dir / 'router_report.md'}")
 

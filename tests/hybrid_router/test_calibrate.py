@@ -53,14 +53,53 @@ def test_calibrated_threshold_holds_on_the_test_split(calibrated, digits_cloud) 
     assert abs(esc.mean() - calibrated.policy.expected_escalation_rate) < 0.15
 
 
-def test_unreachable_max_loss_reports_the_best_and_fails(run_cli, device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
+def test_a_target_no_kept_threshold_can_certify_escalates_everything(run_cli, device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
+    code, out, err = run_cli("router", "calibrate", "--device", device_bundle, "--cloud", digits_cloud["onnx"], "--data",
+                             digits_cloud["calib"], "--max-loss", "0.1", "--out", tmp_path / "cal", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    # 240 threshold examples cannot certify 0.1 points while keeping anything on the device; cloud-only meets it (loss 0)
+    assert s["escalates_everything"] and s["escalation_rate"] == 1.0 and s["loss_bound_points"] == 0.0
+    assert s["certified_at_full_escalation_points"] == 0.0 and s["best_certifiable_loss_points"] > 0.1
+    policy = open_bundle(Path(s["bundle"])).manifest.router_policy
+    assert policy.threshold > 1.0  # above every score: every input escalates
+    assert "escalates everything" in (tmp_path / "cal" / "router_report.md").read_text()
+
+
+def test_calibration_picks_a_score_and_says_which(calibrated) -> None:
+    from hybrid_router.policy import SCORES
+
+    s = calibrated.summary
+    assert set(s["scores"]) == set(SCORES) and s["score"] in SCORES
+    assert calibrated.policy.method == s["score"]
+    assert s["loss_bound_points"] == min(c["loss_bound_points"] for c in s["scores"].values())
+    assert "Bonferroni" in s["bound"]
+    assert calibrated.policy.classes == 10 and calibrated.policy.device_model_sha256 is not None
+
+
+def test_a_fixed_score_is_tested_at_the_full_confidence(device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
+    from hybrid_router.calibrate import calibrate_router
+
+    r = calibrate_router(device_bundle, digits_cloud["onnx"], digits_cloud["calib"], tmp_path, max_loss=3, score_method="entropy")
+    assert r.policy.method == "entropy" and set(r.summary["scores"]) == {"entropy"} and "Bonferroni" not in r.summary["bound"]
+
+
+def test_no_examples_is_refused(run_cli, device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros((0,), np.int64))
     code, _, err = run_cli("router", "calibrate", "--device", device_bundle, "--cloud", digits_cloud["onnx"], "--data",
-                           digits_cloud["calib"], "--max-loss", "0.1", "--out", tmp_path / "cal")
-    assert code == 5
-    assert "best this data can certify" in err and "Hint:" in err
-    report = json.loads((tmp_path / "cal" / "router_report.json").read_text())
-    assert report["feasible"] is False and report["bundle"] is None and report["best_certifiable_loss_points"] > 0.1
-    assert not any(p.is_dir() for p in (tmp_path / "cal").iterdir())  # no bundle without a policy that meets the target
+                           tmp_path / "empty.npz", "--max-loss", "1", "--out", tmp_path / "cal")
+    assert code == 3 and "Error: " in err and "no labelled examples" in err and "Hint: " in err and "Traceback" not in err
+    assert not (tmp_path / "cal").exists()
+
+
+def test_labels_outside_the_classes_are_refused(run_cli, device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
+    d = np.load(digits_cloud["calib"])
+    y = d["y"].copy()
+    y[5] = 12
+    np.savez(tmp_path / "bad.npz", x=d["x"], y=y)
+    code, _, err = run_cli("router", "calibrate", "--device", device_bundle, "--cloud", digits_cloud["onnx"], "--data",
+                           tmp_path / "bad.npz", "--max-loss", "1", "--out", tmp_path / "cal")
+    assert code == 3 and "outside the model's 10 classes" in err and "Hint: " in err
 
 
 def test_data_without_labels_is_refused(run_cli, device_bundle: Path, digits_cloud, tmp_path: Path) -> None:
@@ -118,3 +157,11 @@ def test_eval_against_the_live_cloud_and_a_stopped_one(run_cli, calibrated, clou
     assert down["degraded"] == round(down["escalation_rate"] * 100) > 0
     assert set(down["degraded_reasons"]) <= {"unreachable", "circuit_open"}
     assert down["hybrid_accuracy"] == pytest.approx(down["device_accuracy"])
+
+
+def test_eval_against_a_cloud_with_another_class_count_is_refused(run_cli, calibrated, digits_cloud, bad_cloud) -> None:
+    bad_cloud.meta_classes = 20
+    code, _, err = run_cli("router", "eval", "--bundle", calibrated.bundle, "--cloud-url", bad_cloud.url, "--cloud-model", "digits",
+                           "--data", digits_cloud["test"])
+    assert code == 4 and "answers 20 classes, the device model has 10" in err and "Hint: " in err
+    assert bad_cloud.posts == 0
