@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
-
-from converters.source import SourceModel
+from converters.source import Feeds, SourceModel
 from edgekit.errors import IncompatibleError
 from edgekit.manifest import Attempt, Coverage, Manifest, Metric, TensorSpec
 from edgekit.profiles import HardwareProfile
@@ -41,6 +39,8 @@ class ModelFacts:
     outputs: tuple[TensorSpec, ...]
     ops: tuple[str, ...]
     activation_bytes: int
+    activation_status: str = "estimated"  # "measured" when read from the runtime's arena
+    activation_note: str = "sum of activation tensors, no buffer reuse: an upper bound"
     dtype_violations: tuple[str, ...] = ()
     # Format-specific measured facts for the manifest's metrics (e.g. Core ML int8 weight bytes).
     metrics: tuple[tuple[str, Metric], ...] = ()
@@ -102,8 +102,8 @@ class Converter(ABC):
         """Recipes to try in order, the first being the plain post-training default."""
 
     @abstractmethod
-    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
-        """Write the quantized model under ``out`` and return its path."""
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
+        """Write the quantized model under ``out`` and return its path; ``calibration`` holds one array per source input."""
 
     @abstractmethod
     def convert_float(self, source: SourceModel, out: Path) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
-from converters.source import SourceModel, import_tensorflow
+from converters.source import Feeds, SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, TensorSpec
 from edgekit.nativelog import captured_output
@@ -142,15 +142,13 @@ class CoreMLConverter(Converter):
         tf = import_tensorflow()
         loaded = tf.saved_model.load(str(source.saved_model_dir))
         fn = loaded.signatures["serving_default"]
-        _, specs = fn.structured_input_signature
-        (name,) = specs
+        inputs = [ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in source.inputs]
         with captured_output() as log:
             try:
                 # float32 I/O keeps the source's interface and the golden set's dtype; coremltools would
                 # otherwise give a FLOAT16 program float16 I/O for iOS16+ targets.
                 model = ct.convert([fn], source="tensorflow", convert_to="mlprogram", compute_precision=precision,
-                                   inputs=[ct.TensorType(name=name, shape=source.input_shape, dtype=np.float32)],
-                                   outputs=[ct.TensorType(dtype=np.float32)], **kwargs)
+                                   inputs=inputs, outputs=[ct.TensorType(dtype=np.float32) for _ in source.outputs], **kwargs)
             except Exception as e:  # the converter raises NotImplementedError, ValueError, RuntimeError...
                 err = e
             else:
@@ -162,7 +160,7 @@ class CoreMLConverter(Converter):
         del log
         return model
 
-    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         """W8A16: a FLOAT16 program with int8 weights; W8A8 also calibrates int8 activations (macOS only)."""
         c = _constraints(profile)
         ct = _coremltools()
@@ -186,8 +184,8 @@ class CoreMLConverter(Converter):
                     # Core ML's activation quantizer is per-tensor (min/max of each tensor over the samples).
                     acts = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
                                                                                             granularity="per_tensor"))
-                    name = model.get_spec().description.input[0].name
-                    samples = [{name: calibration[i : i + 1]} for i in range(len(calibration))]
+                    n = len(next(iter(calibration.values())))
+                    samples = [{k: v[i : i + 1] for k, v in calibration.items()} for i in range(n)]
                     model = cto.linear_quantize_activations(model, acts, samples)
                 model = cto.linear_quantize_weights(model, weights)
             except Exception as e:  # coremltools raises ValueError, RuntimeError, bare Exception...

@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
-from converters.source import SourceModel, import_tensorflow
+from converters.source import Feeds, SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, Preprocessing, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 
-__all__ = ["ONNXConverter", "compact_names", "embed_preprocessing", "export_float_onnx", "sensitive_nodes"]
+__all__ = ["ONNXConverter", "compact_names", "embed_preprocessing", "export_float_onnx", "peak_live_bytes", "sensitive_nodes"]
 
 # Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
 HISTOGRAM_SAMPLES = 200
+# The QDQ debugger keeps every intermediate tensor of both graphs for each sample it ranks on.
+SENSITIVITY_SAMPLES = 16
 # Execution providers that partition QDQ groups themselves need the ORT "Runtime" optimization style.
 _RUNTIME_STYLE_EPS = {"NnapiExecutionProvider", "CoreMLExecutionProvider", "XnnpackExecutionProvider", "QNNExecutionProvider"}
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
@@ -57,13 +59,13 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
 
     loaded = tf.saved_model.load(str(source.saved_model_dir))
     sig = loaded.signatures["serving_default"]
-    _, kwargs = sig.structured_input_signature
-    (name,) = kwargs
-    fn = tf.function(lambda a: next(iter(sig(**{name: a}).values())))
+    names = source.input_names
+    specs = [tf.TensorSpec(s.shape, getattr(tf, s.dtype), name=s.name) for s in source.inputs]
+    # A dict out keeps the signature's output names (output_0, ...) as the ONNX graph's output names.
+    fn = tf.function(lambda *a: dict(sig(**dict(zip(names, a)))))
     with captured_output() as log:
         try:
-            tf2onnx.convert.from_function(fn, input_signature=[tf.TensorSpec(source.input_shape, tf.float32, name="input")],
-                                          opset=opset, output_path=str(path))
+            tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset, output_path=str(path))
         except Exception as e:  # tf2onnx raises bare Exceptions for unsupported ops
             err = e
         else:
@@ -72,8 +74,34 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
         raise ConversionError(f"tf2onnx could not export the model at opset {opset}: {str(err)[:300]}",
                               "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
     del log
+    _fold_constant_inputs(path)
     compact_names(path)
+    _check_inputs(path, source)
     return path
+
+
+def _fold_constant_inputs(path: Path) -> None:
+    """Drop graph inputs that have initializers (tf2onnx leaves some constants, e.g. Normalization's, as inputs)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    keep = [v for v in model.graph.input if v.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        onnx.save(model, str(path))
+
+
+def _check_inputs(path: Path, source: SourceModel) -> None:
+    """The export must take exactly the source's inputs."""
+    import onnx
+
+    got = sorted(v.name for v in onnx.load(str(path), load_external_data=False).graph.input)
+    want = sorted(source.input_names)
+    if got != want:
+        raise ConversionError(f"the ONNX export takes inputs {got}, but the source takes {want}",
+                              "The exporter turned constants into inputs or renamed them; export ONNX yourself and pass the .onnx file.")
 
 
 def embed_preprocessing(path: Path, pre: Preprocessing) -> None:
@@ -140,7 +168,7 @@ def compact_names(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def sensitive_nodes(float_path: Path, qdq_path: Path, input_name: str, x: np.ndarray, work: Path) -> list[str]:
+def sensitive_nodes(float_path: Path, qdq_path: Path, feeds: Feeds, work: Path) -> list[str]:
     """Nodes of the float graph ranked from most to least hurt by quantization.
 
     ORT's QDQ debugger runs both graphs on the same inputs and gives each tensor's
@@ -154,25 +182,58 @@ def sensitive_nodes(float_path: Path, qdq_path: Path, input_name: str, x: np.nda
     with captured_output():
         modify_model_output_intermediate_tensors(str(float_path), str(aug_f))
         modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
-        fa = collect_activations(str(aug_f), _Reader(input_name, x), execution_providers=["CPUExecutionProvider"])
-        qa = collect_activations(str(aug_q), _Reader(input_name, x), execution_providers=["CPUExecutionProvider"])
+        fa = collect_activations(str(aug_f), _Reader(feeds), execution_providers=["CPUExecutionProvider"])
+        qa = collect_activations(str(aug_q), _Reader(feeds), execution_providers=["CPUExecutionProvider"])
         errors = compute_activation_error(create_activation_matching(qa, fa))
     producer = {o: n.name for n in onnx.load(str(float_path)).graph.node for o in n.output}
     ranked = sorted((e.get("qdq_err", np.inf), t) for t, e in errors.items() if t in producer and np.isfinite(e.get("qdq_err", np.inf)))
     return list(dict.fromkeys(producer[t] for _, t in ranked))
 
 
-class _Reader:
-    """ONNX Runtime CalibrationDataReader over an array, one example per call."""
+def peak_live_bytes(g) -> int:
+    """Largest sum of tensor bytes alive at once when the graph's nodes run in order (inputs included, initializers not)."""
+    import onnx
 
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self._name, self._x, self._i = name, x, 0
+    inits = {i.name for i in g.initializer}
+    sizes: dict[str, int] = {}
+    for v in [*g.value_info, *g.input, *g.output]:
+        t = v.type.tensor_type
+        dims = [d.dim_value for d in t.shape.dim]
+        if v.name not in inits and all(dims) and t.elem_type:
+            sizes[v.name] = int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+    last_use: dict[str, int] = {}
+    for idx, n in enumerate(g.node):
+        for i in n.input:
+            last_use[i] = idx
+    keep = {o.name for o in g.output}
+    live = sum(sizes.get(v.name, 0) for v in g.input)
+    peak = live
+    for idx, n in enumerate(g.node):
+        live += sum(sizes.get(o, 0) for o in n.output)
+        peak = max(peak, live)
+        for name in {*n.input, *n.output}:
+            if name in sizes and name not in keep and last_use.get(name, -1) <= idx:
+                live -= sizes[name]
+                sizes[name] = 0  # freed once
+    return peak
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over feeds (one array per input), one example per call."""
+
+    def __init__(self, feeds: Feeds | str, dtypes: dict[str, str] | np.ndarray | None = None) -> None:
+        if isinstance(feeds, str):  # the single-input form _Reader(name, x)
+            feeds, dtypes = {feeds: np.asarray(dtypes)}, None
+        assert isinstance(feeds, dict) and (dtypes is None or isinstance(dtypes, dict))
+        self._feeds = {k: (v.astype(dtypes[k], copy=False) if dtypes and k in dtypes else v) for k, v in feeds.items()}
+        self._n = len(next(iter(feeds.values())))
+        self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._x):
+        if self._i >= self._n:
             return None
         self._i += 1
-        return {self._name: self._x[self._i - 1 : self._i]}
+        return {k: v[self._i - 1 : self._i] for k, v in self._feeds.items()}
 
     def rewind(self) -> None:
         self._i = 0
@@ -226,7 +287,7 @@ class ONNXConverter(Converter):
         cache.mkdir(exist_ok=True)
         return export_float_onnx(source, _constraints(profile).opset, cache)
 
-    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         onnx, ort = _ort()
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -237,25 +298,28 @@ class ONNXConverter(Converter):
         if not pre.exists():
             with captured_output():
                 quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-        model = onnx.load(str(pre))
-        input_name = model.graph.input[0].name
+        model = onnx.load(str(pre), load_external_data=False)
+        dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in model.graph.input}
         method = str(recipe.option("method"))
-        data = calibration[:HISTOGRAM_SAMPLES] if method != "MinMax" else calibration
+        data = {k: v[:HISTOGRAM_SAMPLES] for k, v in calibration.items()} if method != "MinMax" else calibration
         qdq = out / "model.onnx"
         act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
         exclude: list[str] = []
         k = int(recipe.option("exclude_sensitive", 0) or 0)
         if k:
             try:
-                exclude = self._sensitive(source, pre, input_name, calibration, act, recipe.per_channel)[:k]
+                exclude = self._sensitive(source, pre, _Reader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
+                                          act, recipe.per_channel)[:k]
             except Exception as e:  # the QDQ debugger is best-effort on unusual graphs
                 raise ConversionError(f"sensitivity analysis failed: {str(e)[:200]}", "The other recipes are unaffected.") from e
-        extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers}
+        extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers,
+                 # Streamed calibration: fold every chunk of intermediate outputs into the ranges, then drop it.
+                 "CalibMaxIntermediateOutputs": int(source.cache.get("calibration_chunk", 64))}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
         try:
             with captured_output():
-                quantize_static(str(pre), str(qdq), _Reader(input_name, data), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                quantize_static(str(pre), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
                                 activation_type=act, weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
                                 nodes_to_exclude=exclude, extra_options=extra)
         except Exception as e:  # the quantizer raises assorted types on odd graphs
@@ -273,7 +337,7 @@ class ONNXConverter(Converter):
             return qdq
         return self._to_ort(qdq, out, c)
 
-    def _sensitive(self, source: SourceModel, pre: Path, input_name: str, calibration: np.ndarray, act, per_channel: bool) -> list[str]:
+    def _sensitive(self, source: SourceModel, pre: Path, reader: _Reader, probe_feeds: Feeds, act, per_channel: bool) -> list[str]:
         """Sensitivity ranking of ``pre``'s nodes, computed once per run and activation type."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -284,9 +348,10 @@ class ONNXConverter(Converter):
             work.mkdir(exist_ok=True)
             probe = work / "probe.onnx"
             with captured_output():
-                quantize_static(str(pre), str(probe), _Reader(input_name, calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                                activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-            cache[key] = sensitive_nodes(pre, probe, input_name, calibration[:64], work)
+                quantize_static(str(pre), str(probe), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                                extra_options={"CalibMaxIntermediateOutputs": int(source.cache.get("calibration_chunk", 64))})
+            cache[key] = sensitive_nodes(pre, probe, probe_feeds, work)
         return cache[key]
 
     def _to_ort(self, qdq: Path, out: Path, c: ONNXConstraints) -> Path:
@@ -333,12 +398,7 @@ class ONNXConverter(Converter):
             dims = tuple(int(d.dim_value) if d.dim_value else -1 for d in t.shape.dim)
             return TensorSpec(name=v.name, shape=dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
 
-        act_bytes = 0
-        for v in [*g.value_info, *g.input, *g.output]:
-            t = v.type.tensor_type
-            dims = [d.dim_value for d in t.shape.dim]
-            if dims and all(dims) and v.name not in inits:
-                act_bytes += int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        act_bytes = peak_live_bytes(g)
         int8_bytes = sum(numpy_helper.to_array(i).nbytes for i in g.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
         float_bytes = sum(numpy_helper.to_array(i).nbytes for i in g.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
         from onnxruntime.quantization.registry import QDQRegistry
@@ -362,6 +422,8 @@ class ONNXConverter(Converter):
             outputs=tuple(spec(v) for v in g.output),
             ops=tuple(n.op_type for n in g.node),
             activation_bytes=act_bytes,
+            activation_note="peak of the activation tensors alive at once in execution order (buffers freed after their last use, "
+                            "as ONNX Runtime's arena does)",
             metrics=(
                 ("int8_weight_bytes", Metric(value=float(int8_bytes), unit="B", status="measured", note="int8/uint8 initializers")),
                 ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note="float initializers (scales, biases, excluded layers)")),

@@ -1,41 +1,49 @@
-"""``edgekit convert``: every (profile, format) job, the recipe search, bundles, the report.
+"""``edgekit convert``: plan every (profile, format) job, search recipes, validate, package, install.
 
-A run is all or nothing: everything is built in a hidden staging directory under ``--out``
-and moved into place only when every job succeeded, so a failure leaves nothing behind.
+Stages: **plan** (options, profiles, formats, the source, the data, the task: every refusal
+happens here, before any slow work), **search** (per job, :mod:`converters.search`),
+**package** (:mod:`converters.package`), **install**. A run is all or nothing: everything is
+built in a hidden staging directory under ``--out`` and moved into place only when every job
+succeeded; a failure (or SIGINT/SIGTERM) removes the staging directory, and ``--out`` itself
+when the run created it, and names every job that failed.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import math
 import os
-import platform
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from importlib import metadata
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from converters import FORMATS, get_converter
-from converters.base import ConversionResult, Converter, Recipe
-from converters.coverage import op_coverage
+from converters.base import ConversionResult, Converter
 from converters.dataset import Dataset, load_dataset, split_holdout
-from converters.evaluate import Agreement, accuracy, compare, latency_ms
+from converters.evaluate import DEFAULT_MIN_SQNR_DB, TASKS, Judge, MetricHook, accuracy, check_task, class_axis, infer_task, input_independence_warnings, latency_ms, load_metric, score_metric
+from converters.memory import MemoryPlan, default_max_memory_mb
+from converters.package import embedded_preprocessing, package_candidate
 from converters.report import write_reports
-from converters.source import SourceModel, load_source
+from converters.search import align, search_recipes
+from converters.source import Feeds, SourceModel, load_source
 from edgekit import signing
-from edgekit.bundle import _size, write_bundle
-from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError, OutputError, UsageError
-from edgekit.manifest import Attempt, Metric, Preprocessing
+from edgekit.bundle import _size
+from edgekit.errors import ConversionError, EdgekitError, IncompatibleError, OutputError, UsageError
+from edgekit.manifest import Preprocessing
 from edgekit.profiles import HardwareProfile, find_profile
-from edgekit.runtime import load_model_file
+from edgekit.runtime import LocalModel, load_model_file
 
-__all__ = ["ConvertOptions", "RunReport", "run_convert"]
+__all__ = ["ConvertOptions", "RunContext", "RunReport", "run_convert"]
 
-GOLDEN_COUNT = 16
 Progress = Callable[[str], None]
+_KIND_NAMES = {"keras": "Keras", "saved_model": "SavedModel", "onnx": "ONNX", "torch": "PyTorch"}
 
 
 @dataclass(frozen=True)
@@ -50,15 +58,26 @@ class ConvertOptions:
     eval: Path | None = None
     name: str | None = None
     version: str = "1.0.0"
-    max_accuracy_drop: float | None = None  # None: 1.0 with labels
+    max_accuracy_drop: float | None = None  # None: 1.0 (points, or metric units with --metric)
     allow_over_budget: bool = False
     calibration_samples: int = 500
     latency_runs: int = 50
     labels: tuple[str, ...] = ()
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     signing_key: Path | None = None
-    input_shape: tuple[int, ...] | None = None  # fixes dynamic dims of an ONNX source
+    input_shape: tuple[int, ...] | None = None  # the only input's shape (ONNX/PyTorch sources); see input_shapes
     embed_preprocessing: bool = False  # bake the preprocessing into ONNX graphs (raw input)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (input name, shape) pins for dynamic dims
+    task: str | None = None  # None: inferred from the outputs
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    metric: str | MetricHook | None = None  # "module:function" or a callable(outputs, data) -> float
+    max_memory_mb: float | None = None  # None: half this machine's RAM
+    source_model: Any = field(default=None, compare=False, repr=False)  # a prepared SourceModel (Python API, e.g. a torch module)
+
+    @property
+    def metric_name(self) -> str:
+        m = self.metric
+        return m if isinstance(m, str) else getattr(m, "__qualname__", "hook")
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,10 @@ class RunReport:
     max_accuracy_drop: float
     results: tuple[ConversionResult, ...]
     baselines: dict[str, dict[str, float]]
+    task: str = "classification"
+    task_reason: str = ""
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """JSON-ready report (report.json and --json)."""
@@ -81,21 +104,72 @@ class RunReport:
             "name": self.name,
             "version": self.version,
             "out": str(self.out),
+            "task": self.task,
+            "task_inferred": self.task_reason,
             "float_accuracy": self.float_accuracy,
             "evaluated_on": {"source": self.eval_source, "count": self.eval_count},
             "max_accuracy_drop": self.max_accuracy_drop,
+            "min_sqnr_db": self.min_sqnr_db,
             "float_baselines": self.baselines,
+            "warnings": list(self.warnings),
             "results": [r.to_dict() for r in self.results],
         }
 
 
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".edgekit-write-test-", delete=True)
-        probe.close()
-    except OSError as e:
-        raise OutputError(f"cannot write to --out {out}: {e.strerror or e}", "Choose a directory you can write to.") from None
+@dataclass
+class RunContext:
+    """What every job of one run shares."""
+
+    opts: ConvertOptions
+    source: SourceModel
+    calib: Dataset
+    evalset: Dataset
+    judge: Judge
+    work: Path
+    progress: Progress
+    memory: MemoryPlan
+    name: str
+    batch_size: int = 32
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def model_feeds(self, model: LocalModel, feeds: Mapping[str, np.ndarray]) -> Feeds:
+        """Feeds keyed by source input name, re-keyed by the model's input names."""
+        return {m_name: feeds[s_name] for m_name, s_name in align(model.inputs, self.source.inputs, "input").items()}
+
+    def baseline(self, conv: Converter) -> dict[str, float]:
+        """Size and host latency of the float model in this format, measured once per run."""
+        if conv.format not in self.baselines:
+            self.progress(f"float {conv.format} baseline")
+            d = self.work / f"float-{conv.format}"
+            d.mkdir()
+            path = conv.convert_float(self.source, d)
+            base = {"size_bytes": float(_size(path))}
+            if conv.runs_here()[0]:
+                model = load_model_file(path, conv.format)
+                lat = latency_ms(model, self.model_feeds(model, self.evalset.first), self.opts.latency_runs)
+                base["latency_ms_p50"] = float(np.percentile(lat, 50))
+                arena = getattr(model, "activation_arena_bytes", None)
+                if arena is not None:
+                    base["float_activation_bytes"] = float(arena())
+            self.baselines[conv.format] = base
+        return self.baselines[conv.format]
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+def _check_options(opts: ConvertOptions) -> None:
+    """Refuse option values that make no sense, before anything is touched."""
+    if opts.max_accuracy_drop is not None and not math.isfinite(opts.max_accuracy_drop):
+        raise UsageError(f"--max-accuracy-drop must be a finite number, not {opts.max_accuracy_drop}", "Give the budget in accuracy points, e.g. 0.5.")
+    if not math.isfinite(opts.min_sqnr_db):
+        raise UsageError(f"--min-sqnr-db must be a finite number of dB, not {opts.min_sqnr_db}", f"The default is {DEFAULT_MIN_SQNR_DB:g} dB.")
+    if opts.max_memory_mb is not None and not (math.isfinite(opts.max_memory_mb) and opts.max_memory_mb > 0):
+        raise UsageError(f"--max-memory must be a finite number of MB > 0, not {opts.max_memory_mb}", "Example: --max-memory 4000")
+    if opts.task is not None and opts.task not in TASKS:
+        raise UsageError(f"--task '{opts.task}' is not one of {', '.join(TASKS)}", "Omit --task to let edgekit infer it from the outputs.")
+    if opts.embed_preprocessing and opts.preprocessing.raw_dtype == "float32" and opts.preprocessing.scale == 1.0:
+        raise UsageError("--embed-preprocessing needs a --preprocessing spec to embed",
+                         "Example: --preprocessing scale=0.00392157,raw_dtype=uint8,layout=NHWC --embed-preprocessing")
 
 
 def _jobs(opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
@@ -121,258 +195,51 @@ def _jobs(opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
 
 
 def _jobs_for_source(jobs: list[tuple[HardwareProfile, str]], source: SourceModel, opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
-    """Drop (with --format all) or refuse (when asked for) formats that cannot be built from this kind of source."""
-    kept = []
-    for prof, f in jobs:
-        if source.kind in get_converter(f).sources:
-            kept.append((prof, f))
-        elif "all" not in opts.formats:
-            raise IncompatibleError(f"--format {f} needs a Keras or SavedModel source; {source.path.name} is {source.kind}",
-                                    "Convert from the original Keras/SavedModel, or use --format onnx.")
-    if not kept:
-        raise IncompatibleError(f"none of the requested profiles takes a format buildable from a {source.kind} model", "Use profiles with an onnx format.")
+    """Keep the (profile, format) pairs this source can make; a profile left with none is an error, before any work."""
+    kept = [(p, f) for p, f in jobs if source.kind in get_converter(f).sources]
+    dropped = [(p, f) for p, f in jobs if (p, f) not in kept]
+    if dropped and "all" not in opts.formats:
+        p, f = dropped[0]
+        kinds = " or ".join(_KIND_NAMES.get(k, k) for k in get_converter(f).sources)
+        raise IncompatibleError(f"--format {f} needs a {kinds} source; {source.path.name} is {_KIND_NAMES.get(source.kind, source.kind)}",
+                                "Convert from the original model, or use --format onnx.")
+    orphaned = [p.id for p in dict.fromkeys(p for p, _ in jobs) if not any(q is p for q, _ in kept)]
+    if orphaned:
+        formats = {p.id: [f for q, f in jobs if q is p] for p in dict.fromkeys(p for p, _ in jobs)}
+        raise IncompatibleError(
+            "no bundle can be made from a " + source.kind + " source for: "
+            + "; ".join(f"profile '{pid}' (takes {', '.join(formats[pid])})" for pid in orphaned),
+            "Drop those profiles, or convert from a source their formats are built from (e.g. the Keras model for tflite).")
     return kept
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("edgekit", "tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "tf2onnx", "onnx", "onnxruntime", "coremltools", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+def _input_shapes(opts: ConvertOptions) -> dict[str, tuple[int, ...]]:
+    shapes = dict(opts.input_shapes)
+    if opts.input_shape is not None:
+        shapes.setdefault("", opts.input_shape)
+    return shapes
 
 
-def _measured(value: float | None, unit: str = "", note: str = "") -> Metric:
-    return Metric(value=value, unit=unit, status="measured" if value is not None else "not_measurable", note=note)
-
-
-@dataclass
-class _Context:
-    opts: ConvertOptions
-    source: SourceModel
-    calib: Dataset
-    evalset: Dataset
-    float_out: np.ndarray
-    float_accuracy: float | None
-    budget: float
-    work: Path
-    progress: Progress
-    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def _baseline(ctx: _Context, conv: Converter) -> dict[str, float]:
-    """Size and host latency of the float model in this format, measured once per run."""
-    if conv.format not in ctx.baselines:
-        ctx.progress(f"float {conv.format} baseline")
-        d = ctx.work / f"float-{conv.format}"
-        d.mkdir()
-        path = conv.convert_float(ctx.source, d)
-        base = {"size_bytes": float(_size(path))}
-        if conv.runs_here()[0]:
-            lat = latency_ms(load_model_file(path, conv.format), ctx.evalset.x[:1], ctx.opts.latency_runs)
-            base["latency_ms_p50"] = float(np.percentile(lat, 50))
-        ctx.baselines[conv.format] = base
-    return ctx.baselines[conv.format]
-
-
-def _embedded(ctx: _Context, conv: Converter) -> Preprocessing | None:
-    if ctx.opts.embed_preprocessing and conv.format == "onnx":
-        return ctx.opts.preprocessing.model_copy(update={"embedded": True})
-    return None
-
-
-def _try_recipe(ctx: _Context, conv: Converter, prof: HardwareProfile, recipe: Recipe, calib_x: np.ndarray, d: Path):
-    embedded = _embedded(ctx, conv)
-    if embedded is not None:
-        recipe = replace(recipe, options=(*recipe.options, ("embed", embedded)))
-    path = conv.convert(ctx.source, prof, recipe, calib_x, d)
-    if not conv.runs_here()[0]:
-        return path, None, None, None
-    model = load_model_file(path, conv.format)
-    if embedded is not None:
-        model.embedded = embedded  # type: ignore[attr-defined]  # the graph takes raw input
-    outputs = model.predict(ctx.evalset.x)
-    return path, model, outputs, compare(outputs, ctx.float_out, ctx.evalset.y)
-
-
-def _convert_job(ctx: _Context, prof: HardwareProfile, conv: Converter, stage: Path, key: signing.Ed25519PrivateKey) -> ConversionResult:
-    opts = ctx.opts
-    warnings = conv.check(ctx.source, prof)
-    cap = opts.calibration_samples
-    recipes = conv.recipes(prof, len(ctx.calib), cap)
-    attempts: list[Attempt] = []
-    chosen = None
-    best = None
-    for i, recipe in enumerate(recipes):
-        ctx.progress(f"{prof.id}/{conv.format}: {recipe.name}")
-        d = ctx.work / f"{prof.id}-{conv.format}-{i}"
-        d.mkdir()
-        calib_x = ctx.calib.x if recipe.option("calibration_all") else ctx.calib.x[:cap]
-        try:
-            path, model, outputs, agr = _try_recipe(ctx, conv, prof, recipe, calib_x, d)
-        except ConversionError as e:
-            attempts.append(Attempt(recipe=recipe.name, description=recipe.description, error=e.message))
-            continue
-        if agr is None:  # cannot run here: the first recipe that builds is kept, unmeasured
-            attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=_size(path), chosen=True))
-            return _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, None, None, None, attempts, warnings)
-        drop = agr.drop_from(ctx.float_accuracy)
-        ok = drop <= ctx.budget + 1e-9
-        attempts.append(Attempt(recipe=recipe.name, description=recipe.description, size_bytes=_size(path),
-                                accuracy=agr.accuracy, accuracy_drop=drop, agreement=agr.agreement, within_budget=ok))
-        candidate = (recipe, path, model, outputs, agr, len(attempts) - 1)
-        if best is None or drop < best[4].drop_from(ctx.float_accuracy):
-            best = candidate
-        if ok:
-            chosen = candidate
-            break
-    if chosen is None:
-        if best is None:
-            raise ConversionError(f"{prof.id}/{conv.format}: every recipe failed: " + "; ".join(f"{a.recipe}: {a.error}" for a in attempts),
-                                  "Run with --debug for the converter log.")
-        if not opts.allow_over_budget:
-            lines = "\n  ".join(
-                f"{a.recipe}: drop {a.accuracy_drop:.2f} pt, agreement {a.agreement:.1f}%" if a.error is None else f"{a.recipe}: failed ({a.error})"
-                for a in attempts
-            )
-            raise AccuracyBudgetError(f"{prof.id}/{conv.format}: no recipe kept the accuracy drop within {ctx.budget:g} pt:\n  {lines}")
-        chosen = best
-        warnings.append(f"over the accuracy budget of {ctx.budget:g} pt (--allow-over-budget): kept the best attempt, {chosen[0].name}")
-    recipe, path, model, outputs, agr, idx = chosen
-    attempts[idx] = attempts[idx].model_copy(update={"chosen": True})
-    return _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr, attempts, warnings)
-
-
-def _write_job_bundle(ctx, prof, conv, stage, key, recipe, path, model, outputs, agr: Agreement | None, attempts, warnings) -> ConversionResult:
-    opts = ctx.opts
-    facts = conv.inspect(path, prof)
-    warnings = [*warnings, *facts.warnings]
-    coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations)
-    if facts.dtype_violations:
-        raise IncompatibleError(f"{prof.id}/{conv.format}: ops outside full-integer: {'; '.join(facts.dtype_violations[:5])}",
-                                "The profile requires full-integer models; this model has ops without int8 kernels.")
-    size = _size(path)
-    peak_mb = (size + facts.activation_bytes) / 1e6
-    if peak_mb > prof.memory.model_budget_mb:
-        raise IncompatibleError(f"{prof.id}/{conv.format}: model {size/1e6:.2f} MB + activations {facts.activation_bytes/1e6:.2f} MB "
-                                f"exceed the profile's model budget of {prof.memory.model_budget_mb:g} MB", "Use a smaller model or another profile.")
-    base = _baseline(ctx, conv)
-    runs, why_not = conv.runs_here()
-    p50 = float(np.percentile(latency_ms(model, ctx.evalset.x[:1], opts.latency_runs), 50)) if model is not None else None
-    out_spec = facts.outputs[0]
-    step = out_spec.quantization.scale if out_spec.quantization else 1e-3
-    g = min(GOLDEN_COUNT, len(ctx.evalset))
-    golden = {"x": ctx.evalset.x[:g], "y_float": ctx.float_out[:g]}
-    if outputs is not None:
-        golden["y_host"] = outputs[:g].astype(np.float32)
-    on_host = f"on this conversion host ({model.runtime}+{model.delegate})" if model is not None else ""
-    if agr is None:
-        metrics = _unmeasured_metrics(ctx, size, base, why_not)
-        verification = (f"numerics unverified on this host: {why_not}",)
-    else:
-        metrics = _measured_metrics(ctx, agr, size, base, p50, on_host, opts)
-        if metrics["size_ratio"].value > 1:
-            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size (quantization "
-                            "parameters dominate on very small models)")
-        if metrics["latency_ratio"].value > 1:
-            warnings.append(f"on this host the quantized model is {metrics['latency_ratio'].value:.2f}x slower than float "
-                            "(per-call overhead dominates on very small models; the device may differ)")
-        verification = (f"accuracy, agreement and latency measured {on_host}",)
-    metrics.update({
-        "activation_bytes": Metric(value=float(facts.activation_bytes), unit="B", status="estimated", note="sum of activation tensors, no buffer reuse: an upper bound"),
-        "peak_memory_mb": Metric(value=peak_mb, unit="MB", status="estimated", note="model file + activation upper bound"),
-        "op_coverage": _measured(coverage.share_on_target, "share", f"ops on {coverage.target}"),
-        **dict(facts.metrics),
-    })
-    if any("unverified" in n for n in facts.notes):  # the converter already says it, in its own words
-        verification = ()
-    verification += facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
-    labels = opts.labels or tuple(str(i) for i in range(ctx.source.num_classes))
-    return _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings,
-                   verification, outputs is not None)
-
-
-def _measured_metrics(ctx: _Context, agr: Agreement, size: int, base: dict, p50: float, on_host: str, opts: ConvertOptions) -> dict[str, Metric]:
-    return {
-        "float_accuracy": _measured(ctx.float_accuracy, "%", "float source model"),
-        "int8_accuracy": _measured(agr.accuracy, "%", "this model, " + on_host),
-        "accuracy_drop": Metric(value=agr.drop_from(ctx.float_accuracy), unit="pt", status="measured",
-                                note="float minus int8 accuracy" if agr.accuracy is not None else "disagreement with float (bounds the drop; no labels)"),
-        "agreement": _measured(agr.agreement, "%", "top-1 equal to the float model's"),
-        "max_abs_error": _measured(agr.max_abs_error, "", "largest output difference from the float model"),
-        "size_bytes": _measured(float(size), "B"),
-        "float_size_bytes": _measured(base["size_bytes"], "B", "float model in the same format"),
-        "size_ratio": _measured(size / base["size_bytes"], "x", "int8 / float"),
-        "host_latency_ms_p50": _measured(p50, "ms", f"batch 1, {opts.latency_runs} runs, {on_host}"),
-        "float_host_latency_ms_p50": _measured(base["latency_ms_p50"], "ms", "float model, same conditions"),
-        "latency_ratio": _measured(p50 / base["latency_ms_p50"], "x", "int8 / float on this host"),
-    }
-
-
-def _unmeasured_metrics(ctx: _Context, size: int, base: dict, why: str) -> dict[str, Metric]:
-    na = lambda unit="": Metric(value=None, unit=unit, status="not_measurable", note=why)  # noqa: E731
-    return {
-        "float_accuracy": _measured(ctx.float_accuracy, "%", "float source model"),
-        "int8_accuracy": na("%"),
-        "accuracy_drop": na("pt"),
-        "agreement": na("%"),
-        "size_bytes": _measured(float(size), "B"),
-        "float_size_bytes": _measured(base["size_bytes"], "B", "float model in the same format"),
-        "size_ratio": _measured(size / base["size_bytes"], "x", "quantized / float"),
-        "host_latency_ms_p50": na("ms"),
-        "latency_ratio": na("x"),
-    }
-
-
-def _bundle(ctx, prof, conv, stage, key, recipe, path, facts, coverage, metrics, labels, golden, step, attempts, warnings, verification,
-            measured: bool) -> ConversionResult:
-    opts = ctx.opts
-    fields = {
-        "name": _name(opts),
-        "version": opts.version,
-        "format": conv.format,
-        "profile": prof.id,
-        "inputs": [s.model_dump() for s in facts.inputs],
-        "outputs": [s.model_dump() for s in facts.outputs],
-        "labels": list(labels),
-        "preprocessing": (_embedded(ctx, conv) or opts.preprocessing).model_dump(),
-        "quantization": {
-            "recipe": recipe.name,
-            "weights": recipe.weights,
-            "activations": recipe.activations,
-            "io_dtype": facts.inputs[0].dtype,
-            "per_channel": recipe.per_channel,
-            "calibration_samples": int(len(ctx.calib) if recipe.option("calibration_all") else min(len(ctx.calib), opts.calibration_samples)),
-            "calibration_sha256": ctx.calib.sha256,
-            "max_accuracy_drop": ctx.budget,
-            "attempts": [a.model_dump() for a in attempts],
-        },
-        "metrics": {k: v.model_dump() for k, v in metrics.items()},
-        "coverage": coverage.model_dump(),
-        "verification": list(verification),
-        "provenance": {
-            "source": ctx.source.path.name,
-            "source_sha256": ctx.source.sha256,
-            "tool_versions": _versions(),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        },
-    }
-    bundle_dir = stage / f"{_name(opts)}-{prof.id}-{conv.format}"
-    final = path.with_name(f"{_name(opts)}{path.suffix}")
-    path.rename(final)
-    extras = tuple((f, "ONNX Runtime reduced-operator build config") for f in facts.extra_files)
-    bundle = write_bundle(bundle_dir, fields, final, golden, signing_key=key, min_top1_agreement=0.9 if measured else 0.0,
-                          atol=float(3 * step), extra_files=extras)
-    return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts),
-                            tuple(dict.fromkeys(warnings)), tuple(verification))
+def _judge(opts: ConvertOptions, source: SourceModel, evalset: Dataset, progress: Progress) -> tuple[Judge, str, list[str]]:
+    task, why = (opts.task, "given with --task") if opts.task else infer_task(source.outputs)
+    check_task(task, source.outputs)
+    hook = load_metric(opts.metric) if isinstance(opts.metric, str) else opts.metric
+    progress("running the float model on the evaluation data")
+    float_out = source.run(evalset.x)
+    axis = class_axis(source.outputs[0].shape) if task == "classification" else None
+    float_acc = accuracy(float_out[source.output_names[0]], evalset.y, axis) if axis is not None else None
+    data = {**evalset.x, **evalset.extra, **({"y": evalset.y} if evalset.y is not None else {})}
+    float_metric = score_metric(hook, float_out, data, "the float model's outputs") if hook is not None else None
+    budget = opts.max_accuracy_drop if opts.max_accuracy_drop is not None else 1.0
+    judge = Judge(task, source.output_names, axis, float_out, evalset.y, float_acc, budget, opts.min_sqnr_db, hook, float_metric, data)
+    return judge, why, input_independence_warnings(judge)
 
 
 def _name(opts: ConvertOptions) -> str:
     return opts.name or opts.model.name.split(".")[0]
 
+
+# --- install and clean-up -----------------------------------------------------------------------
 
 def _install(stage: Path, out: Path, trash: Path) -> None:
     """Move staged bundles into ``out``, replacing same-named ones, each with one rename."""
@@ -384,45 +251,123 @@ def _install(stage: Path, out: Path, trash: Path) -> None:
         os.replace(d, dest)
 
 
+def _make_out(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); the directories created, deepest first, to remove on failure."""
+    created: list[Path] = []
+    p = out
+    while not p.exists():
+        created.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".edgekit-write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        _remove_created(created)
+        raise OutputError(f"cannot write to --out {out}: {e.strerror or e}", "Choose a directory you can write to.") from None
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in created:  # deepest first; only directories this run made, and only if empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt (as SIGINT already is) so clean-up runs; main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- run ----------------------------------------------------------------------------------------
+
 def run_convert(opts: ConvertOptions, progress: Progress = lambda _msg: None) -> RunReport:
     """Convert for every requested (profile, format); nothing is written unless all succeed."""
+    _check_options(opts)
     jobs = _jobs(opts)  # unknown profiles and unsupported formats fail before any work
-    if opts.embed_preprocessing and opts.preprocessing.raw_dtype == "float32" and opts.preprocessing.scale == 1.0:
-        raise UsageError("--embed-preprocessing needs a --preprocessing spec to embed",
-                         "Example: --preprocessing scale=0.00392157,raw_dtype=uint8,layout=NHWC --embed-preprocessing")
-    _check_out_dir(opts.out)
-    key = signing.load_or_create_key(opts.signing_key)
-    work = Path(tempfile.mkdtemp(dir=opts.out, prefix=".edgekit-tmp-"))
-    try:
-        progress("loading the float model")
-        source = load_source(opts.model, work, opts.input_shape)
-        jobs = _jobs_for_source(jobs, source, opts)
-        calib = load_dataset(opts.calibration, role="calibration", input_shape=source.input_shape)
-        if opts.labels and len(opts.labels) != source.num_classes:
-            raise UsageError(f"--labels gives {len(opts.labels)} names but the model has {source.num_classes} outputs", "Give one label per line, one per class.")
-        if opts.eval is not None:
-            evalset = load_dataset(opts.eval, role="eval", input_shape=source.input_shape, num_classes=source.num_classes, need_labels=True)
-        else:
-            calib, evalset = split_holdout(calib)
-        convs = {f: get_converter(f) for f in dict.fromkeys(f for _, f in jobs)}
-        for prof, f in jobs:  # incompatibilities surface before the slow part
-            convs[f].check(source, prof)
-        progress("running the float model on the evaluation data")
-        float_out = source.predict(evalset.x)
-        float_acc = accuracy(float_out, evalset.y)
-        budget = opts.max_accuracy_drop if opts.max_accuracy_drop is not None else 1.0
-        ctx = _Context(opts, source, calib, evalset, float_out, float_acc, budget, work, progress)
-        stage = work / "stage"
-        stage.mkdir()
-        results = tuple(_convert_job(ctx, prof, convs[f], stage, key) for prof, f in jobs)
-        report = RunReport(_name(opts), opts.version, opts.out, float_acc, evalset.source if opts.eval else f"{calib.source} (held-out 20%)",
-                           len(evalset), budget, results, ctx.baselines)
-        write_reports(report, work / "stage")
-        _install(stage, opts.out, work / "trash")
-        return report
-    except EdgekitError:
-        raise
-    except OSError as e:
-        raise OutputError(f"writing under {opts.out} failed: {e}", "Check free space and permissions.") from e
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with _interruptible():
+        created = _make_out(opts.out)
+        work: Path | None = None
+        ok = False
+        try:
+            key = signing.load_or_create_key(opts.signing_key)
+            work = Path(tempfile.mkdtemp(dir=opts.out, prefix=".edgekit-tmp-"))
+            report = _run(opts, jobs, key, work, progress)
+            ok = True
+            return report
+        except EdgekitError:
+            raise
+        except OSError as e:
+            raise OutputError(f"writing under {opts.out} failed: {e}", "Check free space and permissions.") from e
+        except MemoryError:
+            raise ConversionError("the conversion ran out of memory", "Lower --calibration-samples or --max-memory, or use a machine with more RAM.") from None
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            if not ok:
+                _remove_created(created)
+
+
+def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: signing.Ed25519PrivateKey, work: Path, progress: Progress) -> RunReport:
+    progress("loading the float model")
+    source = opts.source_model if opts.source_model is not None else load_source(opts.model, work, _input_shapes(opts))
+    if opts.source_model is not None:
+        source.workdir = work
+    jobs = _jobs_for_source(jobs, source, opts)
+    if opts.embed_preprocessing and len(source.inputs) != 1:
+        raise UsageError(f"--embed-preprocessing works on single-input models; this one has {len(source.inputs)} inputs", "Drop --embed-preprocessing.")
+    calib = load_dataset(opts.calibration, role="calibration", inputs=source.inputs)
+    if opts.labels and len(opts.labels) != source.num_classes:
+        raise UsageError(f"--labels gives {len(opts.labels)} names but the model has {source.num_classes} outputs", "Give one label per line, one per class.")
+    if opts.eval is not None:
+        is_cls = (opts.task or infer_task(source.outputs)[0]) == "classification" and opts.metric is None
+        evalset = load_dataset(opts.eval, role="eval", inputs=source.inputs, num_classes=source.num_classes if is_cls else None, need_labels=is_cls)
+    else:
+        calib, evalset = split_holdout(calib)
+    convs = {f: get_converter(f) for f in dict.fromkeys(f for _, f in jobs)}
+    for prof, f in jobs:  # incompatibilities surface before the slow part
+        convs[f].check(source, prof)
+    judge, why, run_warnings = _judge(opts, source, evalset, progress)
+    memory = MemoryPlan(opts.max_memory_mb or default_max_memory_mb())
+    source.cache["calibration_chunk"] = memory.chunk(source)
+    ctx = RunContext(opts, source, calib, evalset, judge, work, progress, memory, _name(opts))
+    stage = work / "stage"
+    stage.mkdir()
+    results: list[ConversionResult] = []
+    failures: list[tuple[str, EdgekitError]] = []
+    for prof, f in jobs:  # every job runs, so one failure report names them all
+        conv = convs[f]
+        try:
+            cand, attempts, warnings = search_recipes(ctx, prof, conv, embedded_preprocessing(ctx, conv))
+            attempts[cand.attempt_index] = attempts[cand.attempt_index].model_copy(update={"chosen": True})
+            results.append(package_candidate(ctx, prof, conv, stage, key, cand, attempts, [*run_warnings, *warnings]))
+        except (ConversionError, IncompatibleError) as e:
+            failures.append((f"{prof.id}/{f}: {e.message}" if not e.message.startswith(f"{prof.id}/") else e.message, e))
+            progress(f"{prof.id}/{f}: failed")
+    if failures:
+        if len(failures) == 1 and len(jobs) == 1:
+            raise failures[0][1]
+        raise ConversionError(f"{len(failures)} of {len(jobs)} (profile, format) jobs failed, so nothing was written:\n  "
+                              + "\n  ".join(m for m, _ in failures),
+                              "Fix or drop the failing profiles/formats; a run installs every bundle or none.")
+    report = RunReport(ctx.name, opts.version, opts.out, judge.float_accuracy, evalset.source if opts.eval else f"{calib.source} (held-out 20%)",
+                       len(evalset), judge.max_accuracy_drop, tuple(results), ctx.baselines, judge.task, why, judge.min_sqnr_db, tuple(run_warnings))
+    write_reports(report, stage)
+    _install(stage, opts.out, work / "trash")
+    return report

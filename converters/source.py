@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from edgekit.bundle import sha256_file
-from edgekit.errors import IncompatibleError, ModelLoadError
+from edgekit.errors import IncompatibleError, ModelLoadError, UsageError
+from edgekit.manifest import TensorSpec
 from edgekit.nativelog import captured_output
 
-__all__ = ["SourceModel", "load_source", "import_tensorflow"]
+__all__ = ["Feeds", "SourceModel", "import_tensorflow", "keras_source", "load_source"]
 
 
 def import_tensorflow() -> Any:
@@ -39,21 +40,25 @@ def import_tensorflow() -> Any:
     return tf
 
 
+Feeds = dict[str, np.ndarray]
+
+
 @dataclass
 class SourceModel:
-    """A float model ready for every converter."""
+    """A float model ready for every converter: every input and output by name, static batch 1."""
 
     path: Path
-    kind: str  # "keras" or "saved_model"
+    kind: str  # "keras", "saved_model", "onnx" or "torch"
     sha256: str
-    input_shape: tuple[int, ...]  # static, batch 1
-    output_shape: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]  # static, batch 1; names are the keys of calibration/eval .npz files
+    outputs: tuple[TensorSpec, ...]
     param_count: int
     workdir: Path = Path(".")  # scratch space converters may share (e.g. the float ONNX export)
-    onnx_path: Path | None = None  # ONNX sources
+    onnx_path: Path | None = None  # ONNX sources (normalised: static, IR >= 4)
     cache: dict[str, Any] = field(default_factory=dict)  # per-run results converters reuse across profiles
     keras_model: Any = field(repr=False, default=None)  # Keras sources
-    _predict: Any = field(repr=False, default=None)
+    torch_program: Any = field(repr=False, default=None)  # PyTorch sources: the torch.export ExportedProgram
+    _run: Any = field(repr=False, default=None)  # (feeds of one batch) -> list of outputs in ``outputs`` order
     _export: Any = field(repr=False, default=None)  # writes the static batch-1 SavedModel, on first use
 
     @property
@@ -66,27 +71,67 @@ class SourceModel:
         return self.cache["saved_model_dir"]
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of the first input (batch 1)."""
+        return self.inputs[0].shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of the first output (batch 1)."""
+        return self.outputs[0].shape
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    @property
     def num_classes(self) -> int:
-        """Size of the last output axis."""
-        return int(self.output_shape[-1])
+        """Size of the first output's class axis (the one non-unit axis), else of its last axis."""
+        dims = [d for d in self.outputs[0].shape[1:] if d != 1]
+        return int(dims[0]) if len(dims) == 1 else int(self.outputs[0].shape[-1])
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Float outputs of the source model for a batch."""
-        outs = [np.asarray(self._predict(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-        return np.concatenate(outs, axis=0).astype(np.float32)
+    def run(self, feeds: Feeds, batch_size: int = 64) -> Feeds:
+        """Float outputs of the source model by output name, in batches of ``batch_size``."""
+        n = len(next(iter(feeds.values())))
+        parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
+        for i in range(0, n, batch_size):
+            outs = self._run({k: v[i : i + batch_size] for k, v in feeds.items()})
+            for j, o in enumerate(outs):
+                parts[j].append(np.asarray(o))
+        return {s.name: np.concatenate(p, axis=0) for s, p in zip(self.outputs, parts)}
+
+    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The first output for a batch of the first input (single-input models)."""
+        return self.run({self.inputs[0].name: x}, batch_size)[self.outputs[0].name].astype(np.float32)
 
 
-def _static_shape(shape: Any, where: str) -> tuple[int, ...]:
+def _static_shape(shape: Any, where: str, name: str = "") -> tuple[int, ...]:
     dims = list(shape)
+    label = f"input '{name}'" if name else "the model input"
     if not dims:
-        raise IncompatibleError(f"{where}: the model input is a scalar", "edgekit converts models with a batched tensor input.")
+        raise IncompatibleError(f"{where}: {label} is a scalar", "edgekit converts models with batched tensor inputs.")
     rest = dims[1:]
     if any(d is None for d in rest):
         raise IncompatibleError(
-            f"{where}: the input shape {tuple(dims)} has unknown dimensions besides the batch",
-            "Export the model with a fixed input size (e.g. keras.Input((28, 28, 1))).",
+            f"{where}: {label} has shape {tuple(dims)} with unknown dimensions besides the batch",
+            "Export the model with a fixed input size (e.g. keras.Input((28, 28, 1))), or fix it with --input-shape NAME=1,....",
         )
     return (1, *(int(d) for d in rest))
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = getattr(dtype, "name", None) or str(dtype)
+    return np.dtype(name.replace("tf.", "")).name
+
+
+def _outs(out: Any) -> list[Any]:
+    if isinstance(out, dict):
+        return list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def _load_keras(path: Path, workdir: Path, tf: Any) -> SourceModel:
@@ -98,34 +143,31 @@ def _load_keras(path: Path, workdir: Path, tf: Any) -> SourceModel:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a damaged file
         raise ModelLoadError(f"{path}: Keras cannot load this model ({type(e).__name__}: {str(e)[:200]})", "Check the file is a complete .keras/.h5 model saved by Keras.") from None
-    if len(model.inputs) != 1:
-        raise IncompatibleError(f"{path}: the model has {len(model.inputs)} inputs", "edgekit converts single-input models.")
-    input_shape = _static_shape(model.inputs[0].shape, str(path))
-    out_shape = tuple(model.outputs[0].shape)
+    return keras_source(model, path, workdir, tf, sha256_file(path))
+
+
+def keras_source(model: Any, path: Path, workdir: Path, tf: Any, sha256: str) -> SourceModel:
+    """A SourceModel over a loaded Keras model (file sources and the Python API)."""
+    inputs = tuple(TensorSpec(name=t.name, shape=_static_shape(t.shape, str(path), t.name), dtype=_dtype_name(t.dtype)) for t in model.inputs)
+    if len({s.name for s in inputs}) != len(inputs):
+        raise IncompatibleError(f"{path}: two model inputs share a name ({[s.name for s in inputs]})", "Name every keras.Input uniquely.")
+    # Keras' SavedModel export names the outputs output_0, output_1, ... in model.outputs order; so do we.
+    outputs = tuple(TensorSpec(name=f"output_{i}", shape=(1, *(int(d) if d is not None else -1 for d in t.shape[1:])), dtype=_dtype_name(t.dtype))
+                    for i, t in enumerate(model.outputs))
+    specs = [tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in inputs]
 
     def export() -> Path:
         export_dir = workdir / "source_saved_model"
         with captured_output():
-            model.export(str(export_dir), format="tf_saved_model", input_signature=[tf.TensorSpec(input_shape, tf.float32, name="input")],
-                         verbose=False)
+            model.export(str(export_dir), format="tf_saved_model", input_signature=specs if len(specs) == 1 else [specs], verbose=False)
         return export_dir
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        out = model(x, training=False)
-        return out[0] if isinstance(out, (list, tuple)) else out
+    def run(feeds: Feeds) -> list[Any]:
+        args = [feeds[s.name] for s in inputs]
+        return [np.asarray(o) for o in _outs(model(args[0] if len(args) == 1 else args, training=False))]
 
-    return SourceModel(
-        workdir=workdir,
-        path=path,
-        kind="keras",
-        sha256=sha256_file(path),
-        input_shape=input_shape,
-        output_shape=(1, *(int(d) for d in out_shape[1:])),
-        param_count=int(model.count_params()),
-        keras_model=model,
-        _export=export,
-        _predict=predict,
-    )
+    return SourceModel(workdir=workdir, path=path, kind="keras", sha256=sha256, inputs=inputs, outputs=outputs,
+                       param_count=int(model.count_params()), keras_model=model, _export=export, _run=run)
 
 
 def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
@@ -141,106 +183,60 @@ def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:
         raise ModelLoadError(f"{path}: the SavedModel has no serving signature", "Export it with model.export(path) or a 'serving_default' signature.")
     sig = sigs[key]
     _, kwargs = sig.structured_input_signature
-    if len(kwargs) != 1:
-        raise IncompatibleError(f"{path}: signature '{key}' has {len(kwargs)} inputs", "edgekit converts single-input models.")
-    (in_name, spec), = kwargs.items()
-    input_shape = _static_shape(spec.shape.as_list(), str(path))
-    out_key = sorted(sig.structured_outputs)[0]
-    out_shape = sig.structured_outputs[out_key].shape.as_list()
+    if not kwargs:
+        raise IncompatibleError(f"{path}: signature '{key}' has no inputs", "Export a signature with tensor inputs.")
+    names = sorted(kwargs)
+    inputs = tuple(TensorSpec(name=n, shape=_static_shape(kwargs[n].shape.as_list(), str(path), n), dtype=kwargs[n].dtype.name) for n in names)
+    out_keys = sorted(sig.structured_outputs)
+    outputs = tuple(TensorSpec(name=k, shape=(1, *(int(d) if d is not None else -1 for d in sig.structured_outputs[k].shape.as_list()[1:])),
+                               dtype=sig.structured_outputs[k].dtype.name) for k in out_keys)
+    specs = [tf.TensorSpec(s.shape, getattr(tf, s.dtype), name=s.name) for s in inputs]
 
     module = tf.Module()
     module.inner = loaded
-    module.serve = tf.function(lambda a: sig(**{in_name: a})[out_key], input_signature=[tf.TensorSpec(input_shape, tf.float32, name="input")])
+    module.serve = tf.function(lambda *a: {k: v for k, v in sig(**dict(zip(names, a))).items()}, input_signature=specs)
 
     def export() -> Path:
         export_dir = workdir / "source_saved_model"
         tf.saved_model.save(module, str(export_dir), signatures={"serving_default": module.serve})
         return export_dir
     params = int(sum(np.prod(v.shape) for v in getattr(loaded, "variables", [])))
-    dynamic_batch = spec.shape.as_list()[0] is None
+    dynamic_batch = all(kwargs[n].shape.as_list()[:1] == [None] for n in names)
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def run(feeds: Feeds) -> list[Any]:
         if dynamic_batch:
-            return sig(**{in_name: tf.constant(x, tf.float32)})[out_key]
-        return np.concatenate([sig(**{in_name: tf.constant(x[i : i + 1], tf.float32)})[out_key] for i in range(len(x))])
+            out = sig(**{n: tf.constant(feeds[n]) for n in names})
+            return [np.asarray(out[k]) for k in out_keys]
+        n_ex = len(feeds[names[0]])
+        parts = [sig(**{n: tf.constant(feeds[n][i : i + 1]) for n in names}) for i in range(n_ex)]
+        return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in out_keys]
 
-    return SourceModel(
-        workdir=workdir,
-        path=path,
-        kind="saved_model",
-        sha256=sha256_file(path),
-        input_shape=input_shape,
-        output_shape=(1, *(int(d) for d in out_shape[1:])),
-        param_count=params,
-        _export=export,
-        _predict=predict,
-    )
+    return SourceModel(workdir=workdir, path=path, kind="saved_model", sha256=sha256_file(path), inputs=inputs, outputs=outputs,
+                       param_count=params, _export=export, _run=run)
 
 
-def _load_onnx(path: Path, workdir: Path, input_shape: tuple[int, ...] | None) -> SourceModel:
-    try:
-        import onnx
-        import onnxruntime as ort
-    except ImportError:
-        raise ModelLoadError("onnx/onnxruntime are not installed, so .onnx models cannot be converted",
-                             "Install the conversion tools with: pip install 'edgekit[convert]'") from None
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as e:  # DecodeError, ValidationError, ...
-        raise ModelLoadError(f"{path}: not a valid ONNX model (onnx.checker: {str(e).strip().splitlines()[0][:200]})",
-                             "Export the model again, or check it with onnx.checker.check_model.") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
-    if len(inputs) != 1:
-        raise IncompatibleError(f"{path}: the model has {len(inputs)} inputs", "edgekit converts single-input models.")
-    v = inputs[0]
-    if v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise IncompatibleError(f"{path}: input '{v.name}' is not float32", "Export the model with a float32 input.")
-    dims = [d.dim_value if d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
-    if input_shape is not None:
-        if len(input_shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], input_shape[1:])):
-            raise IncompatibleError(f"{path}: --input-shape {input_shape} does not fit the model input {tuple(dims)}",
-                                    "Give one size per dimension, batch first.")
-        static = (1, *input_shape[1:])
-    elif any(d is None for d in dims[1:]):
-        raise IncompatibleError(f"{path}: input '{v.name}' has dynamic dimensions {tuple(d if d else '?' for d in dims)}",
-                                "Fix them with --input-shape, e.g. --input-shape 1,3,224,224.")
-    else:
-        static = (1, *(int(d) for d in dims[1:]))
-    # Pin the batch (and any dynamic dims) so the exported and quantized graphs are static.
-    for d, size in zip(v.type.tensor_type.shape.dim, static):
-        d.ClearField("dim_param")
-        d.dim_value = size
-    fixed = workdir / "source.onnx"
-    onnx.save(model, str(fixed))
-    with captured_output():
-        session = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
-    out_shape = session.get_outputs()[0].shape
-    name = session.get_inputs()[0].name
+def load_source(path: str | os.PathLike[str], workdir: Path, input_shapes: dict[str, tuple[int, ...]] | None = None) -> SourceModel:
+    """Load a .keras/.h5/.onnx/.pt2 file or a SavedModel directory for the converters.
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-
-    from onnx import numpy_helper
-
-    params = int(sum(numpy_helper.to_array(i).size for i in model.graph.initializer))
-    return SourceModel(path=path, kind="onnx", sha256=sha256_file(path), input_shape=static,
-                       output_shape=(1, *(int(d) if isinstance(d, int) else 1 for d in out_shape[1:])), param_count=params,
-                       workdir=workdir, onnx_path=fixed, _predict=predict)
-
-
-def load_source(path: str | os.PathLike[str], workdir: Path, input_shape: tuple[int, ...] | None = None) -> SourceModel:
-    """Load a .keras/.h5/.onnx file or a SavedModel directory and export it for the converters."""
+    ``input_shapes`` pins dynamic dimensions per input name ("" for the only input).
+    """
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory", "Check the model path.")
-    if p.is_file() and p.suffix not in (".keras", ".h5", ".hdf5", ".onnx"):
+    if p.is_file() and p.suffix not in (".keras", ".h5", ".hdf5", ".onnx", ".pt2"):
         raise ModelLoadError(
             f"{p}: '{p.suffix or p.name}' is not a model format edgekit converts",
-            "Pass a .keras/.h5/.onnx file or a SavedModel directory.",
+            "Pass a .keras/.h5/.onnx/.pt2 file or a SavedModel directory.",
         )
     if p.suffix == ".onnx":
-        return _load_onnx(p, workdir, input_shape)
+        from converters.onnx_source import load_onnx_source
+
+        return load_onnx_source(p, workdir, input_shapes)
+    if p.suffix == ".pt2":
+        from converters.torch_source import load_torch_source
+
+        return load_torch_source(p, workdir, input_shapes)
+    if input_shapes:
+        raise UsageError("--input-shape applies to ONNX and PyTorch sources", "Keras and SavedModel sources carry their own static shapes.")
     tf = import_tensorflow()
     return _load_keras(p, workdir, tf) if p.is_file() else _load_saved_model(p, workdir, tf)

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
-from converters.source import SourceModel, import_tensorflow
+from converters.source import Feeds, SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, TFLiteConstraints
+from edgekit.runtime.tflite import arena_span_bytes, signature_names
 
 __all__ = ["TFLiteConverter"]
 
@@ -31,6 +32,9 @@ def _constraints(profile: HardwareProfile) -> TFLiteConstraints:
 
 def _batch1_clone(source: SourceModel):
     import keras
+
+    if len(source.inputs) != 1 or len(source.outputs) != 1:
+        return None  # multi-I/O models go through the SavedModel, whose signature names every tensor
 
     try:
         clone = keras.models.clone_model(source.keras_model, input_tensors=keras.Input(batch_shape=source.input_shape))
@@ -78,7 +82,7 @@ class TFLiteConverter(Converter):
                               options=(("io", "int16"), ("int16x8", True))))
         return out
 
-    def _converter(self, tf, source: SourceModel):
+    def _converter(self, tf, source: SourceModel) -> tuple[object, bool]:
         """A TFLite converter over a static batch-1 graph of the source.
 
         Keras models are cloned with a batch-1 input (cheaper than a SavedModel export and the
@@ -90,18 +94,24 @@ class TFLiteConverter(Converter):
                 source.cache["tflite_batch1_clone"] = _batch1_clone(source)
             clone = source.cache["tflite_batch1_clone"]
             if clone is not None:
-                return tf.lite.TFLiteConverter.from_keras_model(clone)
-        return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
+                return tf.lite.TFLiteConverter.from_keras_model(clone), False
+        return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir)), True
 
-    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: np.ndarray, out: Path) -> Path:
+    def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         tf = import_tensorflow()
-        conv = self._converter(tf, source)
+        conv, by_signature = self._converter(tf, source)
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         data = calibration
+        names = source.input_names
+        n = len(data[names[0]])
 
         def representative():
-            for i in range(len(data)):
-                yield [data[i : i + 1]]
+            # One example at a time: TensorFlow's calibrator keeps only each tensor's running min/max.
+            for i in range(n):
+                if by_signature:  # keyed by the SavedModel signature's input names (the source's)
+                    yield {k: data[k][i : i + 1] for k in names}
+                else:
+                    yield [data[k][i : i + 1] for k in names]
 
         conv.representative_dataset = representative
         io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[str(recipe.option("io", "int8"))]
@@ -137,7 +147,7 @@ class TFLiteConverter(Converter):
 
     def convert_float(self, source: SourceModel, out: Path) -> Path:
         tf = import_tensorflow()
-        conv = self._converter(tf, source)
+        conv, _ = self._converter(tf, source)
         with captured_output():
             flat = conv.convert()
         path = out / f"float{self.suffix}"
@@ -151,16 +161,17 @@ class TFLiteConverter(Converter):
             interp = Interpreter(model_path=str(model_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
             interp.allocate_tensors()
         ops = interp._get_ops_details()  # the only API that lists the graph's ops
-        tensors = {t["index"]: t for t in interp.get_tensor_details()}
+        names = signature_names(interp)
 
         def spec(d: dict) -> TensorSpec:
             scale, zp = d["quantization"]
             q = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
-            return TensorSpec(name=d["name"], shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name, quantization=q)
+            return TensorSpec(name=names.get(d["index"], d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name,
+                              quantization=q)
 
         activation_ids = {int(i) for op in ops for i in op["outputs"] if i >= 0}
         activation_ids |= {d["index"] for d in interp.get_input_details()}
-        activation_bytes = sum(int(np.prod(tensors[i]["shape"])) * np.dtype(tensors[i]["dtype"]).itemsize for i in activation_ids if i in tensors)
+        activation_bytes = arena_span_bytes(interp, activation_ids)
         violations: list[str] = []
         c = profile.formats.tflite
         if c is not None and c.full_integer:
@@ -174,5 +185,7 @@ class TFLiteConverter(Converter):
             outputs=tuple(spec(d) for d in interp.get_output_details()),
             ops=tuple(op["op_name"] for op in ops),
             activation_bytes=activation_bytes,
+            activation_status="measured",
+            activation_note="LiteRT's arena after allocate_tensors: activation buffers, shared buffers counted once",
             dtype_violations=tuple(violations),
         )

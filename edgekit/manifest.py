@@ -104,8 +104,11 @@ class Attempt(_Model):
     accuracy: float | None = None
     accuracy_drop: float | None = None
     agreement: float | None = None
+    min_sqnr_db: float | None = Field(default=None, description="Lowest per-output SQNR against the float model, dB.")
+    metric: float | None = Field(default=None, description="The --metric hook's score of this attempt.")
     within_budget: bool | None = None
     error: str | None = None
+    skipped: str | None = Field(default=None, description="Why the recipe was not run (e.g. over --max-memory).")
     chosen: bool = False
 
 
@@ -120,6 +123,7 @@ class Quantization(_Model):
     calibration_samples: int
     calibration_sha256: str
     max_accuracy_drop: float | None = None
+    min_sqnr_db: float | None = None
     attempts: tuple[Attempt, ...] = ()
 
 
@@ -145,7 +149,11 @@ class Coverage(_Model):
 
 
 class GoldenSet(_Model):
-    """Reference inputs and outputs shipped in golden.npz."""
+    """Reference inputs and outputs shipped in golden.npz.
+
+    Keys follow the manifest's order: ``x`` is the first input, ``x_1``, ``x_2``, ... the others;
+    ``y_float``/``y_host`` the first output, ``y_float_1``/``y_host_1``, ... the others.
+    """
 
     file: str = Field(default="golden.npz", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -234,6 +242,7 @@ class Manifest(_Model):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     labels: tuple[str, ...] = ()
+    task: Literal["classification", "detection", "regression", "embedding", "generic"] = "classification"
     preprocessing: Preprocessing = Preprocessing()
     quantization: Quantization
     metrics: dict[str, Metric]

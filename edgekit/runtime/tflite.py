@@ -13,7 +13,7 @@ from edgekit.nativelog import captured_output
 from edgekit.runtime.base import LocalModel, check_feeds
 from edgekit.runtime.quant import Affine
 
-__all__ = ["TFLiteModel", "litert_interpreter"]
+__all__ = ["TFLiteModel", "arena_span_bytes", "litert_interpreter", "signature_names"]
 
 
 def litert_interpreter():
@@ -28,10 +28,53 @@ def litert_interpreter():
     return Interpreter, OpResolverType
 
 
-def _spec_from_detail(d: dict) -> TensorSpec:
+def signature_names(interp) -> dict[int, str]:
+    """Tensor index -> the name the model's only signature gives it (the source model's input/output names).
+
+    TFLite tensor names are the exporter's ('serving_default_a:0', 'StatefulPartitionedCall:1') and
+    the output order need not follow the source's; the signature keeps the source's names.
+    """
+    try:
+        sigs = interp._get_full_signature_list()  # the public get_signature_list() lacks the tensor indices
+    except Exception:  # older runtimes
+        return {}
+    if len(sigs) != 1:
+        return {}
+    (sig,) = sigs.values()
+    names = {int(i): str(n) for n, i in sig.get("inputs", {}).items()}
+    names.update({int(i): str(n) for n, i in sig.get("outputs", {}).items()})
+    return names
+
+
+def arena_span_bytes(interp, indices: set[int] | None = None) -> int:
+    """Bytes covered by the buffers of ``indices`` (all tensors when None) after ``allocate_tensors``.
+
+    Buffers the arena reuses for several tensors overlap and are counted once.
+    """
+    spans: list[tuple[int, int]] = []
+    for d in interp.get_tensor_details():
+        if indices is not None and d["index"] not in indices:
+            continue
+        try:
+            t = interp.tensor(d["index"])()
+        except (ValueError, RuntimeError):  # tensors without data (optional or delegated intermediates)
+            continue
+        ptr = t.__array_interface__["data"][0]
+        if ptr and t.nbytes:
+            spans.append((ptr, ptr + t.nbytes))
+    total, end = 0, 0
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def _spec_from_detail(d: dict, names: dict[int, str]) -> TensorSpec:
     scale, zp = d["quantization"]
     quant = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
-    return TensorSpec(name=d["name"], shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name, quantization=quant)
+    return TensorSpec(name=names.get(d["index"], d["name"]), shape=tuple(int(s) for s in d["shape"]), dtype=np.dtype(d["dtype"]).name,
+                      quantization=quant)
 
 
 class TFLiteModel(LocalModel):
@@ -50,8 +93,9 @@ class TFLiteModel(LocalModel):
             raise BundleError(f"{path}: LiteRT cannot load this model ({e})", "Rebuild it with 'edgekit convert'.") from None
         self.delegate = "xnnpack" if use_xnnpack else "none"
         ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
-        self.inputs = tuple(_spec_from_detail(d) for d in ins)
-        self.outputs = tuple(_spec_from_detail(d) for d in outs)
+        names = signature_names(self._interp)
+        self.inputs = tuple(_spec_from_detail(d, names) for d in ins)
+        self.outputs = tuple(_spec_from_detail(d, names) for d in outs)
         self._in_indices = tuple(d["index"] for d in ins)
         self._out_indices = tuple(d["index"] for d in outs)
         self._in_affine = tuple(Affine.of(s) for s in self.inputs)
@@ -69,26 +113,14 @@ class TFLiteModel(LocalModel):
         return self._interp.get_tensor(self._out_index)
 
     def arena_bytes(self) -> int:
-        """Bytes LiteRT holds for this model after ``allocate_tensors``: the union of every tensor's buffer.
+        """Bytes LiteRT holds for this model's tensors after ``allocate_tensors`` (weights included; shared buffers once)."""
+        return arena_span_bytes(self._interp)
 
-        Buffers the arena reuses for several tensors overlap and are counted once; constant
-        weights are included (they are resident too).
-        """
-        spans: list[tuple[int, int]] = []
-        for d in self._interp.get_tensor_details():
-            try:
-                t = self._interp.tensor(d["index"])()
-            except (ValueError, RuntimeError):  # tensors without data (optional or delegated intermediates)
-                continue
-            ptr = t.__array_interface__["data"][0]
-            if ptr and t.nbytes:
-                spans.append((ptr, ptr + t.nbytes))
-        total, end = 0, 0
-        for lo, hi in sorted(spans):
-            if hi > end:
-                total += hi - max(lo, end)
-                end = hi
-        return total
+    def activation_arena_bytes(self) -> int:
+        """Bytes of the activation buffers (op outputs and inputs) in LiteRT's arena, shared buffers once."""
+        ids = {int(i) for op in self._interp._get_ops_details() for i in op["outputs"] if i >= 0}
+        ids |= set(self._in_indices)
+        return arena_span_bytes(self._interp, ids)
 
     def _feed_one(self, i: int, a: np.ndarray) -> np.ndarray:
         aff = self._in_affine[i]

@@ -62,7 +62,7 @@ def test_directory_that_is_not_a_saved_model(run_cli, digits, tmp_path: Path) ->
         ({"x": np.zeros((10, 9, 9, 1), np.float32)}, "shape (10, 9, 9, 1)"),
         ({"x": np.zeros((10, 8, 8), np.float32)}, "shape (10, 8, 8)"),
         ({"x": np.zeros((10, 8, 8, 1), np.uint8)}, "dtype uint8"),
-        ({"x": np.zeros((0, 8, 8, 1), np.float32)}, "x is empty"),
+        ({"x": np.zeros((0, 8, 8, 1), np.float32)}, "'x' is empty"),
         ({"x": np.full((4, 8, 8, 1), np.nan, np.float32)}, "NaN or Inf in 4 of 4"),
         ({"x": np.array([[[[np.inf]] * 8] * 8] * 2, np.float32)}, "NaN or Inf"),
         ({"images": np.zeros((4, 8, 8, 1), np.float32)}, "no array named 'x'"),
@@ -86,7 +86,7 @@ def test_eval_labels_length_mismatch(run_cli, digits, tmp_path: Path) -> None:
     f = tmp_path / "eval.npz"
     np.savez(f, x=np.zeros((10, 8, 8, 1), np.float32), y=np.zeros(9, np.int64))
     out = tmp_path / "out"
-    _assert_clean_failure(_convert(run_cli, digits["model"], digits["calib"], out, "--eval", f), out, 3, "y has 9 labels but x has 10")
+    _assert_clean_failure(_convert(run_cli, digits["model"], digits["calib"], out, "--eval", f), out, 3, "y has 9 labels but the inputs have 10")
 
 
 def test_eval_without_labels(run_cli, digits, tmp_path: Path) -> None:
