@@ -185,7 +185,7 @@ class TFLiteConverter(Converter):
             outputs=tuple(spec(d) for d in interp.get_output_details()),
             ops=tuple(op["op_name"] for op in ops),
             activation_bytes=activation_bytes,
-            activation_status="measured",
-            activation_note="LiteRT's arena after allocate_tensors: activation buffers, shared buffers counted once",
+            activation_note="LiteRT's arena on this host after allocate_tensors (no delegate): activation buffers, shared buffers "
+                            "counted once; a device delegate may plan its memory differently",
             dtype_violations=tuple(violations),
         )
