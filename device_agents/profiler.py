@@ -56,15 +56,23 @@ def _measure(bundle_dir: Path, s: ProfileSettings, *, golden: bool) -> dict:
     t0 = time.perf_counter()
     model = load(bundle_dir, num_threads=s.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
-    xs = bundle.golden()["x"]
+    from edgekit.golden import golden_feeds
+
+    feeds = golden_feeds(bundle.golden(), bundle.manifest)  # every input by name (x, x_1, ... in golden.npz)
+    n = len(next(iter(feeds.values())))
+    if len(feeds) == 1:  # the single-input call path apps use
+        (xs,) = feeds.values()
+        call = lambda i: model.predict(xs[i % n][None])  # noqa: E731
+    else:
+        call = lambda i: model.run({k: v[i % n : i % n + 1] for k, v in feeds.items()})  # noqa: E731
     for i in range(s.warmup):
-        model.predict(xs[i % len(xs)][None])
+        call(i)
     times: list[float] = []
     deadline = time.perf_counter() + s.budget_s
     while len(times) < s.runs and (len(times) < 1 or time.perf_counter() < deadline):
-        x = xs[len(times) % len(xs)][None]
+        i = len(times)
         t = time.perf_counter()
-        model.predict(x)
+        call(i)
         times.append(time.perf_counter() - t)
     ms = np.asarray(times) * 1e3
     out = {"load_ms": load_ms, "warmup_runs": s.warmup, "runs": len(times), "p50_ms": float(np.percentile(ms, 50)),
