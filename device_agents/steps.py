@@ -97,7 +97,10 @@ def verify(ctx: StepContext) -> Event:
         m = open_bundle(bundle_dir).manifest
         if ctx.settings.formats is not None and m.format not in ctx.settings.formats:
             raise VerificationError(f"format {m.format} does not run on this device", reason="wrong_profile")
-        return {"name": m.name, "version": m.version, "profile": m.profile, "format": m.format}
+        facts = {"name": m.name, "version": m.version, "profile": m.profile, "format": m.format}
+        if job["kind"] != "local" and job.get("version"):  # version truth: the device reports its assignment's registry version
+            facts.update(version=job["version"], manifest_version=m.version)
+        return facts
 
     if ctx.slots.has(sha) and not (ctx.slots.info(sha) or {}).get("blocked"):
         ctx.slots.verify(sha)

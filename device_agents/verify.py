@@ -15,59 +15,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError
 
 from edgekit import signing
 from edgekit.bundle import MANIFEST_FILE, open_bundle, sha256_file, verify_bundle
 from edgekit.errors import BundleError, VerificationError
+from edgekit.protocol import ArtifactRef, Assignment
 
 __all__ = ["Artifact", "Assignment", "check_artifact_file", "check_bundle", "parse_time", "verify_assignment"]
 
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class Artifact(BaseModel):
-    """The artifact an assignment names (``null`` in a revert to "no model")."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    sha256: str
-    size_bytes: int
-    profile: str
-    format: str
-    file: str
-    manifest_sha256: str
-    url: str
-
-    @field_validator("sha256", "manifest_sha256")
-    @classmethod
-    def _hex_sha256(cls, value: str) -> str:
-        # sha256 names paths on the device (models/<sha256>, models/<sha256>.part): only a plain digest is a name
-        if not _SHA256.fullmatch(value):
-            raise ValueError("must be 64 lowercase hex characters")
-        return value
-
-
-class Assignment(BaseModel):
-    """A verified assignment payload (``edgekit.assignment/v1``)."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    type: Literal["edgekit.assignment/v1"]
-    device_id: str
-    rollout_id: str | None = None
-    serial: int
-    action: Literal["install", "revert"]
-    model: str | None = None
-    version: str | None = None
-    artifact: Artifact | None = None
-    issued_at: str
-    expires_at: str
+# The wire shapes live once, in edgekit.protocol (shared with the server and the admin client).
+Artifact = ArtifactRef
 
 
 def parse_time(value: str) -> dt.datetime:

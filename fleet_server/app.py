@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError, OutputError
+from fleet_server.audit import AuditMiddleware
 from fleet_server.context import AppContext
 from fleet_server.db import Database
 from fleet_server.errors import Unavailable, http_status
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
-from fleet_server.routers import device, fleet, models, public, rollouts
+from fleet_server.routers import device, fleet, governance, models, public, rollouts, stats
 from fleet_server.services.engine import step_all
 from fleet_server.services.registry import sweep_orphan_artifacts
 from fleet_server.settings import Settings
@@ -79,6 +80,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EdgekitError)
     async def domain_error(request: Request, exc: EdgekitError) -> JSONResponse:
         status, code = http_status(exc)
+        request.state.error_code = code  # the audit log's result
         if status >= 500:
             log.error("internal error on %s %s: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -91,6 +93,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = ".".join(str(x) for x in first.get("loc", ()))
+        request.state.error_code = "invalid_request"
         return _error(422, "invalid_request", f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")),
                       "See GET /openapi.json for the request's schema.")
 
@@ -142,9 +145,10 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
         (400, "Wrong request"), (401, "No or unknown token"), (403, "Wrong scope or another device's data"), (404, "Not found"),
         (409, "Exists, or the state forbids it"), (413, "Too large"), (416, "Range not satisfiable"), (422, "Malformed request"))}
     app.include_router(public.router)
-    for r in (models.router, rollouts.router, fleet.router, device.router):
+    for r in (models.router, governance.router, rollouts.router, fleet.router, stats.router, device.router):
         app.include_router(r, responses=errors)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulMiddleware)
+    app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

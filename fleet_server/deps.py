@@ -37,6 +37,7 @@ async def _principal(request: Request) -> Principal:
         principal = await run_in_threadpool(ctx.tokens.lookup, ctx.db.read, token)
     if principal is None:
         raise Unauthorized("unknown token")
+    request.state.principal = principal  # the audit log's "who" (fleet_server.audit)
     return principal
 
 

@@ -97,10 +97,11 @@ class WaveDevice(_Out):
 
 class GateResult(_Out):
     gate: str
-    limit: float
-    value: float | None  # None: the value was not a finite number (the gate failed)
-    passed: bool
+    limit: float | bool
+    value: float | None  # None: not a finite number (failed), or not known (see note)
+    passed: bool | None  # None: the gate could not be read (e.g. emulated timing, no reference telemetry); it does not fail the wave
     device_id: str | None
+    note: str | None = None
 
 
 class WavePublic(_Out):
@@ -109,6 +110,7 @@ class WavePublic(_Out):
     state: str
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    bake_started_at: dt.datetime | None = None
     devices: list[WaveDevice]
     gate_results: list[GateResult]
 
@@ -122,7 +124,7 @@ class RolloutPublic(_Out):
     state: str
     selector: Selector
     waves_pct: list[float]
-    gates: dict[str, float]
+    gates: dict[str, float | bool]
     wave_timeout_s: int
     current_wave: int
     created_at: dt.datetime
@@ -151,6 +153,7 @@ class DevicePublic(_Out):
     active: ActiveModel | None
     phase: str | None
     serial: int
+    decommissioned_at: dt.datetime | None = None
 
 
 class EnrollResponse(_Out):

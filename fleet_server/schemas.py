@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgekit.protocol import DEVICE_NAME_PATTERN, PHASES, REASONS, TAG_PATTERN, TERMINAL_PHASES, Gates, valid_reason
+
 __all__ = [
     "PHASES",
     "REASONS",
@@ -19,15 +21,10 @@ __all__ = [
     "Selector",
     "TelemetryBatch",
     "TelemetryPointIn",
+    "TERMINAL_PHASES",
 ]
 
-PHASES = ("downloaded", "verified", "profiled", "activated", "failed", "rolled_back")
-TERMINAL_PHASES = frozenset({"activated", "failed", "rolled_back"})
-REASONS = frozenset({
-    "sha256_mismatch", "download_failed", "bad_signature", "expired", "replayed_serial", "wrong_profile", "bundle_invalid",
-    "load_failed", "golden_mismatch", "activation_failed", "crash_loop", "server_rollback", "gate_failed",
-})
-_TAG = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$"
+_TAG = TAG_PATTERN
 INT64_MAX = 2**63 - 1  # the largest integer SQLite and PostgreSQL's JSON/bigint take (Python ints are unbounded)
 INT32_MAX = 2**31 - 1  # the largest value of an INTEGER column on PostgreSQL
 
@@ -63,7 +60,7 @@ class _Body(_In):
 class EnrollRequest(_Body):
     """``POST /v1/devices/enroll``."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    name: str = Field(pattern=DEVICE_NAME_PATTERN)
     profile: str = Field(min_length=1, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=64)
     facts: dict[str, Any] = Field(default_factory=dict)
@@ -82,17 +79,6 @@ class Selector(_In):
 
     profiles: list[str] = Field(default_factory=list, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=64)
-
-
-class Gates(_In):
-    """Wave gates; an absent gate is not checked. Limits are finite (NaN and ±Infinity → 422)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    max_failure_rate: float | None = Field(default=None, ge=0, le=1)
-    min_agreement: float | None = Field(default=None, ge=0, le=1)
-    max_p95_ratio: float | None = Field(default=None, gt=0)
-    max_peak_rss_mb: float | None = Field(default=None, gt=0)
 
 
 class RolloutCreate(_Body):
@@ -143,6 +129,9 @@ class ProfiledMetrics(BaseModel):
     golden_passed: bool | None = None
     runtime: str | None = None
     delegate: str | None = None
+    timing_source: Literal["measured", "emulated"] | None = None  # emulated (e.g. qemu-user) latency is never gated on
+    timing_note: str | None = Field(default=None, max_length=500)
+    p95_rounds_ms: list[float] | None = Field(default=None, max_length=100)  # per-round p95s; p95_ms is their median
     baseline: Baseline | None = None
 
 
@@ -159,7 +148,7 @@ class ReportRequest(_Body):
         if self.phase in ("failed", "rolled_back"):
             if not self.reason:
                 raise ValueError(f"a '{self.phase}' report needs a reason")
-        if self.reason is not None and self.reason not in REASONS and not (self.reason.startswith("other:") and len(self.reason) > 6):
+        if self.reason is not None and not valid_reason(self.reason):
             raise ValueError(f"unknown reason {self.reason!r}: one of {', '.join(sorted(REASONS))} or 'other:<text>'")
         if self.phase == "profiled":
             ProfiledMetrics.model_validate(self.metrics)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "Artifact",
     "Assignment",
+    "AuditEvent",
     "Base",
     "Device",
     "Model",
@@ -49,6 +50,8 @@ class Token(Base):
     device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[dt.datetime]
+    name: Mapped[str | None] = mapped_column(String(64), unique=True)  # admin tokens: who acted, in the audit log
+    revoked_at: Mapped[dt.datetime | None]
 
 
 class Model(Base):
@@ -114,6 +117,7 @@ class Device(Base):
     desired_expires_at: Mapped[dt.datetime | None]
     active_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("version_artifacts.id"))
     phase: Mapped[str | None] = mapped_column(String(32))
+    decommissioned_at: Mapped[dt.datetime | None]
 
 
 class Rollout(Base):
@@ -149,6 +153,7 @@ class RolloutWave(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     gate_results: Mapped[list[Any]]
+    bake_started_at: Mapped[dt.datetime | None]
 
 
 class RolloutDevice(Base):
@@ -212,7 +217,8 @@ class TelemetryPoint(Base):
     """One minute of a device's inference telemetry."""
 
     __tablename__ = "telemetry_points"
-    __table_args__ = (Index("ix_telemetry_points_device_minute", "device_id", "minute"),)
+    __table_args__ = (Index("ix_telemetry_points_device_minute", "device_id", "minute"),
+                      Index("ix_telemetry_points_sha_minute", "model_sha256", "minute"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
@@ -230,3 +236,19 @@ class TelemetryDrop(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     dropped: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[dt.datetime]
+
+
+class AuditEvent(Base):
+    """One admin action: who (token name), what, when, from where, and its result."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[int | None] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(200))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    result: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]]

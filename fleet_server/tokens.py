@@ -24,10 +24,17 @@ PREFIXES: dict[str, str] = {"admin": "ekadm_", "enroll": "ekenr_", "device": "ek
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a scope, and the device for a device token."""
+    """Who is calling: a scope, the device for a device token, and the token's id and name (the audit log's "who")."""
 
     scope: str
     device_id: str | None = None
+    token_id: int | None = None
+    name: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names this caller."""
+        return self.name or (f"device:{self.device_id}" if self.device_id else f"{self.scope}-token:{self.token_id}")
 
 
 def new_token(scope: str) -> str:
@@ -40,17 +47,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, scope: str, *, device_id: str | None = None, label: str = "") -> str:
+def create_token(session: Session, scope: str, *, device_id: str | None = None, label: str = "", name: str | None = None) -> str:
     """Make a token, store its hash in the session's transaction, return the token (shown once)."""
     token = new_token(scope)
-    session.add(Token(token_hash=hash_token(token), scope=scope, device_id=device_id, label=label, created_at=utcnow()))
+    session.add(Token(token_hash=hash_token(token), scope=scope, device_id=device_id, label=label, name=name, created_at=utcnow()))
     return token
 
 
 class TokenCache:
-    """Token hash → Principal for ``ttl_s`` seconds (positive answers only), bounded in size.
+    """Token hash → Principal for ``ttl_s`` seconds (positive answers only, device and enroll tokens), bounded in size.
 
-    The hot path (device polls) would otherwise read the tokens table on every request.
+    The hot path (device polls) would otherwise read the tokens table on every request. Admin
+    tokens are never cached: each admin request reads its (indexed) row, so a revoked admin token
+    is refused on the next request by every server process.
     """
 
     def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
@@ -66,12 +75,23 @@ class TokenCache:
         return hit[1]
 
     def put(self, token_hash: str, principal: Principal) -> None:
-        if self.ttl_s <= 0:
+        if self.ttl_s <= 0 or principal.scope == "admin":
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()  # crude but bounded; refills from the indexed table
             self._entries[token_hash] = (time.monotonic() + self.ttl_s, principal)
+
+    def drop(self, token_hash: str) -> None:
+        """Forget a token (revoked in this process: refused here at once)."""
+        with self._lock:
+            self._entries.pop(token_hash, None)
+
+    def drop_device(self, device_id: str) -> None:
+        """Forget every cached token of a device (decommissioned)."""
+        with self._lock:
+            for h in [h for h, (_, p) in self._entries.items() if p.device_id == device_id]:
+                del self._entries[h]
 
     def lookup(self, session_factory, token: str) -> Principal | None:  # noqa: ANN001 - a Database.read
         """The principal of ``token``, from the cache or the tokens table."""
@@ -80,9 +100,10 @@ class TokenCache:
         if principal is not None:
             return principal
         with session_factory() as session:
-            row = session.execute(select(Token.scope, Token.device_id).where(Token.token_hash == h)).first()
+            row = session.execute(select(Token.id, Token.scope, Token.device_id, Token.name)
+                                  .where(Token.token_hash == h, Token.revoked_at.is_(None))).first()
         if row is None:
             return None
-        principal = Principal(row.scope, row.device_id)
+        principal = Principal(row.scope, row.device_id, row.id, row.name)
         self.put(h, principal)
         return principal

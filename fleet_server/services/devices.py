@@ -95,7 +95,7 @@ def _public(ctx: AppContext, d: Device, active: dict[int, dict[str, Any]]) -> di
     seen = ctx.last_seen.peek(d.id) or utc(d.last_seen)
     return {"id": d.id, "name": d.name, "profile": d.profile, "tags": d.tags, "facts": d.facts, "enrolled_at": utc(d.enrolled_at),
             "last_seen": seen, "active": active.get(d.active_artifact_id) if d.active_artifact_id else None,
-            "phase": d.phase, "serial": d.desired_serial}
+            "phase": d.phase, "serial": d.desired_serial, "decommissioned_at": utc(d.decommissioned_at)}
 
 
 def list_devices(ctx: AppContext, profile: str | None, tag: str | None) -> list[dict[str, Any]]:

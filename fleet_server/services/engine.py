@@ -1,4 +1,6 @@
-"""The rollout engine: start waves, decide them by their gates, revert failed waves.
+"""The rollout engine: start waves, decide them by their device gates and (after a bake) field gates, revert failed waves.
+
+Every state change goes through the lifecycle tables of ``edgekit.protocol`` (``services.lifecycle``).
 
 Every step is one write transaction that re-reads the rollout (locked ``FOR UPDATE`` on
 PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serializes writers) and is guarded by the wave's
@@ -10,21 +12,25 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from edgekit.protocol import ACTIVE_ROLLOUT_STATES, next_wave_state
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
 from fleet_server.services.assignments import issue
+from fleet_server.services.field_stats import FieldSums
+from fleet_server.services.gates import bake_progress, evaluate_device_gates, evaluate_field_gates, field_gates_of, wave_field_sums
+from fleet_server.services.lifecycle import move_rollout, move_wave
 from fleet_server.tables import Assignment, Rollout, RolloutDevice, RolloutWave
 
 __all__ = ["ACTIVE_STATES", "evaluate", "evaluate_gates", "revert_devices", "start_wave", "step_all"]
 
-ACTIVE_STATES = ("running", "paused")
-_EPS = 1e-9
+ACTIVE_STATES = ACTIVE_ROLLOUT_STATES
+OPEN_WAVES = ("running", "baking")
+evaluate_gates = evaluate_device_gates  # the name tests and callers know
 
 log = logging.getLogger("edgekit.fleet")
 
@@ -33,7 +39,7 @@ def start_wave(s: Session, ctx: AppContext, rollout: Rollout, index: int) -> boo
     """Mark a pending wave running and write one install assignment per device, once."""
     now = utcnow()
     res = s.execute(update(RolloutWave).where(RolloutWave.rollout_id == rollout.id, RolloutWave.index == index, RolloutWave.state == "pending")
-                    .values(state="running", started_at=now))
+                    .values(state=next_wave_state("pending", "start"), started_at=now))
     if res.rowcount != 1:
         return False
     rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.wave_index == index)
@@ -59,52 +65,24 @@ def revert_devices(s: Session, ctx: AppContext, rollout: Rollout, rds: list[Roll
     return n
 
 
-def _failed(rd: RolloutDevice) -> bool:
-    return rd.finished and rd.phase != "activated"
-
-
-def _result(gate: str, limit: float, value: float, passed: bool, device_id: str | None) -> dict[str, Any]:
-    """One gate result; a value that is not a finite number (e.g. a ratio that overflowed) fails with value null."""
-    if not math.isfinite(value):
-        return {"gate": gate, "limit": limit, "value": None, "passed": False, "device_id": device_id}
-    return {"gate": gate, "limit": limit, "value": value, "passed": passed, "device_id": device_id}
-
-
-def _ratio(num: float, den: float) -> float:
-    try:
-        return num / den
-    except (OverflowError, ZeroDivisionError):
-        return math.inf
-
-
-def evaluate_gates(gates: dict[str, Any], rds: list[RolloutDevice]) -> list[dict[str, Any]]:
-    """Every configured gate's result on one finished wave (per device where the gate is per device)."""
-    results: list[dict[str, Any]] = []
-    limit = gates.get("max_failure_rate")
-    if limit is not None:
-        rate = sum(_failed(rd) for rd in rds) / len(rds) if rds else 0.0
-        results.append(_result("max_failure_rate", limit, rate, rate <= limit + _EPS, None))
-    for rd in rds:
-        m = rd.metrics or {}
-        if (limit := gates.get("min_agreement")) is not None and m.get("golden_top1_agreement") is not None:
-            v = float(m["golden_top1_agreement"])
-            results.append(_result("min_agreement", limit, v, v >= limit - _EPS, rd.device_id))
-        base = (m.get("baseline") or {}).get("p95_ms")
-        if (limit := gates.get("max_p95_ratio")) is not None and m.get("p95_ms") is not None and base:
-            v = _ratio(float(m["p95_ms"]), float(base))
-            results.append(_result("max_p95_ratio", limit, v, v <= limit + _EPS, rd.device_id))
-        if (limit := gates.get("max_peak_rss_mb")) is not None and m.get("peak_rss_mb") is not None:
-            v = float(m["peak_rss_mb"])
-            results.append(_result("max_peak_rss_mb", limit, v, v <= limit + _EPS, rd.device_id))
-    return results
-
-
 def _lock(s: Session, rollout_id: str) -> Rollout | None:
     return s.execute(select(Rollout).where(Rollout.id == rollout_id).with_for_update()).scalar_one_or_none()
 
 
-def _decide_wave(s: Session, ctx: AppContext, r: Rollout, w: RolloutWave, now: dt.datetime) -> bool:
-    """Finish a running wave if it is done or timed out; returns True when its gates failed."""
+def _fail_reason(w: RolloutWave, failed: list[dict[str, Any]]) -> str:
+    g = failed[0]
+    who = f" on device {g['device_id']}" if g["device_id"] else ""
+    value = (g.get("note") or "unknown") if g["value"] is None else f"{g['value']:.4g}"
+    return f"wave {w.index + 1}: gate {g['gate']} failed{who} (value {value}, limit {g['limit']})"
+
+
+FieldData = tuple[FieldSums, FieldSums, str]
+
+
+def _decide_wave(s: Session, ctx: AppContext, r: Rollout, w: RolloutWave, now: dt.datetime, field: FieldData | None) -> bool:
+    """Move an open wave on: devices done → device gates → bake → field gates. Returns True when a gate failed."""
+    if w.state == "baking":
+        return _decide_bake(r, w, now, field)
     started = utc(w.started_at) or now
     if started + dt.timedelta(seconds=r.wave_timeout_s) <= now:
         s.execute(update(RolloutDevice).where(RolloutDevice.rollout_id == r.id, RolloutDevice.wave_index == w.index,
@@ -113,18 +91,53 @@ def _decide_wave(s: Session, ctx: AppContext, r: Rollout, w: RolloutWave, now: d
                     .order_by(RolloutDevice.order).execution_options(populate_existing=True)).scalars().all()
     if not all(rd.finished for rd in rds):
         return False
-    results = evaluate_gates(r.gates, rds)
+    results = evaluate_device_gates(r.gates, rds)
     w.gate_results = results
-    w.finished_at = now
-    failed = [g for g in results if not g["passed"]]
-    w.state = "failed" if failed else "passed"
-    if failed:
-        g = failed[0]
-        who = f" on device {g['device_id']}" if g["device_id"] else ""
-        value = "not a finite number" if g["value"] is None else f"{g['value']:.4g}"
-        r.reason = f"wave {w.index + 1}: gate {g['gate']} failed{who} (value {value}, limit {g['limit']})"
     r.updated_at = now
+    failed = [g for g in results if g["passed"] is False]
+    if failed:
+        move_wave(w, "gates_failed", now)
+        r.reason = _fail_reason(w, failed)
+        return True
+    if field_gates_of(r.gates):
+        move_wave(w, "devices_done", now)  # → baking: the field gates decide after the bake period
+        w.bake_started_at = now
+        return False
+    move_wave(w, "gates_passed", now)
+    return False
+
+
+def _decide_bake(r: Rollout, w: RolloutWave, now: dt.datetime, field: FieldData | None) -> bool:
+    """A baking wave: once the bake is over (or timed out), its field gates decide it."""
+    if field is None:
+        return False
+    new, ref, how = field
+    bake_started = utc(w.bake_started_at) or now
+    done = bake_progress(r.gates, bake_started, now, new.requests)
+    timed_out = bake_started + dt.timedelta(seconds=r.wave_timeout_s) <= now
+    if not done and not timed_out:
+        return False
+    results = list(w.gate_results or []) + evaluate_field_gates(r.gates, new, ref, how, enough=done)
+    w.gate_results = results
+    r.updated_at = now
+    failed = [g for g in results if g["passed"] is False]
+    move_wave(w, "gates_failed" if failed else "gates_passed", now)
+    if failed:
+        r.reason = _fail_reason(w, failed)
     return bool(failed)
+
+
+def _field_data(ctx: AppContext, rollout_id: str) -> dict[int, FieldData]:
+    """Field sums of each baking wave, read before the write transaction (aggregating telemetry holds no write lock)."""
+    out: dict[int, FieldData] = {}
+    with ctx.db.read() as s:
+        waves = s.execute(select(RolloutWave).where(RolloutWave.rollout_id == rollout_id, RolloutWave.state == "baking")).scalars().all()
+        now = utcnow()
+        for w in waves:
+            rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.wave_index == w.index)).scalars().all()
+            since = (utc(w.started_at) or now).replace(second=0, microsecond=0)
+            out[w.index] = wave_field_sums(s, list(rds), since, now + dt.timedelta(minutes=1))
+    return out
 
 
 def _may_move(ctx: AppContext, rollout_id: str) -> bool:
@@ -135,8 +148,11 @@ def _may_move(ctx: AppContext, rollout_id: str) -> bool:
             return False
         waves = s.execute(select(RolloutWave.index, RolloutWave.state, RolloutWave.started_at).where(RolloutWave.rollout_id == rollout_id)).all()
         running = [w for w in waves if w.state == "running"]
-        if not running:
+        baking = [w for w in waves if w.state == "baking"]
+        if not running and not baking:
             return r.state == "running"
+        if baking:
+            return True  # the bake decides on time and field telemetry (read outside the write lock)
         now = utcnow()
         for w in running:
             if (utc(w.started_at) or now) + dt.timedelta(seconds=r.wave_timeout_s) <= now:
@@ -149,9 +165,10 @@ def _may_move(ctx: AppContext, rollout_id: str) -> bool:
 
 
 def evaluate(ctx: AppContext, rollout_id: str) -> None:
-    """One engine step for one rollout: decide running waves, then start the next or finish."""
+    """One engine step for one rollout: decide open waves, then start the next or finish."""
     if not _may_move(ctx, rollout_id):
         return
+    field = _field_data(ctx, rollout_id)
     with ctx.db.write() as s:
         r = _lock(s, rollout_id)
         if r is None or r.state not in ACTIVE_STATES:
@@ -160,28 +177,26 @@ def evaluate(ctx: AppContext, rollout_id: str) -> None:
         waves = s.execute(select(RolloutWave).where(RolloutWave.rollout_id == r.id).order_by(RolloutWave.index)).scalars().all()
         failed_wave = None
         for w in waves:
-            if w.state == "running" and _decide_wave(s, ctx, r, w, now):
+            if w.state in OPEN_WAVES and _decide_wave(s, ctx, r, w, now, field.get(w.index)):
                 failed_wave = w
                 break
         if failed_wave is not None:
-            running = [w for w in waves if w.state == "running" or w is failed_wave]
-            for w in running:
+            open_waves = [w for w in waves if w.state in OPEN_WAVES or w is failed_wave]
+            for w in open_waves:
                 if w is not failed_wave:
-                    w.state = "rolled_back"
-                    w.finished_at = now
+                    move_wave(w, "rollback", now)
             rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id,
-                                                        RolloutDevice.wave_index.in_([w.index for w in running]))).scalars().all()
+                                                        RolloutDevice.wave_index.in_([w.index for w in open_waves]))).scalars().all()
             revert_devices(s, ctx, r, list(rds), "gate_failed")
-            r.state = "failed"
+            move_rollout(r, "gate_failed", now)
             return
-        if r.state != "running" or any(w.state == "running" for w in waves):
+        if r.state != "running" or any(w.state in OPEN_WAVES for w in waves):
             return
         pending = [w for w in waves if w.state == "pending"]
         if pending:
             start_wave(s, ctx, r, pending[0].index)
         elif all(w.state == "passed" for w in waves):
-            r.state = "completed"
-            r.updated_at = now
+            move_rollout(r, "all_passed", now)
 
 
 def step_all(ctx: AppContext) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from edgekit.protocol import MODEL_NAME_PATTERN, VERSION_PATTERN
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
 from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
@@ -24,8 +25,8 @@ __all__ = ["NAME_RE", "VERSION_RE", "check_name", "check_version", "check_upload
 
 log = logging.getLogger("edgekit.fleet")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+NAME_RE = re.compile(MODEL_NAME_PATTERN)
+VERSION_RE = re.compile(VERSION_PATTERN)
 
 
 def check_name(name: str) -> str:
@@ -121,6 +122,14 @@ def check_upload(ctx: AppContext, name: str, version: str | None, bundles: list[
         if v.name != name:
             raise BadRequest(f"{v.ekb.name}: the bundle is model '{v.name}', not '{name}'", f"Upload it to /v1/models/{v.name}/versions.",
                              code="bad_bundle")
+    if version is not None:
+        # Version truth (docs/server.md): the registry version is the manifests' version, or the upload is refused.
+        # Re-stamping would change a publisher-signed manifest; a device reports the registry version of its assignment.
+        wrong = sorted({f"{label} says {v.version}" for (label, _), v in zip(bundles, checked) if v.version != version})
+        if wrong:
+            raise BadRequest(f"the registry version '{version}' differs from the bundles' manifest version ({'; '.join(wrong)})",
+                             "Convert (or re-sign) the bundle with that version, or leave 'version' out to use the manifest's.",
+                             code="version_mismatch")
     if version is None:
         versions = sorted({v.version for v in checked})
         if len(versions) > 1:

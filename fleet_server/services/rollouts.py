@@ -17,6 +17,7 @@ from fleet_server.db import utc, utcnow
 from fleet_server.errors import BadRequest, Conflict, NotFound
 from fleet_server.schemas import RolloutCreate
 from fleet_server.services.engine import ACTIVE_STATES, evaluate, revert_devices, start_wave
+from fleet_server.services.lifecycle import admin_move, move_wave, wave_may
 from fleet_server.services.registry import version_row
 from fleet_server.tables import Device, Rollout, RolloutDevice, RolloutWave, VersionArtifact
 
@@ -52,13 +53,22 @@ def _pick_artifacts(session: Session, version_id: int) -> dict[str, VersionArtif
     return chosen
 
 
+def stored_gates(req: RolloutCreate) -> dict[str, Any]:
+    """The gates the engine checks (safe defaults unless opted out) and the bake settings, as stored with the rollout."""
+    gates: dict[str, Any] = dict(req.gates.effective())
+    for key in ("bake_s", "bake_requests"):
+        if getattr(req.gates, key) is not None:
+            gates[key] = getattr(req.gates, key)
+    return gates
+
+
 def create_rollout(ctx: AppContext, req: RolloutCreate) -> dict[str, Any]:
     """Resolve the selector, split the devices into waves and start the first, in one transaction."""
     with ctx.db.write() as s:
         mv = version_row(s, req.model, req.version)
         if mv is None:
             raise NotFound(f"no version '{req.version}' of model '{req.model}'", "Upload it first (POST /v1/models/{name}/versions).")
-        q = select(Device).order_by(Device.id)
+        q = select(Device).where(Device.decommissioned_at.is_(None)).order_by(Device.id)
         if req.selector.profiles:
             q = q.where(Device.profile.in_(req.selector.profiles))
         wanted = set(req.selector.tags)
@@ -84,7 +94,7 @@ def create_rollout(ctx: AppContext, req: RolloutCreate) -> dict[str, Any]:
         rollout_id = "ro_" + secrets.token_hex(8)
         targets.sort(key=lambda d: hashlib.sha256((rollout_id + d.id).encode()).hexdigest())
         r = Rollout(id=rollout_id, version_id=mv.id, model=req.model, version=req.version, state="running",
-                    selector=req.selector.model_dump(), waves_pct=req.waves, gates=req.gates.model_dump(exclude_none=True),
+                    selector=req.selector.model_dump(), waves_pct=req.waves, gates=stored_gates(req),
                     wave_timeout_s=req.wave_timeout_s, current_wave=0, created_at=now, updated_at=now, reason=None, skipped=skipped)
         s.add(r)
         s.flush()
@@ -119,19 +129,20 @@ def get_rollout(ctx: AppContext, rollout_id: str) -> dict[str, Any]:
         "gates": r.gates, "wave_timeout_s": r.wave_timeout_s, "current_wave": r.current_wave, "created_at": utc(r.created_at),
         "updated_at": utc(r.updated_at), "reason": r.reason, "skipped": {"count": len(r.skipped), "devices": r.skipped},
         "waves": [{"index": w.index, "percent": w.percent, "state": w.state, "started_at": utc(w.started_at), "finished_at": utc(w.finished_at),
+                   "bake_started_at": utc(w.bake_started_at),
                    "devices": by_wave.get(w.index, []), "gate_results": w.gate_results} for w in waves],
     }
 
 
-def _transition(ctx: AppContext, rollout_id: str, allowed: tuple[str, ...], action: str, then) -> dict[str, Any]:  # noqa: ANN001
+def _transition(ctx: AppContext, rollout_id: str, action: str, then=None) -> dict[str, Any]:  # noqa: ANN001
+    """An admin action: the lifecycle table moves the rollout (409 where it has no row), ``then`` does the action's work."""
     with ctx.db.write() as s:
         r = s.execute(select(Rollout).where(Rollout.id == rollout_id).with_for_update()).scalar_one_or_none()
         if r is None:
             raise NotFound(f"no rollout '{rollout_id}'", "Rollout ids are returned by POST /v1/rollouts.")
-        if r.state not in allowed:
-            raise Conflict(f"cannot {action} a rollout that is {r.state}", f"'{action}' needs a rollout that is {' or '.join(allowed)}.")
-        then(s, r)
-        r.updated_at = utcnow()
+        admin_move(r, action, utcnow())
+        if then is not None:
+            then(s, r)
     try:
         evaluate(ctx, rollout_id)
     except Exception:  # noqa: BLE001 - the transition is committed; the engine loop retries the step (and logs it)
@@ -141,16 +152,15 @@ def _transition(ctx: AppContext, rollout_id: str, allowed: tuple[str, ...], acti
 
 def pause(ctx: AppContext, rollout_id: str) -> dict[str, Any]:
     """No new wave starts; issued assignments stand and the running wave is still decided."""
-    return _transition(ctx, rollout_id, ("running",), "pause", lambda s, r: setattr(r, "state", "paused"))
+    return _transition(ctx, rollout_id, "pause")
 
 
 def resume(ctx: AppContext, rollout_id: str) -> dict[str, Any]:
     """Continue a paused rollout."""
-    return _transition(ctx, rollout_id, ("paused",), "resume", lambda s, r: setattr(r, "state", "running"))
+    return _transition(ctx, rollout_id, "resume")
 
 
 def _promote(s: Session, ctx: AppContext, r: Rollout) -> None:
-    r.state = "running"
     pending = s.execute(select(RolloutWave).where(RolloutWave.rollout_id == r.id, RolloutWave.state == "pending")
                         .order_by(RolloutWave.index)).scalars().all()
     if not pending:
@@ -167,22 +177,20 @@ def _promote(s: Session, ctx: AppContext, r: Rollout) -> None:
 
 def promote(ctx: AppContext, rollout_id: str) -> dict[str, Any]:
     """Every remaining device gets the version now, as one last wave whose gates are still recorded."""
-    return _transition(ctx, rollout_id, ACTIVE_STATES, "promote", lambda s, r: _promote(s, ctx, r))
+    return _transition(ctx, rollout_id, "promote", lambda s, r: _promote(s, ctx, r))
 
 
 def _rollback(s: Session, ctx: AppContext, r: Rollout) -> None:
-    r.state = "rolled_back"
     r.reason = "rolled back by an admin"
     now = utcnow()
     waves = s.execute(select(RolloutWave).where(RolloutWave.rollout_id == r.id)).scalars().all()
     for w in waves:
-        if w.state in ("running", "passed"):
-            w.state = "rolled_back"
-            w.finished_at = w.finished_at or now
+        if wave_may(w, "rollback"):
+            move_wave(w, "rollback", now)
     rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id).order_by(RolloutDevice.order)).scalars().all()
     revert_devices(s, ctx, r, list(rds), "server_rollback")
 
 
 def rollback(ctx: AppContext, rollout_id: str) -> dict[str, Any]:
     """Every device this rollout gave the version returns to its previous version."""
-    return _transition(ctx, rollout_id, ("running", "paused", "completed", "failed"), "rollback", lambda s, r: _rollback(s, ctx, r))
+    return _transition(ctx, rollout_id, "rollback", lambda s, r: _rollback(s, ctx, r))

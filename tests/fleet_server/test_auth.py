@@ -13,6 +13,9 @@ ADMIN_ROUTES = [
     ("POST", "/v1/rollouts"), ("GET", "/v1/rollouts/ro_x"), ("POST", "/v1/rollouts/ro_x/pause"), ("POST", "/v1/rollouts/ro_x/resume"),
     ("POST", "/v1/rollouts/ro_x/promote"), ("POST", "/v1/rollouts/ro_x/rollback"), ("GET", "/v1/devices"), ("GET", "/v1/devices/dev_x"),
     ("GET", "/v1/telemetry"),
+    ("GET", "/v1/models/digits/stats"), ("GET", "/v1/models/digits/versions/1.2.3/stats"), ("GET", "/v1/rollouts"),
+    ("GET", "/v1/tokens"), ("POST", "/v1/tokens"), ("POST", "/v1/tokens/tok_x/revoke"), ("GET", "/v1/audit"),
+    ("POST", "/v1/devices/dev_x/decommission"),
 ]
 DEVICE_ROUTES = [("GET", "/v1/device/desired"), ("POST", "/v1/device/reports"), ("POST", "/v1/device/telemetry")]
 ENROLL_ROUTES = [("POST", "/v1/devices/enroll")]
@@ -30,7 +33,7 @@ def test_scopes_are_enforced_on_every_route(live_server):
     # the route lists above cover every protected route the app has
     spec = live_server.client().get("/openapi.json").json()
     public = {"/healthz", "/readyz", "/metrics", "/v1/server/public-key", "/v1/artifacts/{sha256}"}
-    listed = {re.sub(r"/(ro_x|dev_x|digits|1\.2\.3)", "/{}", p) for _, p in ADMIN_ROUTES + DEVICE_ROUTES + ENROLL_ROUTES}
+    listed = {re.sub(r"/(ro_x|dev_x|tok_x|digits|1\.2\.3)", "/{}", p) for _, p in ADMIN_ROUTES + DEVICE_ROUTES + ENROLL_ROUTES}
     for path, ops in spec["paths"].items():
         if path in public:
             continue

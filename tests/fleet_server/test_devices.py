@@ -91,7 +91,9 @@ def test_reports_are_idempotent_and_validated(live_server, fleet_bundles):
                     '{"p95_ms": 1.0, "golden_max_abs_err": Infinity, "extra": [NaN, 1]}}', headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     assert d.report(p["serial"], "failed", reason="other:disk full").json()["accepted"]
-    ro = wait_for(lambda: (x := live_server.admin.get(f"/v1/rollouts/{ro['id']}").json())["state"] == "completed" and x)
+    # no gates given: the safe default max_failure_rate=0 fails the wave on the one failed device
+    ro = wait_for(lambda: (x := live_server.admin.get(f"/v1/rollouts/{ro['id']}").json())["state"] == "failed" and x)
+    assert "max_failure_rate" in ro["reason"]
     dev = ro["waves"][0]["devices"][0]
     assert dev["phase"] == "failed" and dev["reason"] == "other:disk full"
     assert dev["metrics"] == {"p95_ms": 1.0, "golden_max_abs_err": None, "extra": [None, 1]}

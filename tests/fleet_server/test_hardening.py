@@ -27,62 +27,31 @@ def _error(r, status: int, code: str) -> dict:  # noqa: ANN001
 # -- 2: a failed upload never deletes the artifact of a concurrent successful one --------------------------------------------
 
 
-def test_failed_upload_never_deletes_the_artifact_of_a_concurrent_successful_upload(live_server, fleet_bundles, monkeypatch):
-    """Two uploads of the same bytes: A fails with 409 after writing the artifact file, B succeeds.
+def test_the_same_bytes_under_another_version_are_refused_and_leave_no_file(live_server, fleet_bundles):
+    """Version truth makes the old race (the same bytes committed under two versions while one upload undoes) impossible:
+    bytes carry their manifest's version, so a second version of the same bytes is refused before anything is written.
 
-    The interleaving that lost B's artifact is forced: A writes the file and waits until B has
-    validated (and, without the upload lock, until B found the file already there); B then lingers
-    before its commit while A undoes. Several rounds, each with new bytes.
+    A (no 'version' field: the manifest's r{i}, which exists with other bytes) fails with 409 only at commit time and
+    removes the file it wrote; B (the same bytes as version s{i}) is 400 version_mismatch. Several rounds, new bytes each.
     """
-    from fleet_server.services import registry
-
-    ctx = _ctx(live_server)
-    real_put = ctx.store.put
-    real_check = registry.check_upload
-    state: dict = {}
-
-    def check_upload(ctx_, name, version, bundles, work):  # noqa: ANN001, ANN202
-        result = real_check(ctx_, name, version, bundles, work)
-        if version is not None and version == state.get("b_version"):
-            state["b_validated"].set()
-        return result
-
-    def put(source, sha256):  # noqa: ANN001, ANN202
-        created = real_put(source, sha256)
-        if "a_put" not in state:  # the set-up uploads
-            return created
-        if created and not state["a_put"].is_set():  # A: the first writer of these bytes
-            state["a_put"].set()
-            state["b_validated"].wait(60)
-            state["b_put"].wait(1)  # with the fix B waits on the upload lock instead, so this lapses
-        elif not created:  # B found A's file: give A's undo the time to run before B commits
-            state["b_put"].set()
-            time.sleep(0.5)
-        return created
-
-    monkeypatch.setattr(ctx.store, "put", put)
-    monkeypatch.setattr(registry, "check_upload", check_upload)
     admin = live_server.admin
+    arts = live_server.data_dir / "artifacts"
     for i in range(3):
-        # version r{i} exists (other bytes), so A (no 'version' field: the manifest's r{i}) gets 409 only at commit time
-        assert upload(admin, "digits", [fleet_bundles.ekb["v1"][PI]], version=f"r{i}").status_code == 201
-        ekb = fleet_bundles.make(f"race{i}", version=f"r{i}")
+        assert upload(admin, "digits", [fleet_bundles.make(f"pre{i}", version=f"r{i}")]).status_code == 201
+        before = sorted(p.name for p in arts.rglob("*") if p.is_file())
+        ekb = fleet_bundles.make(f"race{i}", version=f"r{i}")  # other bytes than pre{i} (its own signing key)
         sha = hashlib.sha256(ekb.read_bytes()).hexdigest()
-        state.update(a_put=threading.Event(), b_validated=threading.Event(), b_put=threading.Event(), b_version=f"s{i}")
         out: dict[str, int] = {}
         a = threading.Thread(target=lambda: out.__setitem__("A", upload(admin, "digits", [ekb]).status_code))
         b = threading.Thread(target=lambda: out.__setitem__("B", upload(admin, "digits", [ekb], version=f"s{i}").status_code))
         a.start()
-        assert state["a_put"].wait(120), "upload A never wrote its artifact"
         b.start()
         a.join()
         b.join()
-        assert out == {"A": 409, "B": 201}, out
-        version = admin.get(f"/v1/models/digits/versions/s{i}").json()
-        assert version["artifacts"][0]["sha256"] == sha
-        r = admin.get(f"/v1/artifacts/{sha}")
-        assert r.status_code == 200, f"round {i}: the committed version's artifact is gone: {r.text}"
-        assert hashlib.sha256(r.content).hexdigest() == sha
+        assert out == {"A": 409, "B": 400}, out
+        assert sorted(p.name for p in arts.rglob("*") if p.is_file()) == before
+        assert admin.get(f"/v1/artifacts/{sha}").status_code == 404
+        assert admin.get(f"/v1/models/digits/versions/s{i}").status_code == 404
 
 
 def test_failed_upload_leaves_no_file_and_restart_sweeps_orphans(live_server, fleet_bundles):
@@ -201,8 +170,8 @@ def test_overflowing_p95_ratio_fails_the_gate_and_the_rollout_stays_usable(live_
     bad.install(bad.desired(), p95_ms=1e308, baseline_p95=1e-308)  # 1e308 / 1e-308 overflows to inf
     ro = wait_for(lambda: (x := admin.get(f"/v1/rollouts/{rid}").json())["state"] != "running" and x)
     assert ro["state"] == "failed", ro
-    gate = ro["waves"][0]["gate_results"][0]
-    assert gate["gate"] == "max_p95_ratio" and gate["value"] is None and gate["passed"] is False
+    gate = next(g for g in ro["waves"][0]["gate_results"] if g["gate"] == "max_p95_ratio")
+    assert gate["value"] is None and gate["passed"] is False
     assert "not a finite number" in ro["reason"]
     _error(admin.post(f"/v1/rollouts/{rid}/pause"), 409, "conflict")
     # the engine still moves other rollouts

@@ -40,12 +40,11 @@ def test_upload_stores_version_and_artifacts_once(live_server, fleet_bundles):
     stored = live_server.data_dir / "artifacts" / art["sha256"][:2] / art["sha256"]
     assert stored.read_bytes() == pi.read_bytes()
     assert admin.get("/v1/models/digits/versions/1.2.3").json()["artifacts"] == r.json()["artifacts"]
-    # the same bytes under another version: a second version, the artifact stored once
-    r2 = upload(admin, "digits", [pi], version="1.2.3-again")
-    assert r2.status_code == 201, r2.text
-    assert r2.json()["artifacts"][0]["sha256"] == art["sha256"]
+    # the same bytes under another version: refused (version truth: the registry version is the manifest's)
+    err = assert_error(upload(admin, "digits", [pi], version="1.2.3-again"), 400, "version_mismatch")
+    assert "1.2.3-again" in err["message"] and "1.2.3" in err["message"]
     assert len([p for p in (live_server.data_dir / "artifacts").rglob("*") if p.is_file()]) == 1
-    assert admin.get("/v1/models").json() == [{"name": "digits", "versions": ["1.2.3", "1.2.3-again"], "latest": "1.2.3-again"}]
+    assert admin.get("/v1/models").json() == [{"name": "digits", "versions": ["1.2.3"], "latest": "1.2.3"}]
     assert_error(admin.get("/v1/models/digits/versions/9.9.9"), 404, "not_found")
     assert_error(admin.get("/v1/models/nope/versions/1.2.3"), 404, "not_found")
 
@@ -174,13 +173,17 @@ def test_upload_over_the_limit_is_413(start_fleet_server, fleet_bundles):
     assert upload(admin, "digits", [small]).status_code == 201
 
 
-def test_version_is_taken_from_the_form_or_must_agree(live_server, fleet_bundles):
+def test_version_is_the_manifests_and_a_differing_form_version_is_refused(live_server, fleet_bundles):
     admin = live_server.admin
     r = upload(admin, "digits", [fleet_bundles.ekb["v1"]["raspberry-pi-5"], fleet_bundles.ekb["v2"]["coral-edgetpu"]])
     assert_error(r, 400, "bad_bundle")
     r = upload(admin, "digits", [fleet_bundles.ekb["v1"]["raspberry-pi-5"], fleet_bundles.ekb["v2"]["coral-edgetpu"]], version="mixed.1")
+    err = assert_error(r, 400, "version_mismatch")
+    assert "says 1.2.3" in err["message"] and "says 1.3.0" in err["message"]
+    r = upload(admin, "digits", [fleet_bundles.ekb["v2"]["raspberry-pi-5"], fleet_bundles.ekb["v2"]["coral-edgetpu"]], version="1.3.0")
     assert r.status_code == 201, r.text
-    assert json.loads(json.dumps(r.json()))["version"] == "mixed.1"
+    assert json.loads(json.dumps(r.json()))["version"] == "1.3.0"
+    assert admin.get("/v1/models").json() == [{"name": "digits", "versions": ["1.3.0"], "latest": "1.3.0"}]
 
 
 def test_every_format_is_validated_with_its_runtime(live_server, fleet_format_bundles):

@@ -63,7 +63,7 @@ def test_waves_pass_their_gates_and_complete(live_server, fleet_bundles):
     ro = wait_for(lambda: (x := get(live_server, ro["id"]))["state"] == "completed" and x)
     for w in ro["waves"]:
         assert w["state"] == "passed"
-        assert {g["gate"] for g in w["gate_results"]} == {"max_failure_rate", "min_agreement", "max_peak_rss_mb"}
+        assert {g["gate"] for g in w["gate_results"]} == {"max_failure_rate", "min_agreement", "max_peak_rss_mb", "require_golden"}
         assert all(g["passed"] for g in w["gate_results"])
         assert all(d["phase"] == "activated" and d["metrics"]["p95_ms"] == 2.0 for d in w["devices"])
     listed = live_server.admin.get("/v1/devices").json()
@@ -113,8 +113,9 @@ def test_a_failed_gate_reverts_the_wave_and_stops_the_rollout(live_server, fleet
     gate = {"p95": "max_p95_ratio", "failed": "max_failure_rate", "agreement": "min_agreement", "rss": "max_peak_rss_mb"}[failure]
     assert gate in ro["reason"]
     assert [w["state"] for w in ro["waves"]] == ["failed", "pending"]
-    failing = [g for g in ro["waves"][0]["gate_results"] if not g["passed"]]
-    assert [g["gate"] for g in failing] == [gate]
+    failing = [g for g in ro["waves"][0]["gate_results"] if g["passed"] is False]
+    # a golden agreement of 0.5 also fails the safe default gate require_golden (the device says golden_passed: false)
+    assert [g["gate"] for g in failing] == [gate] + (["require_golden"] if failure == "agreement" else [])
     assert failing[0]["device_id"] in (bad, None)
     for d in devices:
         if d.device_id in wave0:  # every device of the failed wave is told to go back to 1.2.3

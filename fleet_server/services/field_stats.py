@@ -1,0 +1,152 @@
+"""Field statistics: what a model version does on devices, aggregated from stored telemetry.
+
+Devices post one point per (minute, model) with counts, per-minute latency percentiles and a
+10-bin confidence histogram (``device_agents.telemetry``). The database sums them per minute
+and artifact (one ``GROUP BY`` over the ``(model_sha256, minute)`` index, JSON fields read
+with the dialect's JSON operators); Python folds the minutes into buckets. What follows from
+the points and what does not:
+
+- requests, escalations, degraded answers: exact sums.
+- errors: the hybrid router records a degraded answer (the device's answer stood because the
+  cloud failed) with ``error=<reason>``; a degraded answer is an answer, so the error count is
+  ``errors − degraded`` (requests that got no answer at all).
+- latency p50/p95/p99 over a bucket: the request-weighted mean of the per-minute percentiles
+  (devices send percentiles, not samples; exact for one minute of one device), max: exact.
+- drift: the population stability index (PSI) of the confidence histogram against a reference
+  histogram, bins floored at 1e-4; above ``PSI_DRIFT_THRESHOLD`` (0.2) it reads as drifted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from edgekit.protocol import PSI_DRIFT_THRESHOLD
+from fleet_server.db import utc
+from fleet_server.tables import TelemetryPoint
+
+__all__ = ["BINS", "FieldSums", "minute_sums", "psi", "sums_by"]
+
+BINS = 10
+_EPS = 1e-4
+
+
+@dataclass
+class FieldSums:
+    """Additive field telemetry of some set of points."""
+
+    requests: int = 0
+    errors: int = 0
+    escalations: int = 0
+    degraded: int = 0
+    p50_w: float = 0.0  # Σ count × per-minute p50 (likewise p95, p99)
+    p95_w: float = 0.0
+    p99_w: float = 0.0
+    latency_max: float = 0.0
+    hist: list[int] = field(default_factory=lambda: [0] * BINS)
+    points: int = 0
+
+    def add(self, other: FieldSums) -> None:
+        """Add another set's sums to this one."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.escalations += other.escalations
+        self.degraded += other.degraded
+        self.p50_w += other.p50_w
+        self.p95_w += other.p95_w
+        self.p99_w += other.p99_w
+        self.latency_max = max(self.latency_max, other.latency_max)
+        self.hist = [a + b for a, b in zip(self.hist, other.hist)]
+        self.points += other.points
+
+    def _rate(self, n: int) -> float | None:
+        return n / self.requests if self.requests else None
+
+    @property
+    def escalation_rate(self) -> float | None:
+        return self._rate(self.escalations)
+
+    @property
+    def degraded_rate(self) -> float | None:
+        return self._rate(self.degraded)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self._rate(max(0, self.errors - self.degraded))
+
+    def latency(self) -> dict[str, float | None]:
+        """Request-weighted latency percentiles (ms) and the maximum."""
+        if not self.requests:
+            return {"p50": None, "p95": None, "p99": None, "max": None}
+        n = self.requests
+        return {"p50": self.p50_w / n, "p95": self.p95_w / n, "p99": self.p99_w / n, "max": self.latency_max}
+
+    def public(self) -> dict[str, Any]:
+        """The sums as the API shows them."""
+        return {"requests": self.requests, "escalations": self.escalations, "escalation_rate": self.escalation_rate,
+                "degraded": self.degraded, "degraded_rate": self.degraded_rate, "errors": max(0, self.errors - self.degraded),
+                "error_rate": self.error_rate, "latency_ms": self.latency(), "confidence_hist": list(self.hist)}
+
+
+def psi(actual: Iterable[int], reference: Iterable[int]) -> float | None:
+    """Population stability index of two histograms (None when either is empty)."""
+    a, r = list(actual), list(reference)
+    ta, tr = sum(a), sum(r)
+    if not ta or not tr:
+        return None
+    total = 0.0
+    for x, y in zip(a, r):
+        p, q = max(x / ta, _EPS), max(y / tr, _EPS)
+        total += (p - q) * math.log(p / q)
+    return total
+
+
+def drift(actual: FieldSums, reference: FieldSums | None, label: str) -> dict[str, Any]:
+    """The PSI of ``actual``'s confidence histogram against ``reference``'s, with the threshold it is read against."""
+    value = psi(actual.hist, reference.hist) if reference is not None else None
+    return {"statistic": "psi", "value": value, "threshold": PSI_DRIFT_THRESHOLD, "reference": label,
+            "drifted": None if value is None else value > PSI_DRIFT_THRESHOLD}
+
+
+def _columns() -> list[Any]:
+    # every JSON field is read as FLOAT: counts are summed as doubles (an INTEGER cast overflows on PostgreSQL)
+    d = TelemetryPoint.data
+    count = d["count"].as_float()
+    cols = [func.sum(count), func.sum(d["errors"].as_float()), func.sum(d["escalations"].as_float()), func.sum(d["degraded"].as_float()),
+            func.sum(count * d[("latency_ms", "p50")].as_float()), func.sum(count * d[("latency_ms", "p95")].as_float()),
+            func.sum(count * d[("latency_ms", "p99")].as_float()), func.max(d[("latency_ms", "max")].as_float()), func.count()]
+    cols += [func.sum(d[("confidence_hist", i)].as_float()) for i in range(BINS)]
+    return cols
+
+
+def _sums(row: Any, offset: int) -> FieldSums:
+    v = [x if x is not None else 0 for x in row[offset:]]
+    return FieldSums(requests=int(v[0]), errors=int(v[1]), escalations=int(v[2]), degraded=int(v[3]), p50_w=float(v[4]),
+                     p95_w=float(v[5]), p99_w=float(v[6]), latency_max=float(v[7]), points=int(v[8]), hist=[int(x) for x in v[9:9 + BINS]])
+
+
+def minute_sums(s: Session, shas: list[str], since: dt.datetime, until: dt.datetime) -> list[tuple[dt.datetime, str, FieldSums]]:
+    """(minute, artifact sha256, sums) for the artifacts' points in ``[since, until)``, oldest first."""
+    if not shas:
+        return []
+    q = (select(TelemetryPoint.minute, TelemetryPoint.model_sha256, *_columns())
+         .where(TelemetryPoint.model_sha256.in_(shas), TelemetryPoint.minute >= since, TelemetryPoint.minute < until)
+         .group_by(TelemetryPoint.minute, TelemetryPoint.model_sha256).order_by(TelemetryPoint.minute))
+    return [(utc(row[0]), row[1], _sums(row, 2)) for row in s.execute(q).all()]
+
+
+def sums_by(s: Session, key: Any, shas: list[str], since: dt.datetime, until: dt.datetime) -> dict[tuple[Any, str], FieldSums]:
+    """(key value, artifact sha256) → sums over ``[since, until)``; ``key`` is a column such as ``TelemetryPoint.device_id``."""
+    if not shas:
+        return {}
+    q = (select(key, TelemetryPoint.model_sha256, *_columns())
+         .where(TelemetryPoint.model_sha256.in_(shas), TelemetryPoint.minute >= since, TelemetryPoint.minute < until)
+         .group_by(key, TelemetryPoint.model_sha256))
+    return {(row[0], row[1]): _sums(row, 2) for row in s.execute(q).all()}
+
