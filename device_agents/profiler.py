@@ -40,6 +40,16 @@ class ProfileSettings:
     threads: int | None = None
 
 
+def _timing_source() -> dict[str, str]:
+    """``measured`` on real hardware; ``emulated`` + a note under qemu-user, where latencies mean nothing."""
+    from edgekit.cpuinfo import EMULATED_TIMING_NOTE, read_cpu
+
+    cpu = read_cpu()
+    if cpu.emulation:
+        return {"timing_source": "emulated", "timing_note": EMULATED_TIMING_NOTE}
+    return {"timing_source": "measured"}
+
+
 def _measure(bundle_dir: Path, s: ProfileSettings, *, golden: bool) -> dict:
     import resource
 
@@ -77,7 +87,7 @@ def _measure(bundle_dir: Path, s: ProfileSettings, *, golden: bool) -> dict:
     ms = np.asarray(times) * 1e3
     out = {"load_ms": load_ms, "warmup_runs": s.warmup, "runs": len(times), "p50_ms": float(np.percentile(ms, 50)),
            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-           "runtime": model.runtime, "delegate": model.delegate}
+           "runtime": model.runtime, "delegate": model.delegate, **_timing_source()}
     if golden:
         from edgekit.golden import check_golden
 

@@ -102,3 +102,10 @@ def check_bundle(bundle_dir: Path, *, manifest_sha256: str | None, profile: str 
         raise VerificationError(f"the bundle is built for {manifest.profile}, this device is {profile}", reason="wrong_profile")
     if fmt is not None and manifest.format != fmt:
         raise VerificationError(f"the bundle's format is {manifest.format}, expected {fmt}", reason="wrong_profile")
+    from edgekit.device_support import format_unavailable_reason
+
+    missing = format_unavailable_reason(manifest.format)
+    if missing is not None:  # refused here, before profiling or activation, with the device's reason
+        raise VerificationError(f"this device cannot load {manifest.format} bundles: {missing}",
+                                "Roll out a format this device's runtime loads (see 'edgekit profile detect'), or install its runtime.",
+                                reason="other:runtime_unavailable")

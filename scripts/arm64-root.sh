@@ -9,8 +9,10 @@
 #   2. deps    a venv at /opt/edgekit-agent inside the root, the agent extra's wheels
 #              downloaded into /var/cache/edgekit-wheels (inside the root) and installed from
 #              there; redone only when pyproject's base or agent dependencies change
+#              (and a second venv, /opt/edgekit-litert-only: the same without onnxruntime, a
+#              LiteRT-only device for the tests of bundles its runtime cannot load)
 #   3. edgekit the checkout's package directories copied to /opt/edgekit-src and installed
-#              with --no-deps from the wheel cache; redone only when those files change
+#              into both venvs offline from the wheel cache; redone only when those files change
 # A run with everything cached is a no-op (a hash of the sources and a few stat calls).
 #
 # Needs root, qemu-user-static, binfmt-support and debootstrap (scripts/setup-test-system.sh).
@@ -22,6 +24,7 @@ CACHE=${EDGEKIT_ARM64_CACHE:-/var/cache/edgekit}
 ROOT=${EDGEKIT_ARM64_ROOT:-$CACHE/arm64-root-bookworm}
 LOG=$CACHE/arm64-root.log
 VENV_IN_ROOT=/opt/edgekit-agent
+LITERT_VENV_IN_ROOT=/opt/edgekit-litert-only
 SRC_IN_ROOT=/opt/edgekit-src
 WHEELS_IN_ROOT=/var/cache/edgekit-wheels
 # Package directories and files that make the distribution (pyproject's [tool.setuptools]).
@@ -129,7 +132,7 @@ for req in project["dependencies"] + project["optional-dependencies"]["agent"]:
     print(req)
 PY
 )
-DEPS_KEY=$(printf '%s\n' "$REQS" "setuptools>=68" "wheel" | sha256sum | cut -c1-16)
+DEPS_KEY=$(printf '%s\n' "$REQS" "setuptools>=68" "wheel" "litert-only-v1" | sha256sum | cut -c1-16)
 DEPS_STAMP=$ROOT/.edgekit-deps-stamp
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS_KEY" ]; then
   start=$(date +%s)
@@ -146,6 +149,11 @@ if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS_KEY" ]; then
   in_root "$VENV_IN_ROOT/bin/python" -m pip --disable-pip-version-check install -q \
     --no-index --find-links "$WHEELS_IN_ROOT" -r /opt/edgekit-requirements.txt >>"$LOG" 2>&1 \
     || die "pip could not install the agent's wheels inside the arm64 root (see $LOG)." "read $LOG."
+  grep -v '^onnxruntime' "$ROOT/opt/edgekit-requirements.txt" >"$ROOT/opt/edgekit-litert-only-requirements.txt"
+  [ -x "$ROOT$LITERT_VENV_IN_ROOT/bin/python" ] || in_root python3 -m venv "$LITERT_VENV_IN_ROOT" >>"$LOG" 2>&1
+  in_root "$LITERT_VENV_IN_ROOT/bin/python" -m pip --disable-pip-version-check install -q \
+    --no-index --find-links "$WHEELS_IN_ROOT" -r /opt/edgekit-litert-only-requirements.txt >>"$LOG" 2>&1 \
+    || die "pip could not install the LiteRT-only venv inside the arm64 root (see $LOG)." "read $LOG."
   echo "$DEPS_KEY" >"$DEPS_STAMP"
   log "arm64 root: dependencies installed in $(( $(date +%s) - start )) s"
   unmount_all
@@ -173,6 +181,10 @@ if [ "$(cat "$SRC_STAMP" 2>/dev/null)" != "$SRC_KEY" ]; then
   in_root "$VENV_IN_ROOT/bin/python" -m pip --disable-pip-version-check install -q \
     --no-index --find-links "$WHEELS_IN_ROOT" --no-build-isolation "$SRC_IN_ROOT[agent]" >>"$LOG" 2>&1 \
     || die "pip could not install edgekit[agent] from the checkout inside the arm64 root (see $LOG)." "read $LOG; a new dependency needs the deps stage (it reruns when pyproject changes)."
+  rm -rf "$ROOT$SRC_IN_ROOT/build" "$ROOT$SRC_IN_ROOT"/*.egg-info
+  in_root "$LITERT_VENV_IN_ROOT/bin/python" -m pip --disable-pip-version-check install -q \
+    --no-index --no-deps --no-build-isolation --force-reinstall "$SRC_IN_ROOT" >>"$LOG" 2>&1 \
+    || die "pip could not install edgekit into the LiteRT-only venv of the arm64 root (see $LOG)." "read $LOG."
   rm -rf "$ROOT$SRC_IN_ROOT/build" "$ROOT$SRC_IN_ROOT"/*.egg-info
   echo "$SRC_KEY" >"$SRC_STAMP"
   log "arm64 root: edgekit installed in $(( $(date +%s) - start )) s"

@@ -51,7 +51,9 @@ def agent() -> None:
 
 @agent.command()
 @click.option("--server", required=True, help="Fleet server URL, e.g. http://fleet:8080.")
-@click.option("--enroll-token", help="Enroll token (first start only; the device token is pinned afterwards).")
+@click.option("--enroll-token", help="Enroll token (first start only; the device token is pinned afterwards). Visible in ps: "
+              "prefer --enroll-token-file, EDGEKIT_AGENT_ENROLL_TOKEN or the systemd credential 'enroll-token'.")
+@click.option("--enroll-token-file", type=click.Path(path_type=Path), help="Read the enroll token from this file.")
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="Where the agent keeps its state and models.")
 @click.option("--profile", "profile_id", help="Hardware profile id of this device, or 'auto' to detect it.")
 @click.option("--name", help="Device name (default: the host name).")
@@ -60,10 +62,14 @@ def agent() -> None:
 @click.option("--backoff-max-s", type=float, help="Longest wait between tries while the server is down (default 300).")
 @_profiling_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every step to stderr.")
-def run(server: str, enroll_token: str | None, data_dir: Path, profile_id: str | None, name: str | None, tags: tuple[str, ...],
+def run(server: str, enroll_token: str | None, enroll_token_file: Path | None, data_dir: Path, profile_id: str | None,
+        name: str | None, tags: tuple[str, ...],
         poll_interval_s: float | None, backoff_max_s: float | None, profile_runs: int | None, profile_budget_s: float | None,
         warmup: int | None, max_attempts: int | None, keep_slots: int | None, verbose: bool) -> None:
     """Enroll once, then poll the server and apply assignments until SIGTERM."""
+    from edgekit.device_support import check_device_platform
+
+    check_device_platform()  # an unsupported interpreter or CPU is named here, not met later at the first model
     from device_agents.daemon import Agent
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -73,7 +79,10 @@ def run(server: str, enroll_token: str | None, data_dir: Path, profile_id: str |
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Agent(str(data_dir), server, settings, enroll_token=enroll_token, name=name, tags=tags, stop=stop).run()
+    from device_agents.enroll_token import resolve_enroll_token
+
+    token = resolve_enroll_token(enroll_token, enroll_token_file)
+    Agent(str(data_dir), server, settings, enroll_token=token, name=name, tags=tags, stop=stop).run()
 
 
 @agent.command()
@@ -85,6 +94,9 @@ def run(server: str, enroll_token: str | None, data_dir: Path, profile_id: str |
 def install(bundle: Path, data_dir: Path, profile_id: str | None, profile_runs: int | None, profile_budget_s: float | None,
             warmup: int | None, max_attempts: int | None, keep_slots: int | None, as_json: bool) -> None:
     """Verify, profile and activate one local bundle (directory or .ekb), no server."""
+    from edgekit.device_support import check_device_platform
+
+    check_device_platform()
     from device_agents.install import install_local
     from edgekit.errors import VerificationError
 
@@ -98,7 +110,8 @@ def install(bundle: Path, data_dir: Path, profile_id: str | None, profile_runs: 
             stdout.print(f"[green]activated[/] {result['name']} {result['version']} ({result['sha256'][:12]})", highlight=False)
             stdout.print(f"load {p.get('load_ms', 0):.1f} ms · p50 {p.get('p50_ms', 0):.3f} ms · p95 {p.get('p95_ms', 0):.3f} ms · "
                          f"p99 {p.get('p99_ms', 0):.3f} ms over {p.get('runs')} runs · peak RSS {p.get('peak_rss_mb', 0):.1f} MB · "
-                         f"golden top-1 {p.get('golden_top1_agreement')} · {p.get('runtime')}+{p.get('delegate')}", highlight=False)
+                         f"golden top-1 {p.get('golden_top1_agreement')} · {p.get('runtime')}+{p.get('delegate')}"
+                         + (f" · {p['timing_note']}" if p.get("timing_note") else ""), highlight=False)
         else:
             stdout.print(f"[red]not activated[/]: {result['failure']['reason']}: {result['failure']['message']}", highlight=False)
         active = result["active"]
@@ -132,7 +145,8 @@ def status(data_dir: Path, as_json: bool) -> None:
         if lp:
             m = lp["metrics"]
             stdout.print(f"last profile: {lp['name']} {lp['version']} at {lp['at']}: p95 {m['p95_ms']:.3f} ms, peak RSS "
-                         f"{m['peak_rss_mb']:.1f} MB, golden top-1 {m['golden_top1_agreement']}", highlight=False)
+                         f"{m['peak_rss_mb']:.1f} MB, golden top-1 {m['golden_top1_agreement']}"
+                         + (f" ({m['timing_note']})" if m.get("timing_note") else ""), highlight=False)
         lr = st["last_result"]
         if lr:
             stdout.print(f"last result: {'failed: ' + lr['failure']['reason'] if lr.get('failure') else 'ok'} "
