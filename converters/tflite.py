@@ -44,6 +44,25 @@ def _batch1_clone(source: SourceModel):
     return clone
 
 
+def _integer_input_entry_ops(interp, ops: list[dict]) -> set[int]:
+    """Ops that only carry an integer graph input into the int8 graph: CAST(int input) and the QUANTIZE of that cast.
+
+    A model that takes token ids, a sample rate or an integer state must turn them into numbers the
+    int8 graph can use; that boundary is not a float op in the graph's body.
+    """
+    int_inputs = {d["index"] for d in interp.get_input_details() if np.dtype(d["dtype"]).kind in "iub" and not d["quantization"][0]}
+    cast_outs: set[int] = set()
+    entry: set[int] = set()
+    for op in ops:
+        ins = {int(i) for i in op["inputs"] if i >= 0}
+        if op["op_name"] == "CAST" and ins and ins <= int_inputs:
+            entry.add(op["index"])
+            cast_outs |= {int(o) for o in op["outputs"]}
+        elif op["op_name"] == "QUANTIZE" and ins and ins <= cast_outs:
+            entry.add(op["index"])
+    return entry
+
+
 class TFLiteConverter(Converter):
     """Post-training full-integer quantization (TFLITE_BUILTINS_INT8) with a representative dataset."""
 
@@ -173,17 +192,23 @@ class TFLiteConverter(Converter):
         activation_ids |= {d["index"] for d in interp.get_input_details()}
         activation_bytes = arena_span_bytes(interp, activation_ids)
         violations: list[str] = []
+        warnings: list[str] = []
         c = profile.formats.tflite
+        entry = _integer_input_entry_ops(interp, ops)
         if c is not None and c.full_integer:
             for op in ops:
                 types = {np.dtype(t).name for t in [*op["operand_types"], *op["result_types"]]}
                 floats = sorted(types - _INT_TYPES)
-                if floats:
+                if floats and op["index"] not in entry:
                     violations.append(f"{op['op_name']} (op {op['index']}) uses {', '.join(floats)}")
+        if entry:
+            warnings.append(f"{len(entry)} op(s) at the model's entry cast integer inputs (ids, rates, state) to float and quantize them: "
+                            "they run on the CPU, outside the accelerator's int8 path")
         return ModelFacts(
             inputs=tuple(spec(d) for d in interp.get_input_details()),
             outputs=tuple(spec(d) for d in interp.get_output_details()),
             ops=tuple(op["op_name"] for op in ops),
+            warnings=tuple(warnings),
             activation_bytes=activation_bytes,
             activation_note="LiteRT's arena on this host after allocate_tensors (no delegate): activation buffers, shared buffers "
                             "counted once; a device delegate may plan its memory differently",

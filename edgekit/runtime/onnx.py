@@ -37,16 +37,30 @@ class ONNXModel(LocalModel):
         except ImportError:
             raise RuntimeUnavailableError("onnxruntime is not installed, so ONNX models cannot run here",
                                           "Install it with: pip install 'edgekit[agent]'") from None
-        opts = ort.SessionOptions()
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
-        opts.log_severity_level = 3
-        if path.suffix == ".ort":
-            # ORT-format models built with the "Runtime" style carry their fused-kernel optimizations;
-            # replaying them is safe here because load() checked the file's sha256 against the manifest.
-            opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+
+        def options(replay: bool):
+            opts = ort.SessionOptions()
+            if num_threads:
+                opts.intra_op_num_threads = num_threads
+            opts.log_severity_level = 3
+            if replay:
+                # ORT-format models built with the "Runtime" style carry their fused-kernel optimizations;
+                # replaying them is safe here because load() checked the file's sha256 against the manifest.
+                opts.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+            return opts
+
+        self.runtime_optimizations_replayed = path.suffix == ".ort"
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(str(path), sess_options=options(path.suffix == ".ort"), providers=["CPUExecutionProvider"])
+            except Exception as e:
+                if path.suffix != ".ort" or "runtime optimization" not in str(e):
+                    raise
+                # Seen on ORT 1.32: a record saved for NNAPI/XNNPACK partitioning that the CPU provider cannot replay
+                # ("Not enough produced nodes in the runtime optimization record"). The record is optional: run the
+                # model as stored.
+                self._session = ort.InferenceSession(str(path), sess_options=options(False), providers=["CPUExecutionProvider"])
+                self.runtime_optimizations_replayed = False
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: ONNX Runtime cannot load this model ({str(e)[:200]})", "Rebuild it with 'edgekit convert'.") from None
         self.delegate = "cpu"
