@@ -282,6 +282,9 @@ class FleetServerProcess:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}: {(self.data_dir / 'server.log').read_text()[-2000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    # the bench's signing key (EDGEKIT_SIGNING_KEY) publishes the bundles it uploads: allow it
+                    subprocess.run(self._edgekit("server", "publisher", "add", "--label", "bench", "--data-dir", str(self.data_dir)),
+                                   env=self.env, check=True, capture_output=True)
                     return self
             time.sleep(0.2)
         self.__exit__()

@@ -59,6 +59,17 @@ class FleetClient:
             raise _error(resp)
         return resp.json()
 
+    def trust(self) -> dict:
+        """``GET /v1/device/trust``: the server key's rotations and the signed publisher allow-list."""
+        resp = self._send("GET", "/v1/device/trust")
+        if resp.status_code != 200:
+            raise _error(resp)
+        try:
+            body = resp.json()
+        except ValueError:
+            raise RemoteError("GET /v1/device/trust: the answer is not JSON") from None
+        return body if isinstance(body, dict) else {}
+
     def desired(self, etag: str | None) -> tuple[int, str | None, dict | None]:
         """``GET /v1/device/desired``: (status, ETag, body); 304 has no body."""
         resp = self._send("GET", "/v1/device/desired", headers={"If-None-Match": etag} if etag else {})

@@ -27,6 +27,7 @@ from device_agents.settings import AgentSettings
 from device_agents.steps import open_runner
 from device_agents.store import DataDir, utc_now
 from device_agents.telemetry import TelemetryBuffer
+from device_agents.trust import TrustStore
 
 __all__ = ["Agent"]
 
@@ -81,9 +82,20 @@ class Agent:
                     "server_public_key": resp["server_public_key"], "key_id": resp.get("key_id"), "profile": self.settings.profile,
                     "name": self.name, "tags": list(self.tags), "enrolled_at": utc_now()}
         self.data.save_identity(identity)
+        self._fetch_trust(identity)
         self.poll_interval_s = float(resp.get("poll_interval_s") or self.poll_interval_s)
         log.info("enrolled as %s (%s)", resp["device_id"], self.name)
         return identity
+
+    def _fetch_trust(self, identity: dict) -> None:
+        """Pin the server's publisher allow-list right after enrolling (it is fetched again before every new assignment)."""
+        client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s)
+        try:
+            TrustStore(self.data).refresh(identity, client.trust)
+        except (TransientError, RemoteError) as e:
+            log.warning("could not fetch the trust document after enrolling (%s); it is fetched with the first assignment", e)
+        finally:
+            client.close()
 
     # --- the loop -----------------------------------------------------------------------------
     def _back_off(self, e: Exception) -> None:

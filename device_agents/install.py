@@ -13,6 +13,7 @@ from device_agents.machine import Event, State
 from device_agents.settings import AgentSettings
 from device_agents.steps import open_runner
 from device_agents.store import DataDir
+from device_agents.trust import TrustStore
 
 __all__ = ["install_local"]
 
@@ -23,7 +24,12 @@ def install_local(data_dir: str | os.PathLike[str], source: str | os.PathLike[st
     src = Path(source).resolve()
     if not src.exists():
         raise BundleError(f"{src}: no such bundle", "Pass a bundle directory or a .ekb file.")
-    data = DataDir(data_dir).ensure()
+    data = DataDir(data_dir)
+    if not settings.trusted_keys and not settings.insecure_any_publisher and TrustStore(data).publisher_keys() is None:
+        raise UsageError("no trusted publisher key: an offline install must know whose bundles to run",
+                         "Pass --trusted-key KEY (the base64 key 'edgekit bundle key' prints, or a key file), or set "
+                         "EDGEKIT_AGENT_TRUSTED_KEYS; --insecure-any-publisher skips the check (never on a production device).")
+    data.ensure()
     with DirLock(data.root / ".job.lock").held(lock_timeout_s, "the agent (working on an assignment)"):
         identity = data.identity()
         if identity and settings.profile and identity.get("profile") != settings.profile:

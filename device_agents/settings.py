@@ -7,11 +7,29 @@ from dataclasses import dataclass, field, replace
 
 from device_agents.profiler import ProfileSettings
 
-__all__ = ["AgentSettings"]
+__all__ = ["AgentSettings", "parse_trusted_keys", "trusted_keys_from_env"]
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"EDGEKIT_AGENT_{name}", default)
+
+
+def parse_trusted_keys(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Publisher keys as given (base64, or paths of PEM key files), as base64; InputError for one that is neither."""
+    from edgekit.signing import parse_public_key
+
+    keys: list[str] = []
+    for v in values:
+        key = parse_public_key(v)
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def trusted_keys_from_env() -> tuple[str, ...]:
+    """``EDGEKIT_AGENT_TRUSTED_KEYS``: publisher keys separated by commas or whitespace."""
+    text = _env("TRUSTED_KEYS") or ""
+    return parse_trusted_keys([v for v in text.replace(",", " ").split() if v])
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,11 @@ class AgentSettings:
     """Loop guard: entries into one state that did not finish before it is given up (crash_loop)."""
     keep_slots: int = 3
     trusted_keys: tuple[str, ...] = ()
+    """Publisher keys pinned on the device (``--trusted-key``, ``EDGEKIT_AGENT_TRUSTED_KEYS``): a local install needs
+    one of them; for fleet installs they narrow the server's signed allow-list (docs/security.md)."""
+    insecure_any_publisher: bool = False
+    """``--insecure-any-publisher`` / ``EDGEKIT_AGENT_INSECURE_ANY_PUBLISHER=1``: a local install accepts a bundle
+    signed by any key (the signature must still verify). Never for production devices."""
     http_timeout_s: float = 30.0
     max_download_stalls: int = 5
     """Answered-but-cut-short downloads in a row with no new byte before giving up (download_failed)."""
@@ -63,6 +86,8 @@ class AgentSettings:
             "keep_slots": int(_env("KEEP_SLOTS", "3")),
             "http_timeout_s": float(_env("HTTP_TIMEOUT_S", "30")),
             "max_download_stalls": int(_env("MAX_DOWNLOAD_STALLS", "5")),
+            "trusted_keys": trusted_keys_from_env(),
+            "insecure_any_publisher": (_env("INSECURE_ANY_PUBLISHER") or "").strip().lower() in ("1", "true", "yes"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from device_agents.slots import Slots
 from device_agents.store import DataDir
 from device_agents.profiler import ProfileSettings, profile_candidate
 from device_agents.store import utc_now
+from device_agents.trust import TrustStore
 from device_agents.verify import check_artifact_file, check_bundle, verify_assignment
 
 __all__ = ["HANDLERS", "open_runner"]
@@ -31,10 +32,17 @@ def _claimed_serial(signed: dict) -> int | None:
 
 
 def accept(ctx: StepContext) -> Event:
-    """Signature with the pinned key → expiry → serial → profile/format; then remember the serial."""
+    """Trust refresh → signature with the pinned key → expiry → serial → profile/format; then remember the serial.
+
+    The server's trust document (key rotations, publisher allow-list) is fetched first, so a rotated
+    server key or a changed allow-list is known before this assignment is judged by it.
+    """
     job, ident = ctx.job, ctx.identity or {}
     job["serial"] = _claimed_serial(job["signed"])
-    a = verify_assignment(job["signed"], public_key=ident["server_public_key"], device_id=ident["device_id"],
+    trust = TrustStore(ctx.data)
+    if ctx.client is not None:
+        trust.refresh(ident, ctx.client.trust)
+    a = verify_assignment(job["signed"], public_key=trust.server_key(ident), device_id=ident["device_id"],
                           last_serial=ctx.record.get("last_serial", 0), profile=ident.get("profile"), formats=ctx.settings.formats)
     ctx.record["last_serial"] = a.serial  # persisted with this transition: the same serial is never accepted twice
     job.update(action=a.action, model=a.model, name=a.model, version=a.version, payload=a.model_dump(mode="json"),
@@ -91,9 +99,11 @@ def verify(ctx: StepContext) -> Event:
         art = job["payload"]["artifact"]
         sha = art["sha256"]
 
+    publishers = trusted_publishers(ctx)
+
     def check(bundle_dir: Path) -> dict:
         check_bundle(bundle_dir, manifest_sha256=art["manifest_sha256"] if art else None, profile=profile,
-                     fmt=art["format"] if art else None, trusted_keys=ctx.settings.trusted_keys)
+                     fmt=art["format"] if art else None, trusted_keys=publishers)
         m = open_bundle(bundle_dir).manifest
         if ctx.settings.formats is not None and m.format not in ctx.settings.formats:
             raise VerificationError(f"format {m.format} does not run on this device", reason="wrong_profile")
@@ -119,6 +129,26 @@ def verify(ctx: StepContext) -> Event:
     job.update(name=facts.get("name"), version=facts.get("version"))
     ctx.emit("verified")
     return Event.VERIFIED
+
+
+def trusted_publishers(ctx: StepContext) -> tuple[str, ...] | None:
+    """The publisher keys this job's bundle may be signed by (None: any, for an explicit insecure local install).
+
+    Fleet: the server's signed allow-list, narrowed to the device's pinned keys when it has any. Local:
+    the pinned keys, else the allow-list the device last received from its server.
+    """
+    store, pinned = TrustStore(ctx.data), ctx.settings.trusted_keys
+    if ctx.job["kind"] != "local":
+        keys = store.effective_publishers(pinned)
+        if keys is None:
+            raise VerificationError("this device has no publisher allow-list from its server, so it trusts no bundle",
+                                    "The server sends it with every assignment (GET /v1/device/trust); check the server.",
+                                    reason="other:untrusted_publisher")
+        return keys
+    keys = pinned or store.publisher_keys() or ()
+    if not keys and ctx.settings.insecure_any_publisher:
+        return None
+    return keys
 
 
 def profile(ctx: StepContext) -> Event:

@@ -7,6 +7,7 @@
 5. (download) sha256 of the whole artifact equals ``artifact.sha256``                   → ``sha256_mismatch``
 6. the bundle's ``manifest.json`` sha256 equals ``artifact.manifest_sha256``            → ``bundle_invalid``
 7. every file hash of the bundle (``edgekit.bundle.verify_bundle``)                     → ``bundle_invalid``
+8. the bundle's publisher key is one this device trusts (docs/security.md)              → ``other:untrusted_publisher``
 
 Each failure raises :class:`edgekit.errors.VerificationError` with that ``reason``.
 """
@@ -80,8 +81,12 @@ def check_artifact_file(path: Path, expected_sha256: str) -> None:
 
 
 def check_bundle(bundle_dir: Path, *, manifest_sha256: str | None, profile: str | None, fmt: str | None,
-                 trusted_keys: tuple[str, ...] = ()) -> None:
-    """Steps 6-7: the manifest is the one the server validated, and every file matches it."""
+                 trusted_keys: tuple[str, ...] | None = None) -> None:
+    """Steps 6-8: the manifest is the one the server validated, every file matches it, and its publisher is trusted.
+
+    ``trusted_keys``: the publisher keys (base64) the bundle's signer must be one of; an empty tuple
+    trusts nobody; None skips step 8 (only for an explicit ``--insecure-any-publisher`` install).
+    """
     manifest_path = bundle_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise VerificationError(f"{bundle_dir.name}: no {MANIFEST_FILE}; not a bundle", reason="bundle_invalid")
@@ -91,13 +96,17 @@ def check_bundle(bundle_dir: Path, *, manifest_sha256: str | None, profile: str 
             raise VerificationError(f"manifest.json hashes to {actual[:16]}…, the assignment says {manifest_sha256[:16]}…",
                                     reason="bundle_invalid")
     try:
-        result = verify_bundle(bundle_dir, trusted_keys)
+        result = verify_bundle(bundle_dir)
         manifest = open_bundle(bundle_dir).manifest
     except BundleError as e:
         raise VerificationError(e.message, reason="bundle_invalid") from None
     if not result.ok:
         failed = "; ".join(f"{c}: {d}" for c, ok, d in result.checks if not ok)
         raise VerificationError(f"bundle checks failed ({failed})", reason="bundle_invalid")
+    if trusted_keys is not None and result.public_key not in trusted_keys:
+        raise VerificationError(f"the bundle is signed by publisher key {result.key_id}, which this device does not trust",
+                                "Only bundles signed by a publisher on the server's allow-list (or a --trusted-key) are run.",
+                                reason="other:untrusted_publisher")
     if profile is not None and manifest.profile != profile:
         raise VerificationError(f"the bundle is built for {manifest.profile}, this device is {profile}", reason="wrong_profile")
     if fmt is not None and manifest.format != fmt:

@@ -175,6 +175,8 @@ class BundleVerification:
     ok: bool
     checks: tuple[tuple[str, bool, str], ...]
     key_id: str | None
+    public_key: str | None = None
+    """The signer's base64 public key when the signature verified (None otherwise)."""
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -182,6 +184,7 @@ class BundleVerification:
             "path": self.path,
             "ok": self.ok,
             "key_id": self.key_id,
+            "public_key": self.public_key,
             "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in self.checks],
         }
 
@@ -194,7 +197,7 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
     bundle = open_bundle(path)
     root, m = bundle.root, bundle.manifest
     checks: list[tuple[str, bool, str]] = []
-    key_id = None
+    key_id = public_key = None
     sig_path = root / SIGNATURE_FILE
     manifest_bytes = (root / MANIFEST_FILE).read_bytes()
     try:
@@ -203,6 +206,7 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
         sig = json.loads(sig_path.read_text())
         key_id = signing.fingerprint(sig["public_key"])
         signing.verify(sig["public_key"], manifest_bytes, sig["signature"])
+        public_key = sig["public_key"]
         checks.append(("signature", True, f"ed25519 key {key_id}"))
         if trusted_keys:
             trusted = sig["public_key"] in trusted_keys
@@ -228,7 +232,7 @@ def verify_bundle(path: str | os.PathLike[str], trusted_keys: tuple[str, ...] = 
     if (root / m.file).exists() and not _not_plain(root, root / m.file):
         size = _size(root / m.file)
         checks.append(("model size", size == m.size_bytes, f"{size} bytes" if size == m.size_bytes else f"{size} != manifest {m.size_bytes}"))
-    return BundleVerification(str(path), all(ok for _, ok, _ in checks), tuple(checks), key_id)
+    return BundleVerification(str(path), all(ok for _, ok, _ in checks), tuple(checks), key_id, public_key)
 
 
 def _not_plain(root: Path, f: Path) -> str | None:

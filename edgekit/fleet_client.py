@@ -195,6 +195,14 @@ class FleetClient:
             data = {"version": version} if version else {}
             return self._request("POST", f"/v1/models/{_segment(name)}/versions", data=data, files=files, timeout=self._upload_timeout)
 
+    def rotate_server_key(self) -> dict[str, Any]:
+        """``POST /v1/server/key/rotate`` → the rotation (old and new key ids, sequence)."""
+        return self._request("POST", "/v1/server/key/rotate")
+
+    def publishers(self) -> list[dict[str, Any]]:
+        """``GET /v1/publishers``: the publisher allow-list."""
+        return self._request("GET", "/v1/publishers")
+
     def models(self) -> list[dict[str, Any]]:
         """``GET /v1/models``."""
         return self._request("GET", "/v1/models")

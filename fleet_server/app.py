@@ -26,6 +26,8 @@ from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
 from fleet_server.routers import device, fleet, governance, models, public, rollouts, stats
 from fleet_server.services.engine import step_all
+from fleet_server.routers import publishers as trust_routes
+from fleet_server.services.keys import finish_pending_rotation
 from fleet_server.services.registry import sweep_orphan_artifacts
 from fleet_server.settings import Settings
 from fleet_server.signer import ServerKey
@@ -51,6 +53,7 @@ def bootstrap(settings: Settings) -> AppContext:
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     head = db.migrate()
     ctx = AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
+    finish_pending_rotation(ctx)  # a server key rotation cut short by a crash
     sweep_orphan_artifacts(ctx)
     return ctx
 
@@ -147,6 +150,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     app.include_router(public.router)
     for r in (models.router, governance.router, rollouts.router, fleet.router, stats.router, device.router):
         app.include_router(r, responses=errors)
+    app.include_router(trust_routes.router, responses=errors)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulMiddleware)
     app.add_middleware(AuditMiddleware)

@@ -28,7 +28,7 @@ class ServerKey:
     @classmethod
     def load_or_create(cls, path: Path) -> ServerKey:
         """Load the key at ``path``, creating it (mode 0600) on first start."""
-        key = signing.load_or_create_key(path)
+        key = signing.load_or_create_key(path, passphrase=None)  # never the publisher key's passphrase variables
         pub = signing.public_key_b64(key)
         return cls(key, pub, signing.fingerprint(pub))
 

@@ -252,3 +252,6 @@ class AuditEvent(Base):
     status: Mapped[int] = mapped_column(Integer)
     result: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]]
+
+
+from fleet_server.trust_tables import Publisher, ServerKeyRotation, TrustChange  # noqa: E402,F401 - registers the trust-chain tables on Base

@@ -61,6 +61,8 @@ wait_ready "$EDGEKIT_SERVER/readyz"
 export EDGEKIT_TOKEN=$(edgekit server token create --scope admin --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 ENROLL=$(edgekit server token create --scope enroll --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 echo "server on $EDGEKIT_SERVER; admin and enroll tokens created (only their hashes are stored)"
+# Only bundles signed by an allowed publisher key are stored and run: allow the key convert signed with.
+edgekit server publisher add --label demo-build-machine --data-dir "$FLEET/server"
 
 echo
 echo "== 6. Three device agents, each with its own data dir and hardware profile =="

@@ -15,8 +15,14 @@ CACHE = ROOT / ".cache" / "tests"
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_signing_key(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Never write a signing key into the developer's home."""
+    """Never write a signing key into the developer's home. The session's key is the publisher every test agent
+    trusts for local installs (EDGEKIT_AGENT_TRUSTED_KEYS) and every test server allows (fleet_support)."""
+    from edgekit import signing
+
     os.environ["EDGEKIT_SIGNING_KEY"] = str(tmp_path_factory.mktemp("keys") / "signing_key.pem")
+    for name in ("EDGEKIT_SIGNING_KEY_PEM", "EDGEKIT_SIGNING_KEY_PASSPHRASE", "EDGEKIT_SIGNING_KEY_PASSPHRASE_FILE"):
+        os.environ.pop(name, None)
+    os.environ["EDGEKIT_AGENT_TRUSTED_KEYS"] = signing.public_key_b64(signing.load_or_create_key())
 
 
 @pytest.fixture(autouse=True)

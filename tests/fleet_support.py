@@ -44,6 +44,7 @@ __all__ = [
     "LiveServer",
     "PostgresCluster",
     "SimDevice",
+    "allow_publisher",
     "fleet_bundles",
     "fleet_db",
     "fleet_format_bundles",
@@ -139,6 +140,26 @@ def fleet_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # -- the server ------------------------------------------------------------------------------
 
 
+def allow_publisher(db_url: str, key_path: Path | None = None, label: str = "tests") -> str:
+    """Put a publisher key (default: the session's signing key, which convert and ``rebundle`` sign with) on the
+    server's allow-list, straight in the database; returns its base64 public key."""
+    from edgekit import signing
+    from fleet_server.db import Database
+    from fleet_server.services.publishers import add_publisher
+    from fleet_server.trust_tables import Publisher
+
+    pub = signing.public_key_b64(signing.load_or_create_key(key_path))
+    db = Database(db_url)
+    try:
+        db.migrate()
+        with db.write() as s:
+            if s.get(Publisher, signing.fingerprint(pub)) is None:
+                add_publisher(s, pub, label)
+    finally:
+        db.dispose()
+    return pub
+
+
 def _create_token(db_url: str, scope: str) -> str:
     from fleet_server.db import Database
     from fleet_server.tokens import create_token
@@ -184,6 +205,7 @@ class LiveServer:
         if not self.admin_token:
             self.admin_token = _create_token(self.db_url, "admin")
             self.enroll_token = _create_token(self.db_url, "enroll")
+            allow_publisher(self.db_url)
         if self.process:
             self._start_process()
         else:
@@ -304,6 +326,7 @@ def rebundle(src: Path, dest: Path, *, version: str | None = None, manifest: Cal
     """Copy a bundle directory, change it, fix the hashes (unless ``rehash=False``) and re-sign it.
 
     ``files(dir)`` edits files in the copy; ``manifest(dict)`` edits the manifest JSON in place.
+    ``key_path``: the signing key (default: the session's publisher key, which the test servers allow).
     """
     from edgekit import signing
     from edgekit.bundle import sha256_file
@@ -324,7 +347,7 @@ def rebundle(src: Path, dest: Path, *, version: str | None = None, manifest: Cal
         manifest(m)
     data = (json.dumps(m, indent=2) + "\n").encode()
     (dest / "manifest.json").write_bytes(data)
-    key = signing.load_or_create_key(key_path or dest.parent / "rebundle-key.pem")
+    key = signing.load_or_create_key(key_path)
     pub = signing.public_key_b64(key)
     (dest / "signature.json").write_text(json.dumps({"algorithm": "ed25519", "public_key": pub, "key_id": signing.fingerprint(pub),
                                                      "signature": signing.sign(key, data)}))

@@ -32,7 +32,41 @@ def _settings(profile: str | None, **flags):
     runs, budget, warmup = flags.pop("profile_runs"), flags.pop("profile_budget_s"), flags.pop("warmup")
     prof = ProfileSettings(runs or base.profiling.runs, budget or base.profiling.budget_s,
                            base.profiling.warmup if warmup is None else warmup, base.profiling.threads)
-    return AgentSettings.from_env(profile=profile, formats=formats, profiling=prof, **flags)
+    return AgentSettings.from_env(profile=profile, formats=formats, profiling=prof, **flags, **_trust_flags())
+
+
+_TRUST_META = "edgekit.agent.trust"
+
+
+def _trust_options(f):
+    """``--trusted-key`` (repeatable) and ``--insecure-any-publisher``, handed to :func:`_settings` through the click context."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, trusted_keys: tuple[str, ...] = (), insecure_any_publisher: bool = False, **kwargs):
+        click.get_current_context().meta[_TRUST_META] = (trusted_keys, insecure_any_publisher)
+        return f(*args, **kwargs)
+
+    wrapper = click.option("--insecure-any-publisher", is_flag=True,
+                           help="INSECURE: install a bundle signed by any key (env EDGEKIT_AGENT_INSECURE_ANY_PUBLISHER=1). "
+                                "Never on a production device.")(wrapper)
+    return click.option("--trusted-key", "trusted_keys", multiple=True, metavar="KEY",
+                        help="Publisher key whose bundles this device runs (repeatable): base64, or a PEM key file "
+                             "(env EDGEKIT_AGENT_TRUSTED_KEYS, comma-separated).")(wrapper)
+
+
+def _trust_flags() -> dict:
+    """The trust flags of the running command (none given: the settings' environment values stay)."""
+    ctx = click.get_current_context(silent=True)
+    keys, insecure = ctx.meta.get(_TRUST_META, ((), False)) if ctx else ((), False)
+    from device_agents.settings import parse_trusted_keys
+
+    out: dict = {}
+    if keys:
+        out["trusted_keys"] = parse_trusted_keys(keys)
+    if insecure:
+        out["insecure_any_publisher"] = True
+    return out
 
 
 def _profiling_options(f):
@@ -61,6 +95,7 @@ def agent() -> None:
 @click.option("--poll-interval-s", type=float, help="Override the server's poll interval (env EDGEKIT_AGENT_POLL_INTERVAL_S).")
 @click.option("--backoff-max-s", type=float, help="Longest wait between tries while the server is down (default 300).")
 @_profiling_options
+@_trust_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every step to stderr.")
 def run(server: str, enroll_token: str | None, enroll_token_file: Path | None, data_dir: Path, profile_id: str | None,
         name: str | None, tags: tuple[str, ...],
@@ -90,6 +125,7 @@ def run(server: str, enroll_token: str | None, enroll_token_file: Path | None, d
 @click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="The agent's data directory.")
 @click.option("--profile", "profile_id", help="This device's profile id (checked against the bundle), or 'auto'.")
 @_profiling_options
+@_trust_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result.")
 def install(bundle: Path, data_dir: Path, profile_id: str | None, profile_runs: int | None, profile_budget_s: float | None,
             warmup: int | None, max_attempts: int | None, keep_slots: int | None, as_json: bool) -> None:

@@ -52,11 +52,14 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @bundle.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--trusted-key", multiple=True, help="Base64 Ed25519 public key the signer must match (repeatable).")
+@click.option("--trusted-key", multiple=True, metavar="KEY",
+              help="Publisher key the signer must match (repeatable): base64, or a PEM key file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def verify(path: Path, trusted_key: tuple[str, ...], as_json: bool) -> None:
     """Check the signature and every file hash; exits non-zero on any changed byte."""
-    result = verify_bundle(path, trusted_key)
+    from edgekit.signing import parse_public_key
+
+    result = verify_bundle(path, tuple(parse_public_key(k) for k in trusted_key))
 
     def render() -> None:
         for check, ok, detail in result.checks:
@@ -75,3 +78,21 @@ def pack(path: Path, out: Path | None) -> None:
     """Pack a bundle directory into one .ekb archive."""
     target = pack_bundle(path, out)
     click.echo(str(target))
+
+
+@bundle.command("key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def key(as_json: bool) -> None:
+    """Show the public half of this machine's signing key (what 'server publisher add' and '--trusted-key' take).
+
+    The key comes from EDGEKIT_SIGNING_KEY_PEM, EDGEKIT_SIGNING_KEY or ~/.config/edgekit/signing_key.pem
+    (created on first use; passphrase from EDGEKIT_SIGNING_KEY_PASSPHRASE(_FILE)).
+    """
+    import os
+
+    from edgekit import signing
+
+    source = "EDGEKIT_SIGNING_KEY_PEM" if os.environ.get("EDGEKIT_SIGNING_KEY_PEM") else str(signing.default_key_path())
+    pub = signing.public_key_b64(signing.load_or_create_key())
+    data = {"public_key": pub, "key_id": signing.fingerprint(pub), "source": source}
+    emit(data, as_json, lambda: stdout.print(f"{pub}\nkey id {data['key_id']} ({source})", highlight=False, markup=False))

@@ -50,6 +50,16 @@ def start(**options) -> None:  # noqa: ANN003
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", "Pick another --port or --host.") from None
 
 
+def _add_trust_commands() -> None:
+    from edgekit.cli.server_trust import key, publisher
+
+    server.add_command(publisher)
+    server.add_command(key)
+
+
+_add_trust_commands()
+
+
 @server.group()
 def token() -> None:
     """Make API tokens (only their sha256 is stored)."""

@@ -17,6 +17,7 @@ from edgekit.protocol import MODEL_NAME_PATTERN, VERSION_PATTERN
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
 from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
+from fleet_server.services.publishers import allowed_keys
 from fleet_server.services.validation import ValidatedBundle, validate_ekb
 from fleet_server.tables import Artifact, Model, ModelVersion, VersionArtifact
 
@@ -114,9 +115,12 @@ def check_upload(ctx: AppContext, name: str, version: str | None, bundles: list[
                 raise Conflict(f"model '{name}' version '{version}' exists; versions are immutable", "Upload under a new version.")
     if not bundles:
         raise InvalidRequest("no bundles in the upload", "Send one or more .ekb files as multipart parts named 'bundles'.")
+    with ctx.db.read() as s:
+        publishers = allowed_keys(s)  # only bundles signed by an allowed publisher key are stored (docs/security.md)
     checked: list[ValidatedBundle] = []
     for i, (label, path) in enumerate(bundles):
-        checked.append(validate_ekb(path, label, work / f"x{i}", max_extract_bytes=4 * ctx.settings.max_upload_bytes))
+        checked.append(validate_ekb(path, label, work / f"x{i}", max_extract_bytes=4 * ctx.settings.max_upload_bytes,
+                                    publishers=publishers))
         shutil.rmtree(work / f"x{i}", ignore_errors=True)
     for v in checked:
         if v.name != name:

@@ -105,19 +105,25 @@ def _load_and_check(bundle: Bundle, label: str) -> dict[str, Any]:
     return {"loads": True, "runtime": model.runtime, "golden": result}
 
 
-def validate_ekb(ekb: Path, label: str, work: Path, *, max_extract_bytes: int) -> ValidatedBundle:
-    """Run every upload check on one ``.ekb``; raise BadRequest naming the first that fails."""
+def validate_ekb(ekb: Path, label: str, work: Path, *, max_extract_bytes: int,
+                 publishers: frozenset[str] | None = None) -> ValidatedBundle:
+    """Run every upload check on one ``.ekb``; raise BadRequest naming the first that fails.
+
+    ``publishers``: the allow-list (base64 public keys); a bundle signed by any other key is refused
+    (400 ``untrusted_publisher``) before its model is loaded. None: not checked.
+    """
     sha = sha256_file(ekb)
     size = ekb.stat().st_size
     work.mkdir(parents=True, exist_ok=True)
     root = _extract(ekb, work, label, max_extract_bytes)
     try:
-        return _check_extracted(ekb, sha, size, root, work, label)
+        return _check_extracted(ekb, sha, size, root, work, label, publishers)
     except OSError as e:  # e.g. a directory where the bundle has a file: the bundle is wrong, not the server
         raise _bad(label, f"a bundle file is unreadable ({e.strerror or type(e).__name__})") from None
 
 
-def _check_extracted(ekb: Path, sha: str, size: int, root: Path, work: Path, label: str) -> ValidatedBundle:
+def _check_extracted(ekb: Path, sha: str, size: int, root: Path, work: Path, label: str,
+                     publishers: frozenset[str] | None = None) -> ValidatedBundle:
     try:
         bundle = open_bundle(root)
     except EdgekitError as e:
@@ -129,6 +135,10 @@ def _check_extracted(ekb: Path, sha: str, size: int, root: Path, work: Path, lab
     failed = [f"{c}: {d}" for c, ok, d in verification.checks if not ok]
     if failed:
         raise _bad(label, "verification failed: " + "; ".join(failed))
+    if publishers is not None and verification.public_key not in publishers:
+        raise BadRequest(f"{label}: signed by publisher key {verification.key_id}, which is not on this server's publisher allow-list",
+                         "Sign bundles with an allowed key, or allow this one: 'edgekit server publisher add KEY' (GET /v1/publishers lists them).",
+                         code="untrusted_publisher")
     m = bundle.manifest
     if m.profile not in list_profiles():
         raise BadRequest(f"{label}: unknown hardware profile '{m.profile}'", "Build bundles for profiles this server knows (EDGEKIT_PROFILE_PATH).",

@@ -29,7 +29,8 @@ FAST_ENV = {
 
 def resign(src: Path, dst: Path, key: Ed25519PrivateKey | None = None, *, golden: dict[str, np.ndarray] | None = None,
            **manifest_changes: object) -> Path:
-    """Copy a bundle, change manifest fields (and optionally the golden set), sign it again."""
+    """Copy a bundle, change manifest fields (and optionally the golden set), sign it again (default: with the session's
+    publisher key, which the tests' agents trust through EDGEKIT_AGENT_TRUSTED_KEYS)."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / MANIFEST_FILE).read_text())
     if golden is not None:
@@ -38,7 +39,7 @@ def resign(src: Path, dst: Path, key: Ed25519PrivateKey | None = None, *, golden
     manifest.update(manifest_changes)
     data = (json.dumps(manifest, indent=2) + "\n").encode()
     (dst / MANIFEST_FILE).write_bytes(data)
-    key = key or Ed25519PrivateKey.generate()
+    key = key or signing.load_or_create_key()
     pub = signing.public_key_b64(key)
     (dst / SIGNATURE_FILE).write_text(json.dumps({"algorithm": "ed25519", "public_key": pub, "key_id": signing.fingerprint(pub),
                                                    "signature": signing.sign(key, data)}))

@@ -54,6 +54,10 @@ class ScriptedServer:
         self.requests: list[tuple[str, str, dict]] = []
         self.serial = 0
         self.poll_interval_s = 0.2
+        self.publishers: list[str] = []
+        """The publisher allow-list it signs (``add_bundle`` allows each bundle's signer, as an admin would)."""
+        self.publishers_version = 0
+        self.rotations: list[dict] = []
         self.throttle_s = 0.0
         """Seconds to sleep after each KiB of an artifact (a slow link, so a download can be interrupted)."""
         self._lock = threading.Lock()
@@ -69,6 +73,9 @@ class ScriptedServer:
         sha = hashlib.sha256(data).hexdigest()
         self.artifacts[sha] = data
         m = open_bundle(bundle_dir).manifest
+        signer = json.loads((bundle_dir / "signature.json").read_text())["public_key"]
+        if signer not in self.publishers:
+            self.allow_publisher(signer)
         return {"sha256": sha, "size_bytes": len(data), "profile": m.profile, "format": m.format, "file": m.file,
                 "manifest_sha256": hashlib.sha256((bundle_dir / MANIFEST_FILE).read_bytes()).hexdigest(), "url": f"/v1/artifacts/{sha}",
                 "version": m.version, "model": m.name}
@@ -84,6 +91,24 @@ class ScriptedServer:
                 "serial": serial, "action": action, "model": artifact["model"] if artifact else None,
                 "version": artifact["version"] if artifact else None, "artifact": art,
                 "issued_at": _iso(now), "expires_at": _iso(now + dt.timedelta(seconds=expires_in_s)), **extra}
+
+    def allow_publisher(self, public_key: str) -> None:
+        """Put a key on the allow-list (a new version of it)."""
+        with self._lock:
+            self.publishers.append(public_key)
+            self.publishers_version += 1
+
+    def trust_document(self) -> dict:
+        """``/v1/device/trust`` as the real server answers it, signed with this server's key."""
+        from edgekit.trust import PUBLISHERS_TYPE, sign_document
+
+        with self._lock:
+            payload = {"type": PUBLISHERS_TYPE, "version": self.publishers_version, "server_key_id": signing.fingerprint(self.public_key),
+                       "publishers": [{"key_id": signing.fingerprint(k), "public_key": k, "label": ""} for k in self.publishers],
+                       "issued_at": _iso(dt.datetime.now(dt.timezone.utc))}
+            rotations = list(self.rotations)
+        return {"server_key": {"public_key": self.public_key, "key_id": signing.fingerprint(self.public_key)}, "rotations": rotations,
+                "publishers": sign_document(self.key, payload)}
 
     def assign(self, payload: dict, key: Ed25519PrivateKey | None = None) -> dict:
         """Make ``payload`` (signed with ``key``, default the server's) the device's desired assignment."""
@@ -174,6 +199,9 @@ class ScriptedServer:
                         self.end_headers()
                         return
                     self._json(200, {"poll_interval_s": server.poll_interval_s, "assignment": signed}, {"ETag": etag})
+                    return
+                if self.path == "/v1/device/trust":
+                    self._json(200, server.trust_document())
                     return
                 m = re.fullmatch(r"/v1/artifacts/([0-9a-f]{64})", self.path)
                 if not m or m.group(1) not in server.artifacts:

@@ -24,7 +24,9 @@ from edgekit.bundle import open_bundle, sha256_file
 from edgekit.runtime import ACTIVE_POINTER, read_active_pointer
 from scripted_server import ScriptedServer, sign_payload
 
-SETTINGS = AgentSettings(profile="raspberry-pi-5", formats=("tflite",), profiling=ProfileSettings(runs=10, budget_s=0.3, warmup=1))
+# Local installs here trust any publisher: crash safety is tested, publisher trust is tests/device_agents/test_trust.py.
+SETTINGS = AgentSettings(profile="raspberry-pi-5", formats=("tflite",), profiling=ProfileSettings(runs=10, budget_s=0.3, warmup=1),
+                         insecure_any_publisher=True)
 
 
 def observe_durability(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:

@@ -92,7 +92,7 @@ def test_artifact_and_bundle_checks(bundles, tmp_path: Path) -> None:
     assert e.value.reason == "wrong_profile"
     with pytest.raises(VerificationError) as e:  # a trusted signer is required and this one is not it
         check_bundle(b, manifest_sha256=msha, profile=None, fmt=None, trusted_keys=(PUB,))
-    assert e.value.reason == "bundle_invalid"
+    assert e.value.reason == "other:untrusted_publisher"
 
 
 @pytest.mark.parametrize("sha", ["../../x", "A" * 64, "a" * 63, "a" * 65, "g" * 64, "a" * 63 + "/", "a" * 64 + "\n", ""])

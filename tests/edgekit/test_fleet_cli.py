@@ -84,6 +84,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 pass
             assert time.monotonic() < deadline, "server not ready in 60 s: " + (data_dir / "server.log").read_text()
             time.sleep(0.1)
+        # the session's signing key (convert's publisher key) goes on the allow-list, as an operator would do
+        subprocess.run([*EDGEKIT, "server", "publisher", "add", "--label", "tests", "--data-dir", str(data_dir)], env=env, check=True,
+                       capture_output=True)
         yield Server(url, _token(env, data_dir, "admin"), _token(env, data_dir, "enroll"), data_dir, env)
     finally:
         proc.terminate()
