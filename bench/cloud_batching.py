@@ -128,7 +128,7 @@ def server(model: Path, extra: list[str]):
 
     port = _free_port()
     cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve", str(model), "--name", "m",
-           "--port", str(port), *extra]
+           "--port", str(port), "--no-grpc", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 180

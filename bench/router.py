@@ -91,7 +91,7 @@ def cloud_server(model: Path):
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve",
-                             str(model), "--name", "mnist", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(model), "--name", "mnist", "--port", str(port), "--no-grpc"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -21,7 +21,7 @@ from edgekit.errors import IncompatibleError, OutputError
 
 __all__ = ["TritonExport", "export_triton", "render_config"]
 
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
 
 
@@ -36,7 +36,7 @@ class TritonExport:
 
 
 def _tensor(t) -> str:
-    dtype = _TRITON_TYPES.get(t.dtype)
+    dtype = TRITON_TYPES.get(t.dtype)
     if dtype is None:
         raise IncompatibleError(f"tensor '{t.name}' has dtype {t.dtype}, which Triton's config cannot express here")
     dims = ", ".join(str(d) for d in t.shape[1:])

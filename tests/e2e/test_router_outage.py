@@ -40,7 +40,7 @@ def _cloud(model: Path):
     port = _free_port()
     env = {**os.environ, "EDGEKIT_CACHE_DIR": str(ROOT / ".cache" / "tests" / "edgekit-cache")}
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve",
-                             str(model), "--name", "digits", "--port", str(port)], cwd=ROOT, env=env,
+                             str(model), "--name", "digits", "--port", str(port), "--no-grpc"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

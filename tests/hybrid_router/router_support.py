@@ -40,11 +40,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> Non
 @contextlib.contextmanager
 def cloud_server(model: Path, name: str = "digits", *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `edgekit cloud serve` process on a free port; yields (url, process)."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve", str(model),
-           "--name", name, "--port", str(port), *extra]
+           "--name", name, "--port", str(port), "--grpc-port", str(grpc_port), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    proc.grpc_port = grpc_port  # type: ignore[attr-defined]
     try:
         wait_ready(url, proc)
         yield url, proc

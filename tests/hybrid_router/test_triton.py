@@ -96,3 +96,21 @@ def test_a_model_without_a_batch_axis_is_refused(run_cli, tmp_path: Path) -> Non
     code, _, err = run_cli("cloud", "export-triton", path, "--name", "static", "--out", tmp_path / "repo")
     assert code == 4
     assert "no free batch axis" in err and "Hint:" in err
+
+
+def test_config_pbtxt_parses_with_tritons_own_model_config_proto(run_cli, digits_cloud, tmp_path: Path) -> None:
+    """Triton's model_config.proto (tritonclient.grpc.model_config_pb2), text format: what tritonserver itself reads."""
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    code, _, err = run_cli("cloud", "export-triton", digits_cloud["onnx"], "--name", "digits", "--out", tmp_path / "repo",
+                           "--max-batch", "16", "--max-delay-us", "500")
+    assert code == 0, err
+    cfg = text_format.Parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (cfg.name, cfg.platform, cfg.max_batch_size) == ("digits", "onnxruntime_onnx", 16)
+    assert cfg.input[0].data_type == model_config_pb2.TYPE_FP32 and list(cfg.input[0].dims) == [8, 8, 1]
+    assert list(cfg.output[0].dims) == [10]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500 and max(cfg.dynamic_batching.preferred_batch_size) == 16
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 1024
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
