@@ -60,11 +60,26 @@ def _cloud(model: Path):
         proc.wait(10)
 
 
+def _device_bundle(digits) -> Path:
+    """The digits INT8 TFLite bundle for raspberry-pi-5, converted once and cached (the same cache as tests/hybrid_router)."""
+    d = ROOT / ".cache" / "tests" / "router-device-bundle-v1"
+    if (d / "bundle" / "manifest.json").exists():
+        return d / "bundle"
+    from converters.pipeline import ConvertOptions, run_convert
+
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    opts = ConvertOptions(model=digits["model"], profiles=("raspberry-pi-5",), formats=("tflite",), calibration=digits["calib"],
+                          eval=digits["eval"], out=tmp / "out", name="digits", version="1.2.3", latency_runs=10)
+    os.replace(run_convert(opts).results[0].bundle_dir, tmp / "bundle")
+    os.replace(tmp, d)
+    return d / "bundle"
+
+
 @pytest.fixture(scope="module")
-def setup(digits, digits_bundles):
+def setup(digits):
     from edgekit.runtime import load
 
-    bundle = next(r.bundle_dir for r in digits_bundles.results if r.profile == "raspberry-pi-5")
+    bundle = _device_bundle(digits)
     x = np.load(digits["eval"])["x"]
     # The session's conversion fixtures imported TensorFlow into this process: a full garbage collection
     # over its ~400k objects pauses every thread for 100-200 ms, which would be charged to whichever
