@@ -213,6 +213,12 @@ def _jobs_for_source(jobs: list[tuple[HardwareProfile, str]], source: SourceMode
     return kept
 
 
+def _dropped_formats(jobs: list[tuple[HardwareProfile, str]], kept: list[tuple[HardwareProfile, str]], source: SourceModel) -> list[str]:
+    """What --format all left out for this source, said out loud."""
+    return [f"{p.id}: no {f} bundle: {f} is built from {' or '.join(_KIND_NAMES.get(k, k) for k in get_converter(f).sources)} sources, "
+            f"not {_KIND_NAMES.get(source.kind, source.kind)}" for p, f in jobs if (p, f) not in kept]
+
+
 def _input_shapes(opts: ConvertOptions) -> dict[str, tuple[int, ...]]:
     shapes = dict(opts.input_shapes)
     if opts.input_shape is not None:
@@ -329,7 +335,9 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     source = opts.source_model if opts.source_model is not None else load_source(opts.model, work, _input_shapes(opts))
     if opts.source_model is not None:
         source.workdir = work
-    jobs = _jobs_for_source(jobs, source, opts)
+    kept = _jobs_for_source(jobs, source, opts)
+    dropped = _dropped_formats(jobs, kept, source)
+    jobs = kept
     if opts.embed_preprocessing and len(source.inputs) != 1:
         raise UsageError(f"--embed-preprocessing works on single-input models; this one has {len(source.inputs)} inputs", "Drop --embed-preprocessing.")
     calib = load_dataset(opts.calibration, role="calibration", inputs=source.inputs)
@@ -344,6 +352,7 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     for prof, f in jobs:  # incompatibilities surface before the slow part
         convs[f].check(source, prof)
     judge, why, run_warnings = _judge(opts, source, evalset, progress)
+    run_warnings = [*dropped, *run_warnings]
     memory = MemoryPlan(opts.max_memory_mb or default_max_memory_mb())
     source.cache["calibration_chunk"] = memory.chunk(source)
     ctx = RunContext(opts, source, calib, evalset, judge, work, progress, memory, _name(opts))

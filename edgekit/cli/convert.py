@@ -121,12 +121,14 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         report = run_convert(opts, step)
 
     def render() -> None:
-        stdout.print(f"task: {report.task} ({report.task_inferred})", highlight=False)
+        stdout.print(f"task: {report.task} ({report.task_reason})", highlight=False)
+        for w in report.warnings:
+            stdout.print(f"[yellow]warning[/] {w}", highlight=False)
         stdout.print(render_table(report))
         for line in fallback_lines(report):
             stdout.print(f"[cyan]fallback[/] {line}", highlight=False)
         for r in report.results:
-            for w in r.warnings:
+            for w in (w for w in r.warnings if w not in report.warnings):
                 stdout.print(f"[yellow]warning[/] {r.profile}/{r.format}: {w}", highlight=False)
             if r.manifest.metrics.get("int8_accuracy") and r.manifest.metrics["int8_accuracy"].status == "not_measurable":
                 for v in r.verification:
