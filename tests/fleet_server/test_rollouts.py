@@ -221,7 +221,7 @@ def test_rollout_requests_that_cannot_work(live_server, fleet_bundles):
     ro = rollout(live_server, waves=[100])
     assert ro["skipped"]["count"] == 1
     assert "running rollout" in err({}, 409, "conflict")
-    assert admin.get("/v1/rollouts").status_code in (404, 405)
+    assert admin.get("/v1/rollouts").json()["total"] == 1  # the list (tests/fleet_server/test_field_ops.py covers filters)
 
 
 def test_wave_timeout_counts_silent_devices_as_failed(live_server, fleet_bundles):
