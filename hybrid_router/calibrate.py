@@ -24,7 +24,7 @@ from hybrid_router.calibration import (choose_for_budget, choose_for_max_loss, e
                                        fit_temperature, reliability_bins)
 from hybrid_router.policy import SCORES, calibrated_probs, score
 
-__all__ = ["CalibrationResult", "calibrate_router", "load_labelled", "output_kind"]
+__all__ = ["CalibrationResult", "calibrate_router", "choose_score", "load_labelled", "output_kind"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,20 @@ def _choose(conf: np.ndarray, dev_ok: np.ndarray, cloud_ok: np.ndarray, cloud_ac
             "loss_points": bc.loss * 100, "loss_bound_points": bc.loss_bound * 100, "rank": (bc.loss_bound, bc.loss, bc.escalation)}
 
 
+def choose_score(probs: np.ndarray, dev_ok: np.ndarray, cloud_ok: np.ndarray, *, max_loss: float | None, budget: float | None,
+                 confidence: float, score_method: str = "auto") -> tuple[str, dict, dict[str, dict]]:
+    """The score and threshold for the target on the threshold split: (score, its report fields, every score's fields).
+
+    With ``auto`` every score is tested at ``delta / 3`` (Bonferroni), so the guarantee holds for whichever is picked.
+    """
+    methods = SCORES if score_method == "auto" else (score_method,)
+    delta_each = (1.0 - confidence) / len(methods)
+    cloud_acc = float(cloud_ok.mean())
+    candidates = {m: _choose(score(probs, m), dev_ok, cloud_ok, cloud_acc, max_loss, budget, delta_each) for m in methods}
+    method = min(methods, key=lambda m: candidates[m]["rank"])
+    return method, candidates[method], candidates
+
+
 def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_loss: float | None = None,
                      escalation_budget: float | None = None, confidence: float = 0.95, temperature_fraction: float = 0.2,
                      seed: int = 0, score_method: str = "auto", step: Callable[[str], None] = lambda _m: None) -> CalibrationResult:
@@ -186,7 +200,7 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
     delta = 1.0 - confidence
     dev_acc, cloud_acc = float(dev_ok.mean()), float(cloud_ok.mean())
     methods = SCORES if score_method == "auto" else (score_method,)
-    delta_each = delta / len(methods)  # Bonferroni: the guarantee holds for whichever score is picked
+    delta_each = delta / len(methods)
 
     step("choosing the score and the threshold")
     summary: dict = {
@@ -196,9 +210,8 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
         "ece_before": ece_before, "ece_after": ece_after,
         "device_accuracy": dev_acc, "cloud_accuracy": cloud_acc, "confidence": confidence,
     }
-    candidates = {m: _choose(score(probs, m), dev_ok, cloud_ok, cloud_acc, max_loss, escalation_budget, delta_each) for m in methods}
-    method = min(methods, key=lambda m: candidates[m]["rank"])
-    chosen = candidates[method]
+    method, chosen, candidates = choose_score(probs, dev_ok, cloud_ok, max_loss=max_loss, budget=escalation_budget,
+                                              confidence=confidence, score_method=score_method)
     conf = score(probs, method)
     curve = escalation_curve(conf, dev_ok, cloud_ok)
     threshold, esc, loss, bound = chosen["threshold"], chosen["escalation_rate"], chosen["loss_points"] / 100, chosen["loss_bound_points"] / 100
