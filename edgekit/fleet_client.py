@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from edgekit.errors import RemoteError, RuntimeUnavailableError, UsageError
+from edgekit.protocol import GATE_NAMES, TERMINAL_ROLLOUT_STATES, VERSION_PATTERN
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = ["GATES", "TERMINAL_STATES", "FleetClient", "RolloutSpec", "parse_gates", "parse_selector", "parse_waves"]
 
-GATES = ("max_failure_rate", "min_agreement", "max_p95_ratio", "max_peak_rss_mb")
-TERMINAL_STATES = frozenset({"completed", "failed", "rolled_back"})
+GATES = (*GATE_NAMES, "bake_s", "bake_requests", "safe_defaults")  # edgekit.protocol.Gates
+TERMINAL_STATES = TERMINAL_ROLLOUT_STATES
 ROLLOUT_ACTIONS = ("pause", "resume", "promote", "rollback")
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -90,12 +91,15 @@ def parse_waves(text: str) -> tuple[float, ...]:
     return waves
 
 
-def parse_gates(items: Sequence[str]) -> dict[str, float]:
-    """``max_p95_ratio=1.2`` (repeatable) → the rollout's gates."""
-    gates: dict[str, float] = {}
+def parse_gates(items: Sequence[str]) -> dict[str, Any]:
+    """``max_p95_ratio=1.2`` (repeatable) → the rollout's gates; ``safe_defaults=false`` / ``require_golden=false`` opt out."""
+    gates: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
+        if key in ("safe_defaults", "require_golden") and value.strip().lower() in ("true", "false"):
+            gates[key] = value.strip().lower() == "true"
+            continue
         try:
             number = float(value)
         except ValueError:
@@ -103,7 +107,7 @@ def parse_gates(items: Sequence[str]) -> dict[str, float]:
         if not sep or key not in GATES or number != number or number < 0:
             raise UsageError(f"--gate {item!r}: expected NAME=NUMBER with NAME one of {', '.join(GATES)}",
                              "For example: --gate max_p95_ratio=1.2 --gate min_agreement=0.99.")
-        gates[key] = number
+        gates[key] = int(number) if key == "bake_requests" else number
     return gates
 
 
@@ -226,6 +230,46 @@ class FleetClient:
         params = {k: v for k, v in (("profile", profile), ("tag", tag)) if v}
         return self._request("GET", "/v1/devices", params=params)
 
+    def rollouts(self, *, state: str | None = None, model: str | None = None, version: str | None = None, limit: int = 50,
+                 offset: int = 0) -> dict[str, Any]:
+        """``GET /v1/rollouts`` with filters and paging → ``{items, total, limit, offset}``."""
+        params = {k: v for k, v in (("state", state), ("model", model), ("version", version)) if v}
+        return self._request("GET", "/v1/rollouts", params={**params, "limit": limit, "offset": offset})
+
+    def stats(self, model: str, version: str | None = None, *, since: str | None = None, until: str | None = None,
+              bucket_s: int | None = None, profile: str | None = None, reference_version: str | None = None) -> dict[str, Any]:
+        """Field statistics of one version (``GET /v1/models/{name}/versions/{version}/stats``), or of every version."""
+        params = {k: v for k, v in (("since", since), ("until", until), ("bucket_s", bucket_s), ("profile", profile),
+                                    ("reference_version", reference_version)) if v is not None}
+        if version is None:
+            return self._request("GET", f"/v1/models/{_segment(model)}/stats", params=params)
+        return self._request("GET", f"/v1/models/{_segment(model)}/versions/{_version(version)}/stats", params=params)
+
+    def audit(self, *, since: str | None = None, actor: str | None = None, action: str | None = None, limit: int = 100,
+              offset: int = 0) -> dict[str, Any]:
+        """``GET /v1/audit`` → ``{items, total, limit, offset}`` (newest first)."""
+        params = {k: v for k, v in (("since", since), ("actor", actor), ("action", action)) if v}
+        return self._request("GET", "/v1/audit", params={**params, "limit": limit, "offset": offset})
+
+    def tokens(self, *, scope: str | None = None, include_revoked: bool = False) -> dict[str, Any]:
+        """``GET /v1/tokens``."""
+        params: dict[str, Any] = {"include_revoked": include_revoked, "limit": 1000}
+        if scope:
+            params["scope"] = scope
+        return self._request("GET", "/v1/tokens", params=params)
+
+    def create_token(self, name: str, scope: str = "admin", label: str = "") -> dict[str, Any]:
+        """``POST /v1/tokens`` → the token (shown once) and its id and name."""
+        return self._request("POST", "/v1/tokens", json={"name": name, "scope": scope, "label": label})
+
+    def revoke_token(self, ref: str) -> dict[str, Any]:
+        """``POST /v1/tokens/{id or name}/revoke``."""
+        return self._request("POST", f"/v1/tokens/{_checked_id(ref)}/revoke")
+
+    def decommission(self, device_id: str) -> dict[str, Any]:
+        """``POST /v1/devices/{id}/decommission``."""
+        return self._request("POST", f"/v1/devices/{_checked_id(device_id)}/decommission")
+
     def watch_rollout(self, rollout_id: str, interval: float, timeout: float,
                       sleep: Callable[[float], None] | None = None) -> Iterator[dict[str, Any]]:
         """Yield the rollout every ``interval`` s until it is terminal; raise RemoteError after ``timeout`` s."""
@@ -248,6 +292,12 @@ def _segment(name: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
         raise UsageError(f"model name {name!r} is not valid", "Names are lowercase letters, digits, '.', '_' and '-' (at most 64), e.g. --model digits.")
     return name
+
+
+def _version(version: str) -> str:
+    if not re.fullmatch(VERSION_PATTERN, version):
+        raise UsageError(f"invalid version {version!r}", "Versions match ^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$.")
+    return version
 
 
 def _checked_id(rollout_id: str) -> str:

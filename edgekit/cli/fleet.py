@@ -254,7 +254,7 @@ _action("rollback", "Return every device rollout ID assigned to its previous ver
 
 @click.group()
 def devices() -> None:
-    """List the devices enrolled in a fleet server."""
+    """List and decommission the devices enrolled in a fleet server."""
 
 
 @devices.command(name="list")
@@ -267,3 +267,41 @@ def list_devices(server: str | None, token: str | None, timeout: float, profile:
     with _client(server, token, timeout) as client:
         found = client.devices(profile, tag)
     emit(found, as_json, lambda: stdout.print(devices_table(found)))
+
+
+@devices.command()
+@click.argument("device_id", metavar="ID")
+@_server_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def decommission(device_id: str, server: str | None, token: str | None, timeout: float, as_json: bool) -> None:
+    """Retire device ID: its token stops working and no rollout targets it again."""
+    with _client(server, token, timeout) as client:
+        data = client.decommission(device_id)
+    emit(data, as_json, lambda: stdout.print(f"decommissioned {data['name']} ({data['id']}) at {data['decommissioned_at']}",
+                                             highlight=False, markup=False))
+
+
+@rollout.command(name="list")
+@_server_options
+@click.option("--state", type=click.Choice(["running", "paused", "completed", "failed", "rolled_back"]), help="Only rollouts in this state.")
+@click.option("--model", help="Only rollouts of this model.")
+@click.option("--version", help="Only rollouts of this version.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the page as JSON.")
+def list_rollouts(server: str | None, token: str | None, timeout: float, state: str | None, model: str | None, version: str | None,
+                  limit: int, offset: int, as_json: bool) -> None:
+    """Rollouts, newest first, with their wave states."""
+    from rich.table import Table
+
+    with _client(server, token, timeout) as client:
+        page = client.rollouts(state=state, model=model, version=version, limit=limit, offset=offset)
+
+    def render() -> None:
+        t = Table("id", "model", "version", "state", "waves", "created", "reason", title=f"{page['total']} rollout(s)", title_justify="left")
+        for r in page["items"]:
+            t.add_row(r["id"], r["model"], r["version"], r["state"], " ".join(w["state"] for w in r["waves"]), r["created_at"] or "",
+                      r["reason"] or "")
+        stdout.print(t)
+
+    emit(page, as_json, render)

@@ -16,8 +16,9 @@ from edgekit.cli.output import stderr, stdout
 
 __all__ = ["byte_progress", "devices_table", "print_model_version", "print_ssh_push", "rollout_view", "rollout_summary"]
 
-_GATE_OPS = {"max_failure_rate": "≤", "max_p95_ratio": "≤", "max_peak_rss_mb": "≤", "min_agreement": "≥"}
-_STATE_STYLE = {"running": "cyan", "paused": "yellow", "completed": "green", "passed": "green", "failed": "red",
+_GATE_OPS = {"max_failure_rate": "≤", "max_p95_ratio": "≤", "max_peak_rss_mb": "≤", "min_agreement": "≥", "max_escalation_increase": "≤",
+             "max_error_rate": "≤", "max_field_p95_ratio": "≤", "max_drift": "≤"}
+_STATE_STYLE = {"baking": "cyan", "running": "cyan", "paused": "yellow", "completed": "green", "passed": "green", "failed": "red",
                 "rolled_back": "magenta", "pending": "dim", "activated": "green", "profiled": "cyan", "verified": "cyan",
                 "downloaded": "cyan", "assigned": "dim"}
 
@@ -93,7 +94,9 @@ def rollout_view(r: dict[str, Any]) -> RenderableType:
         for g in w.get("gate_results") or []:
             passed = g.get("passed")
             gt.add_row(str(idx), str(g.get("gate")), f"{_GATE_OPS.get(str(g.get('gate')), '')} {_num(g.get('limit'), 'g')}".strip(),
-                       _num(g.get("value"), ".4g"), Text("pass" if passed else "FAIL", style="green" if passed else "bold red"),
+                       _num(g.get("value"), ".4g"),
+                       Text("unknown" if passed is None else "pass" if passed else "FAIL",
+                            style="yellow" if passed is None else "green" if passed else "bold red"),
                        str(names.get(g.get("device_id")) or g.get("device_id") or ""))
     parts.append(wt)
     if dt.row_count:

@@ -170,6 +170,29 @@ class PushBundles:
         return self._made[(kind, version)]
 
 
+class PushBundles:
+    """The raspberry-pi-5 bundle as a directory and the coral-edgetpu one as an .ekb (1.2.3), and copies of them at other
+    versions (``at``), signed with the session's key: the registry version is the manifest's (version truth)."""
+
+    def __init__(self, dirs: dict[str, Path], out: Path) -> None:
+        self.dirs, self.out = dirs, out
+        self._made: dict[tuple[str, str], Path] = {}
+
+    def __getitem__(self, kind: str) -> Path:
+        return self.at(kind, "1.2.3")
+
+    def at(self, kind: str, version: str) -> Path:
+        if (kind, version) not in self._made:
+            from fleet_support import rebundle
+
+            src = self.dirs[kind]
+            d = src if version == "1.2.3" else rebundle(src, self.out / version / src.name, version=version,
+                                                        key_path=Path(os.environ["EDGEKIT_SIGNING_KEY"]))
+            d = Path(shutil.copytree(d, self.out / f"{kind}-{version}" / d.name))
+            self._made[(kind, version)] = d if kind == "pi5" else pack(d, self.out / f"coral-{version}.ekb")
+        return self._made[(kind, version)]
+
+
 @pytest.fixture(scope="module")
 def bundles(digits_bundles, tmp_path_factory: pytest.TempPathFactory) -> PushBundles:
     """The digits bundles for pushing (see PushBundles)."""
@@ -374,3 +397,51 @@ def test_server_that_never_answers_times_out(run_cli) -> None:
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         code, _, err = run_cli("devices", "list", "--server", url, "--token", "ekadm_x", "--timeout", "0.5")
     assert code == 8 and f"the fleet server at {url} did not answer GET /v1/devices within 0.5 s" in err
+
+
+def test_fleet_stats_audit_tokens_decommission_and_rollout_list(run_cli, server: Server, fleet: dict[str, Device]) -> None:
+    """``edgekit fleet stats`` on real telemetry, ``token create|list|revoke``, ``audit``, ``devices decommission``, ``rollout list``."""
+    import datetime as dt
+
+    version = httpx.get(server.url + "/v1/models/digits/versions/1.0.0", headers={"Authorization": f"Bearer {server.admin}"}).json()
+    sha = next(a["sha256"] for a in version["artifacts"] if a["profile"] == "raspberry-pi-5")
+    minute = dt.datetime.now(dt.timezone.utc).replace(second=0, microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    point = {"minute": minute, "model_sha256": sha, "model_version": "1.0.0", "count": 200, "errors": 0, "escalations": 50, "degraded": 0,
+             "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}, "confidence_hist": [0] * 8 + [50, 150], "sources": {"device": 200}}
+    r = httpx.post(server.url + "/v1/device/telemetry", headers={"Authorization": f"Bearer {fleet['pi-a'].token}"}, json={"points": [point]})
+    assert r.status_code in (200, 202), r.text
+    code, out, err = run_cli("fleet", "stats", "digits", "1.0.0", *_admin(server), "--json")
+    assert code == 0, err
+    totals = json.loads(out)["totals"]
+    assert totals["requests"] == 200 and totals["escalation_rate"] == 0.25 and totals["latency_ms"]["p95"] == 2.0
+    code, out, err = run_cli("fleet", "stats", "digits", "1.0.0", *_admin(server))
+    assert code == 0 and "escalation 25.0%" in out and "PSI" in out
+    code, out, err = run_cli("fleet", "stats", "digits", *_admin(server), "--json")
+    assert code == 0 and {v["version"] for v in json.loads(out)["versions"]} >= {"1.0.0", "1.1.0"}
+    for args, code_name in ((("digits", "9.9.9"), "not_found"), (("digits", "1.0.0", "--bucket", "1"), "bucket_too_small"),
+                            (("digits", "1.0.0", "--since", "2020-01-01T00:00:00Z"), "range_too_large")):
+        code, out, err = run_cli("fleet", "stats", *args, *_admin(server))
+        assert code != 0 and "Error:" in err and "Hint:" in err and code_name in err and "Traceback" not in err, err
+    # a named token acts; the audit log names it; revoked, it is refused on the next request
+    code, out, err = run_cli("token", "create", "--name", "cli-bot", *_admin(server), "--json")
+    assert code == 0, err
+    bot = json.loads(out)
+    code, out, err = run_cli("devices", "decommission", fleet["coral-a"].id, "--server", server.url, "--token", bot["token"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["decommissioned_at"]
+    code, out, err = run_cli("audit", *_admin(server), "--actor", "cli-bot", "--json")
+    assert code == 0, err
+    (event,) = json.loads(out)["items"]
+    assert event["action"] == "POST /v1/devices/{device_id}/decommission" and event["result"] == "ok" and event["remote_addr"] == "127.0.0.1"
+    code, out, err = run_cli("token", "list", *_admin(server), "--json")
+    assert code == 0 and "cli-bot" in {t["name"] for t in json.loads(out)["items"]}
+    code, out, err = run_cli("token", "revoke", "cli-bot", *_admin(server))
+    assert code == 0 and "revoked" in out
+    code, out, err = run_cli("rollout", "list", "--server", server.url, "--token", bot["token"])
+    assert code != 0 and "unauthorized" in err
+    code, out, err = run_cli("rollout", "list", *_admin(server), "--json")
+    assert code == 0, err
+    page = json.loads(out)
+    assert page["total"] >= 3 and all(r["model"] == "digits" for r in page["items"])
+    code, out, err = run_cli("rollout", "list", *_admin(server), "--state", "failed", "--json")
+    assert code == 0 and all(r["state"] == "failed" for r in json.loads(out)["items"])
