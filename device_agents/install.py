@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgekit.archive import refuse_links
 from edgekit.bundle import sha256_file
 from edgekit.errors import BundleError, UsageError
 
@@ -29,6 +30,8 @@ def install_local(data_dir: str | os.PathLike[str], source: str | os.PathLike[st
         raise UsageError("no trusted publisher key: an offline install must know whose bundles to run",
                          "Pass --trusted-key KEY (the base64 key 'edgekit bundle key' prints, or a key file), or set "
                          "EDGEKIT_AGENT_TRUSTED_KEYS; --insecure-any-publisher skips the check (never on a production device).")
+    if src.is_dir():
+        refuse_links(src)  # before hashing the directory: a link is never followed, not even to name the slot
     data.ensure()
     with DirLock(data.root / ".job.lock").held(lock_timeout_s, "the agent (working on an assignment)"):
         identity = data.identity()

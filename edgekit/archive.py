@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from edgekit.errors import BundleError, BundleTooLargeError
 from edgekit.manifest import Manifest
 
-__all__ = ["ExtractLimits", "copy_bundle_dir", "default_limits", "extract_bundle"]
+__all__ = ["ExtractLimits", "copy_bundle_dir", "default_limits", "extract_bundle", "refuse_links"]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "signature.json"
@@ -290,3 +290,24 @@ def copy_bundle_dir(src: Path, dest: Path, limits: ExtractLimits | None = None) 
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return dest
+
+
+def refuse_links(root: Path, limits: ExtractLimits | None = None) -> None:
+    """Raise BundleError if the bundle directory ``root`` holds anything but regular files and directories.
+
+    Run before a local directory is hashed, so no link (to ``/dev/zero``, or to an intact copy outside
+    the bundle) is ever followed, not even to compute the slot's name.
+    """
+    limits = limits or default_limits()
+    root = Path(root)
+    count = 0
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for name in (*dirs, *files):
+            count += 1
+            if count > limits.max_members:
+                raise BundleTooLargeError(f"{root}: more than {limits.max_members} files in the bundle", _HINT)
+            st = os.lstat(os.path.join(dirpath, name))
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                raise BundleError(f"{root}: {os.path.relpath(os.path.join(dirpath, name), root)} is {kind}; bundles hold regular files only",
+                                  _HINT)

@@ -253,13 +253,21 @@ def _not_plain(root: Path, f: Path) -> str | None:
 
 
 def pack(bundle_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
-    """Write a ``.ekb`` (gzip tar) of a bundle directory, atomically."""
+    """Write a ``.ekb`` (gzip tar) of a bundle directory, atomically: only the files its manifest lists, never a link."""
+    from edgekit.archive import refuse_links
+
     bundle = open_bundle(bundle_dir)
+    refuse_links(bundle.root)
+    m = bundle.manifest
     target = Path(out) if out else bundle.root.with_suffix(".ekb")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    names = sorted({MANIFEST_FILE, SIGNATURE_FILE, m.golden.file, m.file, *(e.file for e in m.extra_files)})
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(bundle.root, arcname=bundle.root.name)
+            tar.add(bundle.root, arcname=bundle.root.name, recursive=False)
+            for name in names:
+                if (bundle.root / name).exists():
+                    tar.add(bundle.root / name, arcname=f"{bundle.root.name}/{name}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
