@@ -1,5 +1,6 @@
 """Prometheus metrics: request count and latency by route template (a pure ASGI middleware,
-cheap enough for the polling hot path), plus devices and rollouts by state read at scrape time."""
+cheap enough for the polling hot path), plus devices and rollouts by state and per-version field gauges
+(``edgekit_field_*{model,version}``, at most 20 versions) read at scrape time."""
 
 from __future__ import annotations
 
@@ -43,6 +44,32 @@ class _StateCollector:
         for state in ("running", "paused", "completed", "failed", "rolled_back"):
             r.add_metric([state], by_state.get(state, 0))
         yield r
+        yield from self._field()
+
+    def _field(self):  # noqa: ANN202
+        from fleet_server.services.field_metrics import field_series
+
+        try:
+            with self.get_db().read() as s:
+                series = field_series(s)
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the database is down
+            return
+        labels = ["model", "version"]
+        fams = {
+            "requests": GaugeMetricFamily("edgekit_field_requests", "Requests in the last 15 minutes, per model version.", labels=labels),
+            "escalation": GaugeMetricFamily("edgekit_field_escalation_rate", "Escalated share of requests (last 15 minutes).", labels=labels),
+            "degraded": GaugeMetricFamily("edgekit_field_degraded_rate", "Degraded answers per request (last 15 minutes).", labels=labels),
+            "error": GaugeMetricFamily("edgekit_field_error_rate", "Unanswered requests per request (last 15 minutes).", labels=labels),
+            "p95": GaugeMetricFamily("edgekit_field_latency_p95_ms", "Request-weighted p95 latency, ms (last 15 minutes).", labels=labels),
+        }
+        for name, version, t in series:
+            fams["requests"].add_metric([name, version], t.requests)
+            if t.requests:
+                fams["escalation"].add_metric([name, version], t.escalation_rate or 0.0)
+                fams["degraded"].add_metric([name, version], t.degraded_rate or 0.0)
+                fams["error"].add_metric([name, version], t.error_rate or 0.0)
+                fams["p95"].add_metric([name, version], t.latency()["p95"] or 0.0)
+        yield from fams.values()
 
 
 class FleetMetrics:

@@ -67,6 +67,11 @@ def test_version_stats_aggregate_the_field_telemetry_and_validate_filters(live_s
     assert admin.get("/v1/models/digits/versions/1.3.0/stats", params={"since": since}).json()["totals"]["requests"] == 0
     side = admin.get("/v1/models/digits/stats", params={"since": since}).json()
     assert [(v["version"], v["requests"]) for v in side["versions"]] == [("1.2.3", 700), ("1.3.0", 0)]
+    # /metrics: per-version gauges of the last 15 minutes, labelled by model and version only
+    metrics = live_server.client().get("/metrics").text
+    assert 'edgekit_field_requests{model="digits",version="1.2.3"} 700.0' in metrics
+    assert 'edgekit_field_escalation_rate{model="digits",version="1.2.3"} 0.33' in metrics
+    assert all(line.split("{")[1].startswith('model="digits",version="') for line in metrics.splitlines() if line.startswith("edgekit_field_"))
     # bad filters: 404 for what does not exist, 400 with a reason for ranges and buckets
     for path, params, status, code in [
         ("/v1/models/digits/versions/9.9.9/stats", {}, 404, "not_found"),
