@@ -139,8 +139,10 @@ def resplits(bundle: Path, files: dict, n_splits: int, max_loss: float = 0.005, 
 
     - before: the top-1 probability only, and an infeasible target means no policy (the whole split
       escalates, as the old "no threshold" error left a user no better choice).
-    - after: ``choose_score`` as ``router calibrate`` runs it (three scores, Bonferroni, escalate
-      everything when nothing kept can be certified).
+    - margin, entropy: one fixed score each, Learn-then-Test at the full delta.
+    - after: ``choose_score`` as ``router calibrate`` runs it (the score chosen on the temperature
+      split, its threshold certified on the threshold split; escalate everything when nothing kept
+      can be certified).
     - oracle: escalate exactly the test examples the device gets wrong and the cloud right (loss 0).
     """
     from edgekit.runtime import load
@@ -155,7 +157,7 @@ def resplits(bundle: Path, files: dict, n_splits: int, max_loss: float = 0.005, 
     p = np.asarray(device.predict(x), dtype=np.float64)
     c = OnnxCloudModel(files["onnx"], providers=["CPUExecutionProvider"]).predict(x).argmax(axis=1)
     floor = device.manifest.router_policy.probability_floor
-    rows: dict[str, list[dict]] = {"before": [], "after": [], "oracle": []}
+    rows: dict[str, list[dict]] = {"before": [], "margin": [], "entropy": [], "after": [], "oracle": []}
     picked: dict[str, int] = {}
     for seed in range(n_splits):
         idx = np.random.default_rng(1000 + seed).permutation(len(x))
@@ -175,10 +177,13 @@ def resplits(bundle: Path, files: dict, n_splits: int, max_loss: float = 0.005, 
         ch = choose_for_max_loss(probs.max(axis=1), dev_ok, cloud_ok, max_loss, delta)
         rows["before"].append(on_test("max_softmax", ch.threshold if ch.feasible else 1.000001, ch.point_escalation,
                                       ch.escalation if ch.feasible else 1.0) | {"feasible": ch.feasible})
-        method, chosen, _ = choose_score(probs, dev_ok, cloud_ok, max_loss=max_loss * 100, budget=None, confidence=1 - delta)
+        probs_t = calibrated_probs(p[t_idx], temp, "probabilities", floor)
+        method, chosen, every = choose_score(probs, dev_ok, cloud_ok, max_loss=max_loss * 100, budget=None, confidence=1 - delta,
+                                             select_probs=probs_t, select_ok=probs_t.argmax(axis=1) == y[t_idx])
         picked[method] = picked.get(method, 0) + 1
-        rows["after"].append(on_test(method, chosen["threshold"], chosen["point_estimate"]["escalation_rate"], chosen["escalation_rate"])
-                             | {"feasible": not chosen["escalates_everything"]})
+        for name, m, ch_ in (("margin", "margin", every["margin"]), ("entropy", "entropy", every["entropy"]), ("after", method, chosen)):
+            rows[name].append(on_test(m, ch_["threshold"], ch_["point_estimate"]["escalation_rate"], ch_["escalation_rate"])
+                              | {"feasible": not ch_["escalates_everything"]})
         harmful = (pt.argmax(axis=1) != y[test]) & (c[test] == y[test])
         rows["oracle"].append({"escalation": float(harmful.mean()), "loss": 0.0, "point_escalation": float(harmful.mean()), "extra": 0.0,
                                "feasible": True})
@@ -197,8 +202,8 @@ def resplits(bundle: Path, files: dict, n_splits: int, max_loss: float = 0.005, 
 def print_resplits(rs: dict) -> list[list[str]]:
     """The before/after/oracle table; returns its rows."""
     rows = []
-    for k, label in (("before", "before: top-1 probability only"), ("after", "after: best of 3 scores (Bonferroni)"),
-                     ("oracle", "oracle: escalate exactly the harmful")):
+    for k, label in (("before", "before: top-1 probability only"), ("margin", "margin (fixed)"), ("entropy", "entropy (fixed)"),
+                     ("after", "after: score chosen on the temperature split"), ("oracle", "oracle: escalate exactly the harmful")):
         r = rs[k]
         rows.append([label, f"{r['test_escalation_mean']:.1%}", f"{r['test_escalation_max']:.1%}", f"{r['test_within_max_loss']:.0%}",
                      f"{r['point_escalation_mean']:.1%}", f"{r['extra_escalation_mean'] * 100:.1f}", str(r["kept_some_on_device"])])

@@ -124,17 +124,41 @@ def _choose(conf: np.ndarray, dev_ok: np.ndarray, cloud_ok: np.ndarray, cloud_ac
             "loss_points": bc.loss * 100, "loss_bound_points": bc.loss_bound * 100, "rank": (bc.loss_bound, bc.loss, bc.escalation)}
 
 
+def ranking_auc(scores: np.ndarray, correct: np.ndarray) -> float:
+    """How well a score ranks right answers above wrong ones: P(score of a right one > score of a wrong one), ties half."""
+    from scipy.stats import rankdata
+
+    pos, neg = int(correct.sum()), int((~correct).sum())
+    if pos == 0 or neg == 0:
+        return 0.5
+    ranks = rankdata(scores)
+    return float((ranks[correct].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
 def choose_score(probs: np.ndarray, dev_ok: np.ndarray, cloud_ok: np.ndarray, *, max_loss: float | None, budget: float | None,
-                 confidence: float, score_method: str = "auto") -> tuple[str, dict, dict[str, dict]]:
+                 confidence: float, score_method: str = "auto", select_probs: np.ndarray | None = None,
+                 select_ok: np.ndarray | None = None) -> tuple[str, dict, dict[str, dict]]:
     """The score and threshold for the target on the threshold split: (score, its report fields, every score's fields).
 
-    With ``auto`` every score is tested at ``delta / 3`` (Bonferroni), so the guarantee holds for whichever is picked.
+    With ``auto`` the score is chosen on *other* data (``select_probs``/``select_ok``: the temperature
+    split): the one that best ranks the device's right answers above its wrong ones
+    (:func:`ranking_auc`). The choice is then independent of the threshold split, so the chosen
+    score's threshold is certified at the full ``1 - confidence``; picking the best of several on the
+    threshold split itself would need a union bound (δ/3 each), which with a few hundred examples
+    cannot certify half a point at all. Every score's threshold is reported, only the chosen one is
+    certified.
     """
-    methods = SCORES if score_method == "auto" else (score_method,)
-    delta_each = (1.0 - confidence) / len(methods)
+    delta = 1.0 - confidence
     cloud_acc = float(cloud_ok.mean())
-    candidates = {m: _choose(score(probs, m), dev_ok, cloud_ok, cloud_acc, max_loss, budget, delta_each) for m in methods}
-    method = min(methods, key=lambda m: candidates[m]["rank"])
+    methods = SCORES if score_method == "auto" else (score_method,)
+    candidates = {m: _choose(score(probs, m), dev_ok, cloud_ok, cloud_acc, max_loss, budget, delta) for m in methods}
+    if len(methods) == 1:
+        return methods[0], candidates[methods[0]], candidates
+    if select_probs is None or select_ok is None:
+        raise ValueError("score_method='auto' needs select_probs and select_ok (data apart from the threshold split)")
+    for m in methods:
+        candidates[m]["selection_auc"] = ranking_auc(score(select_probs, m), select_ok)
+    method = max(methods, key=lambda m: candidates[m]["selection_auc"])  # ties: the first, max_softmax
     return method, candidates[method], candidates
 
 
@@ -143,9 +167,8 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
                      seed: int = 0, score_method: str = "auto", step: Callable[[str], None] = lambda _m: None) -> CalibrationResult:
     """Calibrate; ``max_loss`` in accuracy points, ``escalation_budget`` a fraction.
 
-    ``score_method``: one of :data:`~hybrid_router.policy.SCORES`, or ``auto``: each score is tested at
-    ``delta / 3`` (Bonferroni, so the guarantee holds for whichever is picked) and the one needing the
-    least escalation wins. A ``max_loss`` target is always met: when no threshold that keeps examples
+    ``score_method``: one of :data:`~hybrid_router.policy.SCORES`, or ``auto``: chosen on the
+    temperature split (:func:`choose_score`). A ``max_loss`` target is always met: when no threshold that keeps examples
     on the device can be certified, the policy escalates everything (cloud-only: loss 0 by construction).
     """
     from edgekit.runtime import load
@@ -200,7 +223,6 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
     delta = 1.0 - confidence
     dev_acc, cloud_acc = float(dev_ok.mean()), float(cloud_ok.mean())
     methods = SCORES if score_method == "auto" else (score_method,)
-    delta_each = delta / len(methods)
 
     step("choosing the score and the threshold")
     summary: dict = {
@@ -210,14 +232,16 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
         "ece_before": ece_before, "ece_after": ece_after,
         "device_accuracy": dev_acc, "cloud_accuracy": cloud_acc, "confidence": confidence,
     }
+    probs_t = calibrated_probs(dev_out[t_idx], temperature, kind, floor)
     method, chosen, candidates = choose_score(probs, dev_ok, cloud_ok, max_loss=max_loss, budget=escalation_budget,
-                                              confidence=confidence, score_method=score_method)
+                                              confidence=confidence, score_method=score_method, select_probs=probs_t,
+                                              select_ok=probs_t.argmax(axis=1) == y[t_idx])
     conf = score(probs, method)
     curve = escalation_curve(conf, dev_ok, cloud_ok)
     threshold, esc, loss, bound = chosen["threshold"], chosen["escalation_rate"], chosen["loss_points"] / 100, chosen["loss_bound_points"] / 100
     point = None
-    how = (f"{len(methods)} scores each tested at delta={delta_each:.4g} (Bonferroni over {', '.join(methods)}); "
-           if len(methods) > 1 else "")
+    how = (f"score {method} chosen on the temperature split (best ranking AUC of {', '.join(methods)}), so its threshold is "
+           f"tested at the full delta; " if len(methods) > 1 else "")
     if max_loss is not None:
         target = RouterTarget(kind="max_loss", value=max_loss, confidence=confidence)
         point = (chosen["point_estimate"]["escalation_rate"], cloud_acc - chosen["point_estimate"]["loss_points"] / 100)

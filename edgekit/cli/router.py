@@ -26,7 +26,7 @@ def router() -> None:
 @click.option("--temperature-fraction", type=float, default=0.2, show_default=True, help="Share of the data that fits the temperature.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the temperature/threshold split.")
 @click.option("--score", "score_method", type=click.Choice(["auto", "max_softmax", "margin", "entropy"]), default="auto", show_default=True,
-              help="Confidence score; auto tests all three (Bonferroni) and keeps the one escalating least.")
+              help="Confidence score; auto picks the one that ranks best on the temperature split.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the calibrated bundle and the report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, escalation_budget: float | None, confidence: float,
