@@ -89,6 +89,13 @@ class Converter(ABC):
     suffix: ClassVar[str]
     sources: ClassVar[tuple[str, ...]] = ("keras", "saved_model")
 
+    def unavailable_for(self, source: SourceModel) -> str | None:
+        """Why this format cannot be built from ``source`` here (None: it can), said before any work."""
+        if source.kind in self.sources:
+            return None
+        names = {"keras": "Keras", "saved_model": "SavedModel", "onnx": "ONNX", "torch": "PyTorch"}
+        return f"{self.format} is built from {' or '.join(names.get(k, k) for k in self.sources)} sources, not {names.get(source.kind, source.kind)}"
+
     def runs_here(self) -> tuple[bool, str]:
         """Whether this host can execute the format's models, and if not, why (shown to the user)."""
         return True, ""

@@ -108,6 +108,7 @@ class CoreMLConverter(Converter):
 
     format = "coreml"
     suffix = ".mlpackage"
+    sources = ("keras", "saved_model", "torch")
 
     def runs_here(self) -> tuple[bool, str]:
         if sys.platform == "darwin":
@@ -138,7 +139,9 @@ class CoreMLConverter(Converter):
         return [W8A16]
 
     def _program(self, ct: Any, source: SourceModel, precision: Any, **kwargs: Any) -> Any:
-        """Convert the source's serving signature to an ML Program with float32 I/O (like the source)."""
+        """Convert the source's serving signature (or its ExportedProgram) to an ML Program with float32 I/O (like the source)."""
+        if source.torch_program is not None:
+            return self._program_from_torch(ct, source, precision, **kwargs)
         tf = import_tensorflow()
         loaded = tf.saved_model.load(str(source.saved_model_dir))
         fn = loaded.signatures["serving_default"]
@@ -159,6 +162,20 @@ class CoreMLConverter(Converter):
                                   "The model has ops coremltools cannot convert; run with --debug for the converter log.") from err
         del log
         return model
+
+    def _program_from_torch(self, ct: Any, source: SourceModel, precision: Any, **kwargs: Any) -> Any:
+        """coremltools straight from the ExportedProgram (after ATen decompositions), outputs named like the source's."""
+        program = source.torch_program.run_decompositions({})
+        inputs = [ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in source.inputs]
+        outputs = [ct.TensorType(name=s.name, dtype=np.float32) for s in source.outputs]
+        kwargs.setdefault("minimum_deployment_target", ct.target.iOS17)  # ExportedProgram conversion needs iOS17+ ops
+        with captured_output():
+            try:
+                return ct.convert(program, convert_to="mlprogram", compute_precision=precision, inputs=inputs, outputs=outputs, **kwargs)
+            except Exception as e:  # NotImplementedError for unsupported ATen ops, ValueError...
+                detail = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                raise ConversionError(f"coremltools could not convert the ExportedProgram: {detail}",
+                                      "The model has ops coremltools cannot convert; run with --debug for the converter log.") from e
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         """W8A16: a FLOAT16 program with int8 weights; W8A8 also calibrates int8 activations (macOS only)."""

@@ -50,8 +50,8 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
     path = out / f"float-opset{opset}.onnx"
     if path.exists():
         return path
-    if source.kind == "onnx":
-        shutil.copyfile(source.onnx_path, path)
+    if source.kind in ("onnx", "torch"):
+        shutil.copyfile(source.onnx_path if source.kind == "onnx" else source.cache["torch_onnx"](), path)
         compact_names(path)
         return path
     tf = import_tensorflow()
@@ -249,7 +249,7 @@ class ONNXConverter(Converter):
 
     format = "onnx"
     suffix = ".ort"
-    sources = ("keras", "saved_model", "onnx")
+    sources = ("keras", "saved_model", "onnx", "torch")
 
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         _constraints(profile)

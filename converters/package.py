@@ -170,7 +170,8 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
     }
     if any("unverified" in n for n in facts.notes):  # the converter already says it, in its own words
         verification = ()
-    verification += tuple(ctx.source.cache.get("source_notes", ())) + facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
+    source_notes = tuple(ctx.source.cache.get("source_notes", ())) if conv.format == "onnx" else ()  # how the ONNX graph was normalised
+    verification += source_notes + facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
     task = ctx.judge.task
     labels = opts.labels or (tuple(str(i) for i in range(ctx.source.num_classes)) if task == "classification" else ())
     recipe = cand.recipe

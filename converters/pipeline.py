@@ -43,7 +43,6 @@ from edgekit.runtime import LocalModel, load_model_file
 __all__ = ["ConvertOptions", "RunContext", "RunReport", "run_convert"]
 
 Progress = Callable[[str], None]
-_KIND_NAMES = {"keras": "Keras", "saved_model": "SavedModel", "onnx": "ONNX", "torch": "PyTorch"}
 
 
 @dataclass(frozen=True)
@@ -196,27 +195,26 @@ def _jobs(opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
 
 def _jobs_for_source(jobs: list[tuple[HardwareProfile, str]], source: SourceModel, opts: ConvertOptions) -> list[tuple[HardwareProfile, str]]:
     """Keep the (profile, format) pairs this source can make; a profile left with none is an error, before any work."""
-    kept = [(p, f) for p, f in jobs if source.kind in get_converter(f).sources]
-    dropped = [(p, f) for p, f in jobs if (p, f) not in kept]
+    why = {f: get_converter(f).unavailable_for(source) for f in dict.fromkeys(f for _, f in jobs)}
+    kept = [(p, f) for p, f in jobs if why[f] is None]
+    dropped = [(p, f) for p, f in jobs if why[f] is not None]
     if dropped and "all" not in opts.formats:
         p, f = dropped[0]
-        kinds = " or ".join(_KIND_NAMES.get(k, k) for k in get_converter(f).sources)
-        raise IncompatibleError(f"--format {f} needs a {kinds} source; {source.path.name} is {_KIND_NAMES.get(source.kind, source.kind)}",
+        raise IncompatibleError(f"--format {f} cannot be made from {source.path.name}: {why[f]}",
                                 "Convert from the original model, or use --format onnx.")
     orphaned = [p.id for p in dict.fromkeys(p for p, _ in jobs) if not any(q is p for q, _ in kept)]
     if orphaned:
         formats = {p.id: [f for q, f in jobs if q is p] for p in dict.fromkeys(p for p, _ in jobs)}
         raise IncompatibleError(
-            "no bundle can be made from a " + source.kind + " source for: "
-            + "; ".join(f"profile '{pid}' (takes {', '.join(formats[pid])})" for pid in orphaned),
+            f"no bundle can be made from {source.path.name} for: "
+            + "; ".join(f"profile '{pid}' ({'; '.join(str(why[f]) for f in formats[pid])})" for pid in orphaned),
             "Drop those profiles, or convert from a source their formats are built from (e.g. the Keras model for tflite).")
     return kept
 
 
 def _dropped_formats(jobs: list[tuple[HardwareProfile, str]], kept: list[tuple[HardwareProfile, str]], source: SourceModel) -> list[str]:
     """What --format all left out for this source, said out loud."""
-    return [f"{p.id}: no {f} bundle: {f} is built from {' or '.join(_KIND_NAMES.get(k, k) for k in get_converter(f).sources)} sources, "
-            f"not {_KIND_NAMES.get(source.kind, source.kind)}" for p, f in jobs if (p, f) not in kept]
+    return [f"{p.id}: no {f} bundle: {get_converter(f).unavailable_for(source)}" for p, f in jobs if (p, f) not in kept]
 
 
 def _input_shapes(opts: ConvertOptions) -> dict[str, tuple[int, ...]]:

@@ -157,7 +157,7 @@ def keras_source(model: Any, path: Path, workdir: Path, tf: Any, sha256: str) ->
     specs = [tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in inputs]
 
     def export() -> Path:
-        export_dir = workdir / "source_saved_model"
+        export_dir = src.workdir / "source_saved_model"  # the run's work dir (the Python API sets it after creation)
         with captured_output():
             model.export(str(export_dir), format="tf_saved_model", input_signature=specs if len(specs) == 1 else [specs], verbose=False)
         return export_dir
@@ -166,8 +166,9 @@ def keras_source(model: Any, path: Path, workdir: Path, tf: Any, sha256: str) ->
         args = [feeds[s.name] for s in inputs]
         return [np.asarray(o) for o in _outs(model(args[0] if len(args) == 1 else args, training=False))]
 
-    return SourceModel(workdir=workdir, path=path, kind="keras", sha256=sha256, inputs=inputs, outputs=outputs,
-                       param_count=int(model.count_params()), keras_model=model, _export=export, _run=run)
+    src = SourceModel(workdir=workdir, path=path, kind="keras", sha256=sha256, inputs=inputs, outputs=outputs,
+                      param_count=int(model.count_params()), keras_model=model, _export=export, _run=run)
+    return src
 
 
 def _load_saved_model(path: Path, workdir: Path, tf: Any) -> SourceModel:

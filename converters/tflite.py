@@ -69,6 +69,14 @@ class TFLiteConverter(Converter):
     format = "tflite"
     suffix = ".tflite"
 
+    def unavailable_for(self, source: SourceModel) -> str | None:
+        if source.kind == "torch":
+            # litert-torch 0.10 would be the route, but it pins pydantic/typing_extensions below what the
+            # server needs and pulls jax and transformers (docs/decisions.md); it is not wired in.
+            return ("tflite from PyTorch needs Google's litert-torch converter, which this edgekit does not drive; "
+                    "build the onnx bundle for this profile (--format onnx), the supported PyTorch route")
+        return super().unavailable_for(source)
+
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)
         warnings: list[str] = []

@@ -147,7 +147,7 @@ def test_onnx_that_fails_the_checker(tmp_path: Path, digits, run_cli) -> None:
 def test_tflite_from_onnx_source_is_refused(digits_onnx: Path, digits, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli("convert", digits_onnx, "--profile", "pixel-8", "--format", "tflite", "--calibration", digits["calib"], "--out", out)
-    assert code == 4 and "needs a Keras or SavedModel source" in err
+    assert code == 4 and "built from Keras or SavedModel sources" in err
 
 
 def test_profile_without_onnx(digits, tmp_path: Path, run_cli) -> None:
