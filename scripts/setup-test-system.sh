@@ -20,6 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 # The Debian 12 arm64 root (cached outside the checkout; a no-op once built and current).
+# A machine that cannot run it (no binfmt_misc) still runs the suite: the arm64 tests then say why.
 if [ "$(id -u)" = 0 ]; then
-  "$(dirname "$0")/arm64-root.sh" >/dev/null
+  "$(dirname "$0")/arm64-root.sh" >/dev/null || echo "warning: the arm64 root was not built; tests/e2e/test_arm64_device.py reports why" >&2
 fi
