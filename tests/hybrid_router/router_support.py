@@ -89,12 +89,12 @@ class Misbehaving(BaseHTTPRequestHandler):
         elif mode in ("classes20", "classes3"):  # metadata says 10, the answer has another class count
             k = int(mode[7:])
             self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, k], "data": [1.0 / k] * k}]}).encode())
-        elif mode == "huge":  # 2 million floats for one input
-            self._send(200, json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 2_000_000],
-                                                     "data": [0.5] * 2_000_000}]}).encode())
+        elif mode == "huge":  # 2 million floats for one input (built by bytes repetition: ready at once)
+            self._send(200, b'{"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 2000000], "data": ['
+                       + b"0.5, " * 1_999_999 + b"0.5]}]}")
         elif mode == "huge_undeclared":  # the same, chunked (no content-length)
-            self._chunked(json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10],
-                                                   "data": [0.5] * 2_000_000}]}).encode())
+            self._chunked(b'{"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [' + b"0.5, " * 1_999_999
+                          + b"0.5]}]}")
         elif mode == "midbody_close":  # promises 10,000 bytes, sends 100, closes
             self.send_response(200)
             self.send_header("content-type", "application/json")
