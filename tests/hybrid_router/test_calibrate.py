@@ -166,3 +166,18 @@ def test_eval_against_a_cloud_with_another_class_count_is_refused(run_cli, calib
                            "--data", digits_cloud["test"])
     assert code == 4 and "answers 20 classes, the device model has 10" in err and "Hint: " in err
     assert bad_cloud.posts == 0
+
+
+def test_eval_refuses_a_bundle_whose_policy_is_from_another_model(run_cli, calibrated, digits_cloud, bad_cloud, tmp_path: Path) -> None:
+    from edgekit import signing
+    from edgekit.bundle import write_bundle
+
+    b = open_bundle(calibrated.bundle)
+    fields = b.manifest.model_dump(mode="json", exclude={"file", "sha256", "size_bytes", "extra_files", "golden"})
+    fields["router_policy"]["device_model_sha256"] = "ab" * 32  # a policy copied over from another model's bundle
+    other = write_bundle(tmp_path / "other", fields, b.model_path, b.golden(), signing_key=signing.load_or_create_key(),
+                         min_top1_agreement=b.manifest.golden.min_top1_agreement, atol=b.manifest.golden.atol)
+    code, _, err = run_cli("router", "eval", "--bundle", other.root, "--cloud-url", bad_cloud.url, "--cloud-model", "digits",
+                           "--data", digits_cloud["test"])
+    assert code == 3 and "calibrated for device model abababababab" in err and "Hint:" in err
+    assert bad_cloud.posts == 0
