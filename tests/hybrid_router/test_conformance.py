@@ -226,3 +226,31 @@ def test_serve_on_a_busy_port_is_error_and_hint(run_cli, digits_cloud) -> None:
         s.listen(1)
         code, _, err = run_cli("cloud", "serve", digits_cloud["onnx"], "--name", "digits", "--port", str(s.getsockname()[1]), "--no-grpc")
     assert code == 2 and "cannot listen on 127.0.0.1" in err and "Hint:" in err
+
+
+def test_grpc_typed_contents_and_errors_with_the_raw_stub(multi, digits_cloud) -> None:
+    """ModelInfer with InferTensorContents (what non-Triton KServe clients send), through the protocol's own stub."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    _, gport = multi
+    x = _x(1)
+    out_name, want = _expected(digits_cloud, x)
+    with grpc.insecure_channel(f"127.0.0.1:{gport}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="digits", id="t-1")
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 8, 8, 1]).contents.fp32_contents.extend(x.ravel().tolist())
+        resp = stub.ModelInfer(req, timeout=30)
+        assert resp.id == "t-1" and resp.outputs[0].name == out_name and list(resp.outputs[0].shape) == [1, 10]
+        np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(want.shape), want, atol=1e-5)
+        short = service_pb2.ModelInferRequest(model_name="digits")
+        short.inputs.add(name="input", datatype="FP32", shape=[1, 8, 8, 1]).contents.fp32_contents.extend([0.0] * 10)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(short, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelReady(service_pb2.ModelReadyRequest(name="digits", version="7"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SystemSharedMemoryStatus(service_pb2.SystemSharedMemoryStatusRequest(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
