@@ -154,6 +154,7 @@ class DevicePublic(_Out):
     phase: str | None
     serial: int
     decommissioned_at: dt.datetime | None = None
+    last_profile: dict[str, Any] | None = None  # the latest on-device profile: version, p95, golden, timing source
 
 
 class EnrollResponse(_Out):

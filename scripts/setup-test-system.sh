@@ -5,8 +5,9 @@
 # qemu-user-static binfmt-support debootstrap: scripts/arm64-root.sh builds the Debian 12 arm64
 #   root in which tests/e2e/test_arm64_device.py runs the agent on real aarch64 binaries.
 # systemd: systemd-analyze verify checks the units in packaging/systemd.
+# chromium chromium-driver: tests/fleet_server/test_dashboard.py drives the dashboard in real headless Chromium (selenium).
 set -euo pipefail
-NEEDED=(openssh-server postgresql qemu-user-static binfmt-support debootstrap systemd)
+NEEDED=(openssh-server postgresql qemu-user-static binfmt-support debootstrap systemd chromium chromium-driver)
 missing=()
 for pkg in "${NEEDED[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,7 @@ from fleet_server.errors import BadRequest, Conflict, NotFound
 from fleet_server.schemas import EnrollRequest
 from fleet_server.services.assignments import reissue_if_stale
 from fleet_server.services.reports import finite
-from fleet_server.tables import Device, Model, ModelVersion, VersionArtifact
+from fleet_server.tables import Device, Model, ModelVersion, Report, Rollout, VersionArtifact
 from fleet_server.tokens import create_token
 
 __all__ = ["Desired", "enroll", "get_device", "list_devices", "read_desired", "refresh_desired"]
@@ -91,11 +91,23 @@ def _active(session: Session, artifact_ids: set[int]) -> dict[int, dict[str, Any
     return {r.id: {"model": r.name, "version": r.version, "sha256": r.artifact_sha256} for r in rows}
 
 
-def _public(ctx: AppContext, d: Device, active: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _last_profiles(session: Session, device_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each device's latest ``profiled`` report: the version it measured and the numbers the gates read."""
+    latest = select(func.max(Report.id)).where(Report.phase == "profiled")
+    if device_id is not None:
+        latest = latest.where(Report.device_id == device_id)
+    latest = latest.group_by(Report.device_id)
+    rows = session.execute(select(Report.device_id, Report.metrics, Report.created_at, Rollout.version)
+                           .join(Rollout, Rollout.id == Report.rollout_id).where(Report.id.in_(latest))).all()
+    keys = ("p50_ms", "p95_ms", "p99_ms", "peak_rss_mb", "golden_top1_agreement", "golden_passed", "runtime", "timing_source")
+    return {r.device_id: {"version": r.version, "at": utc(r.created_at), **{k: (r.metrics or {}).get(k) for k in keys}} for r in rows}
+
+
+def _public(ctx: AppContext, d: Device, active: dict[int, dict[str, Any]], profiles: dict[str, dict[str, Any]]) -> dict[str, Any]:
     seen = ctx.last_seen.peek(d.id) or utc(d.last_seen)
     return {"id": d.id, "name": d.name, "profile": d.profile, "tags": d.tags, "facts": d.facts, "enrolled_at": utc(d.enrolled_at),
             "last_seen": seen, "active": active.get(d.active_artifact_id) if d.active_artifact_id else None,
-            "phase": d.phase, "serial": d.desired_serial, "decommissioned_at": utc(d.decommissioned_at)}
+            "phase": d.phase, "serial": d.desired_serial, "decommissioned_at": utc(d.decommissioned_at), "last_profile": profiles.get(d.id)}
 
 
 def list_devices(ctx: AppContext, profile: str | None, tag: str | None) -> list[dict[str, Any]]:
@@ -106,7 +118,8 @@ def list_devices(ctx: AppContext, profile: str | None, tag: str | None) -> list[
             q = q.where(Device.profile == profile)
         devices = [d for d in s.execute(q).scalars() if not tag or tag in d.tags]
         active = _active(s, {d.active_artifact_id for d in devices if d.active_artifact_id})
-        return [_public(ctx, d, active) for d in devices]
+        profiles = _last_profiles(s)
+        return [_public(ctx, d, active, profiles) for d in devices]
 
 
 def get_device(ctx: AppContext, device_id: str) -> dict[str, Any]:
@@ -115,4 +128,4 @@ def get_device(ctx: AppContext, device_id: str) -> dict[str, Any]:
         d = s.get(Device, device_id)
         if d is None:
             raise NotFound(f"no device '{device_id}'", "List devices with GET /v1/devices.")
-        return _public(ctx, d, _active(s, {d.active_artifact_id} if d.active_artifact_id else set()))
+        return _public(ctx, d, _active(s, {d.active_artifact_id} if d.active_artifact_id else set()), _last_profiles(s, d.id))

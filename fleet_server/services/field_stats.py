@@ -7,9 +7,8 @@ with the dialect's JSON operators); Python folds the minutes into buckets. What 
 the points and what does not:
 
 - requests, escalations, degraded answers: exact sums.
-- errors: the hybrid router records a degraded answer (the device's answer stood because the
-  cloud failed) with ``error=<reason>``; a degraded answer is an answer, so the error count is
-  ``errors − degraded`` (requests that got no answer at all).
+- errors: requests that got no answer at all, as the hybrid router records them; a degraded answer
+  (the device's answer stood because the cloud failed) is an answer: counted as degraded, not as an error.
 - latency p50/p95/p99 over a bucket: the request-weighted mean of the per-minute percentiles
   (devices send percentiles, not samples; exact for one minute of one device), max: exact.
 - drift: the population stability index (PSI) of the confidence histogram against a reference
@@ -78,7 +77,7 @@ class FieldSums:
 
     @property
     def error_rate(self) -> float | None:
-        return self._rate(max(0, self.errors - self.degraded))
+        return self._rate(self.errors)
 
     def latency(self) -> dict[str, float | None]:
         """Request-weighted latency percentiles (ms) and the maximum."""
@@ -90,7 +89,7 @@ class FieldSums:
     def public(self) -> dict[str, Any]:
         """The sums as the API shows them."""
         return {"requests": self.requests, "escalations": self.escalations, "escalation_rate": self.escalation_rate,
-                "degraded": self.degraded, "degraded_rate": self.degraded_rate, "errors": max(0, self.errors - self.degraded),
+                "degraded": self.degraded, "degraded_rate": self.degraded_rate, "errors": self.errors,
                 "error_rate": self.error_rate, "latency_ms": self.latency(), "confidence_hist": list(self.hist)}
 
 

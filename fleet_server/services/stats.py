@@ -126,7 +126,7 @@ def version_stats(ctx: AppContext, name: str, version: str, q: StatsQuery, *, pr
         "profiles": {p: v.public() for p, v in sorted(per_profile.items())},
         "buckets": [{"start": _iso(t), **b.public()} for t, b in sorted(buckets.items())],
         "notes": ["latency percentiles over many minutes are the request-weighted mean of per-minute percentiles",
-                  "errors are requests without an answer; degraded answers (device answer after a cloud failure) are not errors"],
+                  "errors are requests without an answer; degraded answers (the device's answer after a cloud failure) are not errors"],
     }
 
 

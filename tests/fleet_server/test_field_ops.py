@@ -46,10 +46,10 @@ def _on_v1(server, bundles, n: int) -> tuple[list[SimDevice], dict[str, str]]:
 def test_version_stats_aggregate_the_field_telemetry_and_validate_filters(live_server, fleet_bundles):
     admin = live_server.admin
     devices, shas = _on_v1(live_server, fleet_bundles, 2)
-    # 700 requests, 231 escalated (33%), 20 degraded answers recorded with an error reason, 7 real errors
-    _post(devices[0], [_point(shas["1.2.3"], "1.2.3", minute=_minute(-3), count=300, escalations=100, errors=15, degraded=10, p95=2.0),
+    # 700 requests, 231 escalated (33%), 20 degraded answers (answers, not errors), 7 requests without an answer
+    _post(devices[0], [_point(shas["1.2.3"], "1.2.3", minute=_minute(-3), count=300, escalations=100, errors=5, degraded=10, p95=2.0),
                        _point(shas["1.2.3"], "1.2.3", minute=_minute(-2), count=100, escalations=31, errors=2, degraded=0, p95=6.0)])
-    _post(devices[1], [_point(shas["1.2.3"], "1.2.3", minute=_minute(-2), count=300, escalations=100, errors=10, degraded=10, p95=4.0)])
+    _post(devices[1], [_point(shas["1.2.3"], "1.2.3", minute=_minute(-2), count=300, escalations=100, errors=0, degraded=10, p95=4.0)])
     since = _minute(-10)
     r = admin.get("/v1/models/digits/versions/1.2.3/stats", params={"since": since, "bucket_s": 60})
     assert r.status_code == 200, r.text
