@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 
 from arm64_support import LITERT_ONLY_VENV, Arm64Root, arm64_unavailable_reason, build_arm64_root
+from device_agents.slots import Slots
+from device_agents.store import DataDir
 from edgekit.bundle import pack
 from edgekit.cpuinfo import EMULATED_TIMING_NOTE
 from edgekit.runtime import read_active_pointer
@@ -258,7 +260,8 @@ def test_arm64_agents_roll_out_two_waves_and_roll_back_a_version_that_fails_its_
         wait(lambda: (p := read_active_pointer(agents[k][1])) is not None and p.sha256 == sha["1.3.0"], 60, "victim back on 1.3.0")
         other = agents[1 - k][1]
         assert read_active_pointer(other).sha256 == sha["1.3.0"]
-        assert not (other / "models" / sha["1.4.0"]).exists()
+        assert not Slots(DataDir(other)).has(sha["1.4.0"])
+        assert Slots(DataDir(agents[k][1])).info(sha["1.4.0"])["blocked"] == "reverted"
 
         status = arm64_root.run("edgekit", "agent", "status", "--data-dir", arm64_root.inside(agents[k][1]))
         text = " ".join(status.stdout.split())  # rich wraps at 80 columns off a terminal
@@ -279,7 +282,6 @@ TELEMETRY_APP = r'''
 import sys
 import numpy as np
 from device_agents.telemetry import Recorder
-from edgekit.bundle import open_bundle
 from hybrid_router import EscalationPolicy, HybridClassifier
 from edgekit.runtime import load_active
 
