@@ -170,29 +170,6 @@ class PushBundles:
         return self._made[(kind, version)]
 
 
-class PushBundles:
-    """The raspberry-pi-5 bundle as a directory and the coral-edgetpu one as an .ekb (1.2.3), and copies of them at other
-    versions (``at``), signed with the session's key: the registry version is the manifest's (version truth)."""
-
-    def __init__(self, dirs: dict[str, Path], out: Path) -> None:
-        self.dirs, self.out = dirs, out
-        self._made: dict[tuple[str, str], Path] = {}
-
-    def __getitem__(self, kind: str) -> Path:
-        return self.at(kind, "1.2.3")
-
-    def at(self, kind: str, version: str) -> Path:
-        if (kind, version) not in self._made:
-            from fleet_support import rebundle
-
-            src = self.dirs[kind]
-            d = src if version == "1.2.3" else rebundle(src, self.out / version / src.name, version=version,
-                                                        key_path=Path(os.environ["EDGEKIT_SIGNING_KEY"]))
-            d = Path(shutil.copytree(d, self.out / f"{kind}-{version}" / d.name))
-            self._made[(kind, version)] = d if kind == "pi5" else pack(d, self.out / f"coral-{version}.ekb")
-        return self._made[(kind, version)]
-
-
 @pytest.fixture(scope="module")
 def bundles(digits_bundles, tmp_path_factory: pytest.TempPathFactory) -> PushBundles:
     """The digits bundles for pushing (see PushBundles)."""
