@@ -58,6 +58,8 @@ class CloudServerSettings:
     warmup_shape: tuple[int, ...] | None = None
     grpc_port: int | None = None
     """gRPC port; None: no gRPC endpoint."""
+    grpc_required: bool = True
+    """False for the default port (REST + 1): when it is taken, serve REST only and say so."""
 
     def specs(self) -> list[ModelSpec]:
         first = [ModelSpec(self.name, self.model, "1", self.warmup_shape)] if self.model else []
@@ -366,10 +368,20 @@ def serve(settings: CloudServerSettings) -> None:
     """Run the server until interrupted; the ports are bound first, so a taken port or bad host is a clear error."""
     import uvicorn
 
+    from dataclasses import replace
+
+    from edgekit.errors import UsageError
+
     sock = bind_socket(settings.host, settings.port)
-    if settings.grpc_port is not None:
-        bind_socket(settings.host, settings.grpc_port).close()  # fail now, not inside the server's start-up
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.grpc_port is not None:
+        try:
+            bind_socket(settings.host, settings.grpc_port).close()  # fail now, not inside the server's start-up
+        except UsageError as e:
+            if settings.grpc_required:
+                raise
+            log.warning("no gRPC endpoint: %s (pass a free --grpc-port, or --no-grpc)", e.message)
+            settings = replace(settings, grpc_port=None)
     app = create_app(settings)
     for m in app.state.repository.all():
         m.load_session()  # a missing file, a model ONNX Runtime cannot open or a missing provider: Error/Hint, not a server

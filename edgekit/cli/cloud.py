@@ -101,7 +101,8 @@ def serve(model: Path | None, name: str | None, more: tuple[str, ...], host: str
         raise UsageError(f"gRPC port {grpc} is not usable beside REST port {port}", "Pass --grpc-port, or --no-grpc.")
     wanted = tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None
     run(CloudServerSettings(host=host, port=port, batch=BatchConfig(max_batch, max_delay_us, max_queue), providers=wanted,
-                            require_providers=wanted is not None, intra_op_threads=threads, models=tuple(models), grpc_port=grpc))
+                            require_providers=wanted is not None, intra_op_threads=threads, models=tuple(models), grpc_port=grpc,
+                            grpc_required=grpc_port is not None))
 
 
 @cloud.command(name="export-triton")

@@ -254,3 +254,28 @@ def test_grpc_typed_contents_and_errors_with_the_raw_stub(multi, digits_cloud) -
         with pytest.raises(grpc.RpcError) as e:
             stub.SystemSharedMemoryStatus(service_pb2.SystemSharedMemoryStatusRequest(), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_default_grpc_port_taken_means_rest_only(digits_cloud) -> None:
+    """Without --grpc-port the gRPC endpoint takes --port + 1 when free; taken, REST still serves (a warning says why)."""
+    import socket
+
+    for _ in range(20):  # a free port whose successor can be held
+        port = free_port()
+        holder = socket.socket()
+        try:
+            holder.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            holder.close()
+    holder.listen(1)
+    cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "cloud", "serve", str(digits_cloud["onnx"]),
+           "--name", "digits", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        holder.close()
+    assert "no gRPC endpoint" in err
