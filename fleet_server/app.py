@@ -21,6 +21,7 @@ from fleet_server.audit import AuditMiddleware
 from fleet_server.context import AppContext
 from fleet_server.db import Database
 from fleet_server.errors import Unavailable, http_status
+from fleet_server.hardening import ConnectionCloseOn5xx, JsonShapeMiddleware, allowed_methods, document_limits
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
@@ -105,7 +106,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. JSON nested too deep): a malformed request
             return _error(422, "invalid_request", f"malformed request body ({exc.detail})", "Send well-formed JSON (see GET /openapi.json).")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), "See docs/protocol.md for the routes.")
+        headers = {"Allow": allowed_methods(request.app, request.url.path)} if exc.status_code == 405 else getattr(exc, "headers", None)
+        return _error(exc.status_code, code, str(exc.detail), "See docs/protocol.md for the routes.", headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -113,7 +115,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         request_id = uuid.uuid4().hex
         log.error("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id, exc_info=exc)
         return _error(500, "internal_error", f"internal server error (request id {request_id})",
-                      "This is a server bug; the server log has the details under this request id.", {"X-Request-ID": request_id})
+                      "This is a server bug; the server log has the details under this request id.", {"X-Request-ID": request_id, "Connection": "close"})
 
 
 def create_app(settings: Settings, *, context: AppContext | None = None) -> FastAPI:
@@ -151,8 +153,11 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     for r in (models.router, governance.router, rollouts.router, fleet.router, stats.router, device.router):
         app.include_router(r, responses=errors)
     app.include_router(trust_routes.router, responses=errors)
+    app.add_middleware(JsonShapeMiddleware)  # inside the body limit: it reads the (bounded) body
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulMiddleware)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(ConnectionCloseOn5xx)
+    document_limits(app)
     return app

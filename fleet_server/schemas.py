@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -89,7 +89,8 @@ class RolloutCreate(_Body):
     model: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
     selector: Selector = Field(default_factory=Selector)
-    waves: list[float] = Field(default_factory=lambda: [5.0, 25.0, 100.0], min_length=1, max_length=20)
+    waves: list[Annotated[float, Field(gt=0, le=100)]] = Field(default_factory=lambda: [5.0, 25.0, 100.0], min_length=1, max_length=20,
+                                                               description="Cumulative percentages, strictly increasing, ending at 100.")
     gates: Gates = Field(default_factory=Gates)
     wave_timeout_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fleet_server.deps import AdminDep, CtxDep
 from fleet_server.responses import DevicePublic, TelemetryPage
 from fleet_server.services import devices, telemetry
+from fleet_server.hardening import IsoDateTime
 
 router = APIRouter(tags=["fleet"])
 
@@ -27,7 +28,7 @@ def get_device(device_id: str, ctx: CtxDep, _: AdminDep) -> dict:
 
 
 @router.get("/v1/telemetry", response_model=TelemetryPage)
-def get_telemetry(ctx: CtxDep, _: AdminDep, device_id: str | None = None, model: str | None = None, since: dt.datetime | None = None,
+def get_telemetry(ctx: CtxDep, _: AdminDep, device_id: str | None = None, model: str | None = None, since: IsoDateTime | None = None,
                   limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> dict:
     """Telemetry points, newest first, and the total the devices had to drop."""
     if since is not None and since.tzinfo is None:

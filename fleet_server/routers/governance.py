@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fleet_server.deps import AdminDep, CtxDep
 from fleet_server.services import governance
+from fleet_server.hardening import IsoDateTime
 
 router = APIRouter(tags=["governance"])
 
@@ -53,7 +54,7 @@ def decommission(device_id: str, ctx: CtxDep, _: AdminDep) -> dict:
 
 
 @router.get("/v1/audit")
-def audit(ctx: CtxDep, _: AdminDep, since: dt.datetime | None = None, actor: Annotated[str | None, Query(max_length=64)] = None,
+def audit(ctx: CtxDep, _: AdminDep, since: IsoDateTime | None = None, actor: Annotated[str | None, Query(max_length=64)] = None,
           action: Annotated[str | None, Query(max_length=64)] = None, limit: Limit = 100, offset: Offset = 0) -> dict:
     """Admin actions, newest first: who, what, when, from where, result."""
     if since is not None and since.tzinfo is None:
@@ -62,7 +63,7 @@ def audit(ctx: CtxDep, _: AdminDep, since: dt.datetime | None = None, actor: Ann
 
 
 @router.get("/v1/rollouts")
-def list_rollouts(ctx: CtxDep, _: AdminDep, state: Annotated[str | None, Query(max_length=16)] = None,
+def list_rollouts(ctx: CtxDep, _: AdminDep, state: Annotated[Literal["running", "paused", "completed", "failed", "rolled_back"] | None, Query()] = None,
                   model: Annotated[str | None, Query(max_length=64)] = None, version: Annotated[str | None, Query(max_length=64)] = None,
                   limit: Limit = 50, offset: Offset = 0) -> dict:
     """Rollouts, newest first, filtered by state, model and version, with paging."""

@@ -28,7 +28,8 @@ def readyz(ctx: CtxDep) -> Response:
     return JSONResponse({"status": "ready", "database": ctx.db.dialect, "migrations": current})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format."}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     body = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)

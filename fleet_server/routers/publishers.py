@@ -22,7 +22,7 @@ class PublisherCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    public_key: str = Field(min_length=44, max_length=44, pattern=r"^[A-Za-z0-9+/]{43}=$",
+    public_key: str = Field(min_length=44, max_length=44, pattern=r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$",
                             description="Base64 of the 32-byte Ed25519 public key ('edgekit bundle key' prints it).")
     label: str = Field(default="", max_length=200, description="Who holds the key, e.g. 'ci-main'.")
 

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Query
 
 from fleet_server.deps import AdminDep, CtxDep
 from fleet_server.services import stats
+from fleet_server.hardening import IsoDateTime
 
 router = APIRouter(tags=["stats"])
 
-Since = Annotated[dt.datetime | None, Query(description="Start (ISO 8601; default: until - 24 h).")]
-Until = Annotated[dt.datetime | None, Query(description="End, exclusive (default: now).")]
+Since = Annotated[IsoDateTime | None, Query(description="Start (ISO 8601; default: until - 24 h).")]
+Until = Annotated[IsoDateTime | None, Query(description="End, exclusive (default: now).")]
 
 
 @router.get("/v1/models/{name}/versions/{version}/stats")

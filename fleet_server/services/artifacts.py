@@ -59,6 +59,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first, last = m.groups()
     if first == "" and last == "":
         return None
+    if len(first) > 19 or len(last) > 19:  # past any file's size, and before int()'s 4,300-digit limit
+        raise RangeNotSatisfiable(f"range {header[:40]!r}... has a number longer than 19 digits (the artifact is {size} bytes)")
     if first == "":  # suffix: the last N bytes
         n = int(last)
         if n == 0 or size == 0:
