@@ -52,7 +52,6 @@ _HEADER_ALLOWANCE = 64 * 1024
 """Bytes an answer may take beyond its values: JSON keys, names, parameters."""
 _JSON_BYTES_PER_VALUE = 32
 """The longest JSON number a float64 needs is 24 characters ("-2.2250738585072014e-308") plus ", "."""
-_CHUNK = 64 * 1024
 
 
 class CloudFailure(Exception):
@@ -283,7 +282,7 @@ class KServeClient:
             raise CloudFailure("bad_response", f"answer of {int(declared)} bytes; at most {limit} expected for this shape")
         parts: list[bytes] = []
         n = 0
-        for chunk in r.iter_raw(_CHUNK):
+        for chunk in r.iter_raw():  # as the bytes arrive (a chunk size would wait for that many)
             n += len(chunk)
             if n > limit:
                 raise CloudFailure("bad_response", f"answer larger than the {limit} bytes expected for this shape")

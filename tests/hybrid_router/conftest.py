@@ -99,6 +99,7 @@ def bad_cloud() -> Iterator[ThreadingHTTPServer]:
     server.posts = 0
     server.lock = threading.Lock()
     server.release = threading.Event()
+    server.trickle_done, server.trickle_aborted = threading.Event(), threading.Event()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

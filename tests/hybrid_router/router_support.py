@@ -104,6 +104,21 @@ class Misbehaving(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+        elif mode == "trickle":  # a correct-looking answer, one byte every 20 ms (about 6 s in all)
+            body = json.dumps({"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.flush()
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.02)
+                server.trickle_done.set()
+            except (BrokenPipeError, ConnectionResetError):
+                server.trickle_aborted.set()  # the client stopped reading and closed the connection
         elif mode == "nan":
             self._send(200, b'{"outputs": [{"name": "out", "datatype": "FP32", "shape": [1, 10], "data": [NaN, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}]}')
         elif mode == "huge_int":

@@ -153,3 +153,18 @@ def test_the_real_agent_recorder_counts_errors_apart_from_degraded(device_bundle
     assert sum(p["count"] for p in points) == 5
     assert sum(p["degraded"] for p in points) == 3
     assert sum(p["errors"] for p in points) == 2
+
+
+def test_a_trickling_answer_is_dropped_at_the_deadline(bad_cloud) -> None:
+    """The worker stops reading at the deadline and closes the connection; it does not wait for the whole trickle."""
+    import time
+
+    from hybrid_router.client import CloudFailure
+
+    bad_cloud.mode = "trickle"
+    with KServeClient(bad_cloud.url, "digits", classes=10) as c:
+        with pytest.raises(CloudFailure) as e:
+            c.infer(np.zeros((1, 8, 8, 1), np.float32), time.monotonic() + 0.3)
+        assert e.value.reason == "timeout"
+        # a hang guard (the trickle takes ~6 s), not a timing bound: the server sees the client go away first
+        assert bad_cloud.trickle_aborted.wait(5.0) and not bad_cloud.trickle_done.is_set()
