@@ -125,7 +125,8 @@ class KServeClient:
     def require_classes(self, classes: int) -> None:
         """Tie the client to a device model with ``classes`` classes (set once; a different count is a ValueError)."""
         if self.classes is None:
-            self.classes = int(classes)
+            with self._meta_lock:
+                self.classes, self._contract = int(classes), None  # a contract read before must be checked against them
         elif self.classes != classes:
             raise ValueError(f"this client expects {self.classes} classes, the device model has {classes}")
 
