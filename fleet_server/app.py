@@ -25,7 +25,7 @@ from fleet_server.hardening import ConnectionCloseOn5xx, JsonShapeMiddleware, al
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.responses import ErrorBody
-from fleet_server.routers import device, fleet, governance, models, public, rollouts, stats
+from fleet_server.routers import dashboard, device, fleet, governance, models, public, rollouts, stats
 from fleet_server.services.engine import step_all
 from fleet_server.routers import publishers as trust_routes
 from fleet_server.services.keys import finish_pending_rotation
@@ -142,7 +142,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
             await run_in_threadpool(ctx.last_seen.flush, ctx.db)
             ctx.db.dispose()
 
-    app = FastAPI(title="edgekit fleet server", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="edgekit fleet server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,  # /docs: routers.dashboard
                   description="Model registry, devices, signed staged rollouts and telemetry. See docs/protocol.md.")
     app.state.metrics = FleetMetrics(lambda: getattr(app.state, "ctx", None) and app.state.ctx.db)
     _install_error_handlers(app)
@@ -150,6 +150,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
         (400, "Wrong request"), (401, "No or unknown token"), (403, "Wrong scope or another device's data"), (404, "Not found"),
         (409, "Exists, or the state forbids it"), (413, "Too large"), (416, "Range not satisfiable"), (422, "Malformed request"))}
     app.include_router(public.router)
+    app.include_router(dashboard.router)
     for r in (models.router, governance.router, rollouts.router, fleet.router, stats.router, device.router):
         app.include_router(r, responses=errors)
     app.include_router(trust_routes.router, responses=errors)
