@@ -205,6 +205,15 @@ def input_independence_warnings(judge: Judge) -> list[str]:
             out.append(f"float output '{name}' is identical for every evaluation input: the checks cannot tell a good "
                        "quantization from a broken one (constant weights or untrained model?)")
     if judge.task == "classification" and judge.class_axis is not None:
+        f = np.moveaxis(np.asarray(judge.float_out[judge.outputs[0]], np.float64), judge.class_axis, -1).reshape(len(judge.float_out[judge.outputs[0]]), -1)
+        if f.shape[1] >= 2:
+            part = np.sort(f, axis=1)
+            margin = float(np.median(part[:, -1] - part[:, -2]))
+            peak = float(np.abs(f).max())
+            if peak > 0 and margin < peak / 256:
+                out.append(f"the float model's top-1 margins (median {margin:.3g}) are below one int8 step of its output (peak {peak:.3g} / 256): "
+                           "top-1 agreement will be decided by rounding (an untrained model's near-uniform softmax?); "
+                           "--task generic judges the outputs by SQNR instead")
         top = _top1(judge.float_out[judge.outputs[0]], judge.class_axis)
         if len(top) > 1 and len(np.unique(top)) == 1:
             out.append(f"the float model predicts class {int(top[0])} for every evaluation input, so top-1 agreement is trivially "

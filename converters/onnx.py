@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -75,9 +76,46 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
                               "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
     del log
     _fold_constant_inputs(path)
+    if _extra_inputs(path, source):
+        # Seen with Keras 3 EfficientNet: from_function leaves the Normalization layer's mean/variance as graph
+        # inputs without values. tf2onnx's SavedModel loader freezes them; it is slower, so it is the fallback.
+        _export_saved_model_cli(source, opset, path)
+        _fold_constant_inputs(path)
     compact_names(path)
     _check_inputs(path, source)
     return path
+
+
+def _extra_inputs(path: Path, source: SourceModel) -> list[str]:
+    import onnx
+
+    names = {v.name for v in onnx.load(str(path), load_external_data=False).graph.input}
+    return sorted(names - set(source.input_names))
+
+
+def _export_saved_model_cli(source: SourceModel, opset: int, path: Path) -> None:
+    """``python -m tf2onnx.convert --saved-model`` (variables frozen by tf2onnx's loader), I/O renamed to the source's names."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(source.saved_model_dir), "--output", str(path),
+           "--opset", str(opset), "--signature_def", "serving_default"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if proc.returncode != 0:
+        raise ConversionError(f"tf2onnx could not export the SavedModel at opset {opset}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else proc.returncode}",
+                              "Export ONNX yourself and pass the .onnx file.")
+    model = onnx.load(str(path))
+    g = model.graph
+    rename = {v.name: v.name.split(":")[0] for v in [*g.input, *g.output] if ":" in v.name}
+    if rename:
+        for v in [*g.input, *g.output]:
+            v.name = rename.get(v.name, v.name)
+        for n in g.node:
+            n.input[:] = [rename.get(i, i) for i in n.input]
+            n.output[:] = [rename.get(o, o) for o in n.output]
+        onnx.save(model, str(path))
 
 
 def _fold_constant_inputs(path: Path) -> None:

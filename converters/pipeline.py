@@ -131,6 +131,11 @@ class RunContext:
     batch_size: int = 32
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def check_interrupted(self) -> None:
+        """Raise KeyboardInterrupt when SIGINT/SIGTERM arrived, even if a native converter swallowed it."""
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt("interrupted")
+
     def model_feeds(self, model: LocalModel, feeds: Mapping[str, np.ndarray]) -> Feeds:
         """Feeds keyed by source input name, re-keyed by the model's input names."""
         return {m_name: feeds[s_name] for m_name, s_name in align(model.inputs, self.source.inputs, "input").items()}
@@ -282,21 +287,28 @@ def _remove_created(created: list[Path]) -> None:
             break
 
 
+INTERRUPTED = threading.Event()
+"""Set by SIGINT/SIGTERM during a run: native converters may swallow the KeyboardInterrupt, so the search checks it too."""
+
+
 @contextmanager
 def _interruptible() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (as SIGINT already is) so clean-up runs; main thread only."""
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt (and INTERRUPTED) so clean-up runs; main thread only."""
+    INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, _frame: object) -> None:
+        INTERRUPTED.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -360,6 +372,8 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     failures: list[tuple[str, EdgekitError]] = []
     for prof, f in jobs:  # every job runs, so one failure report names them all
         conv = convs[f]
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt("interrupted")
         try:
             cand, attempts, warnings = search_recipes(ctx, prof, conv, embedded_preprocessing(ctx, conv))
             attempts[cand.attempt_index] = attempts[cand.attempt_index].model_copy(update={"chosen": True})

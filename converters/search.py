@@ -80,6 +80,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     attempts: list[Attempt] = []
     best: Candidate | None = None
     for i, recipe in enumerate(recipes):
+        ctx.check_interrupted()
         skip = ctx.memory.skip_reason(ctx, conv, recipe)
         if skip:
             attempts.append(_attempt(recipe, skipped=skip))
@@ -105,6 +106,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
         except EdgekitError as e:  # a runtime refusing the produced model is this recipe's failure
             attempts.append(_attempt(recipe, error=f"{type(e).__name__}: {e.message}"))
             continue
+        ctx.check_interrupted()  # a converter that turned the KeyboardInterrupt into its own error
         ev = evaluate(ctx.judge, outputs, f"{prof.id}/{conv.format} {recipe.name}")
         attempts.append(_attempt(recipe, size_bytes=_size(path), accuracy=ev.accuracy, agreement=ev.agreement, min_sqnr_db=ev.min_sqnr_db,
                                  metric=ev.metric, accuracy_drop=ev.drop if (ev.task == "classification" or ctx.judge.metric) else None,
