@@ -8,8 +8,9 @@ and HTTP hygiene around errors (docs/security.md, docs/protocol.md "Limits").
   keep-alive connection the server is about to drop.
 - :data:`IsoDateTime`: a query date-time that must be ISO 8601 text (``since=0.5`` is not a date).
 
-The scans use regular expressions over the bytes (C speed): a 1 MiB telemetry post costs well under
-a millisecond, so the hot paths keep their throughput.
+The checks run in C (``bytes.translate``, substring search, regular expressions): a 1,000-point
+telemetry post (238 KB) costs 2.2 ms, about what ``json.loads`` takes on it (measured on x86-64,
+Python 3.11); a device's small posts cost microseconds.
 """
 
 from __future__ import annotations
@@ -26,28 +27,47 @@ __all__ = ["MAX_JSON_DEPTH", "MAX_NUMBER_CHARS", "ConnectionCloseOn5xx", "IsoDat
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays/objects in a request body (the protocol's deepest shape is 4)."""
 MAX_NUMBER_CHARS = 40
-"""Longest number literal in a request body (2^63-1 has 19 digits; a float's repr at most 24 characters)."""
+"""Longest run of digits in a number of a request body (2^63-1 has 19; a float's repr at most 17 significant)."""
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
-_LONG_NUMBER = re.compile(rb"[-+0-9.eE]{%d,}" % (MAX_NUMBER_CHARS + 1))
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes included (unrolled: no backtracking)
+_INNERMOST = re.compile(rb"[\[{][\]}]")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_DIGIT_MAP = bytes(49 if 48 <= c <= 57 else 48 for c in range(256))  # digits -> b"1", anything else -> b"0"
+_LONG_RUN = b"1" * (MAX_NUMBER_CHARS + 1)
 _JSON_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
+def _outside_strings(body: bytes) -> bytes:
+    """``body`` with every JSON string emptied (so a bracket or digits inside a string count for nothing)."""
+    if b"\\" not in body:  # no escapes: strings are exactly the spans between quote pairs
+        return b'""'.join(body.split(b'"')[::2])
+    return _STRING.sub(b'""', body)
+
+
 def json_shape_problem(body: bytes) -> str | None:
-    """Why ``body`` is refused (too deep, a too-long number), or None."""
-    bare = _STRING.sub(b'""', body)
-    if _LONG_NUMBER.search(bare):
-        return f"a number in the body is longer than {MAX_NUMBER_CHARS} characters"
-    depth = 0
-    for m in _BRACKET.finditer(bare):
-        if m.group() in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
-        else:
-            depth -= 1
-    return None
+    """Why ``body`` is refused (too deep, a too-long run of digits), or None.
+
+    Cheap tests on the raw bytes first (a translate and a substring search, no Python loop over the
+    body); strings are blanked only when the raw bytes could break a bound. The depth is the number
+    of passes that each delete the innermost bracket pairs, stopped past the bound.
+    """
+    if _LONG_RUN in body.translate(_DIGIT_MAP) and _LONG_RUN in _outside_strings(body).translate(_DIGIT_MAP):
+        return f"a number in the body is longer than {MAX_NUMBER_CHARS} digits"
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # too few openings anywhere to nest deeper
+        return None
+    return None if _depth_ok(_outside_brackets(body)) else f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _outside_brackets(body: bytes) -> bytes:
+    return _outside_strings(body).translate(None, _NOT_BRACKETS)
+
+
+def _depth_ok(brackets: bytes) -> bool:
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return True
+        brackets = _INNERMOST.sub(b"", brackets)
+    return not brackets
 
 
 async def _json_error(send, status: int, code: str, message: str, hint: str) -> None:  # noqa: ANN001

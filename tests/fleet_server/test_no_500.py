@@ -65,3 +65,18 @@ def test_every_5xx_closes_the_connection() -> None:
 
     got = asyncio.run(probe())
     assert got[500] == got[503] == "close" and got[200] == got[404] == "keep-alive", got
+
+
+def test_shape_check_ignores_strings_and_counts_only_real_nesting() -> None:
+    from fleet_server.hardening import MAX_NUMBER_CHARS, json_shape_problem
+
+    deep = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+    assert "nested" in json_shape_problem(deep)
+    assert json_shape_problem(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) is None
+    assert json_shape_problem(b'{"s": "' + b"[" * 100 + b'", "t": "' + b"9" * 100 + b'"}') is None  # inside strings: nothing
+    assert json_shape_problem(b'{"s": "a \\" [[[[ \\\\", "n": 1}') is None  # escaped quotes and backslashes
+    # closing brackets hidden in a string cannot mask real nesting
+    masked = b'{"a": ' + b'[' * 40 + b'"' + b']' * 40 + b'"' + b']' * 40 + b'}'
+    assert "nested" in json_shape_problem(masked)
+    assert "longer" in json_shape_problem(b'{"n": -' + b"1" * (MAX_NUMBER_CHARS + 1) + b"}")
+    assert json_shape_problem(b'{"x": 1.2345678901234567e-300, "y": 9223372036854775807}') is None
