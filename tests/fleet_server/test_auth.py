@@ -16,6 +16,7 @@ ADMIN_ROUTES = [
     ("GET", "/v1/models/digits/stats"), ("GET", "/v1/models/digits/versions/1.2.3/stats"), ("GET", "/v1/rollouts"),
     ("GET", "/v1/tokens"), ("POST", "/v1/tokens"), ("POST", "/v1/tokens/tok_x/revoke"), ("GET", "/v1/audit"),
     ("POST", "/v1/devices/dev_x/decommission"),
+    ("GET", "/v1/publishers"), ("POST", "/v1/publishers"), ("DELETE", "/v1/publishers/key_x"), ("POST", "/v1/server/key/rotate"),
 ]
 DEVICE_ROUTES = [("GET", "/v1/device/desired"), ("POST", "/v1/device/reports"), ("POST", "/v1/device/telemetry")]
 ENROLL_ROUTES = [("POST", "/v1/devices/enroll")]
@@ -32,8 +33,9 @@ def test_scopes_are_enforced_on_every_route(live_server):
     groups = {"admin": ADMIN_ROUTES, "device": DEVICE_ROUTES, "enroll": ENROLL_ROUTES}
     # the route lists above cover every protected route the app has
     spec = live_server.client().get("/openapi.json").json()
-    public = {"/healthz", "/readyz", "/metrics", "/v1/server/public-key", "/v1/artifacts/{sha256}"}
-    listed = {re.sub(r"/(ro_x|dev_x|tok_x|digits|1\.2\.3)", "/{}", p) for _, p in ADMIN_ROUTES + DEVICE_ROUTES + ENROLL_ROUTES}
+    public = {"/healthz", "/readyz", "/metrics", "/v1/server/public-key", "/v1/artifacts/{sha256}", "/v1/server/key-rotations",
+              "/v1/device/trust"}  # the last: an admin or a device token (checked below, like artifacts)
+    listed = {re.sub(r"/(ro_x|dev_x|tok_x|key_x|digits|1\.2\.3)", "/{}", p) for _, p in ADMIN_ROUTES + DEVICE_ROUTES + ENROLL_ROUTES}
     for path, ops in spec["paths"].items():
         if path in public:
             continue
@@ -58,6 +60,8 @@ def test_scopes_are_enforced_on_every_route(live_server):
     # artifacts take an admin or a device token, never enroll
     assert _call(live_server, "GET", "/v1/artifacts/" + "0" * 64, live_server.enroll_token).status_code == 403
     assert _call(live_server, "GET", "/v1/artifacts/" + "0" * 64, None).status_code == 401
+    assert _call(live_server, "GET", "/v1/device/trust", live_server.enroll_token).status_code == 403
+    assert _call(live_server, "GET", "/v1/device/trust", None).status_code == 401
 
 
 def test_a_device_never_reaches_another_devices_data(live_server, fleet_bundles):
