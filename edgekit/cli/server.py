@@ -68,13 +68,21 @@ def token() -> None:
 @token.command("create")
 @click.option("--scope", type=click.Choice(["admin", "enroll"]), required=True, help="admin: admin routes; enroll: device enrollment only.")
 @click.option("--label", default="", help="A note stored with the token's hash.")
+@click.option("--name", default=None, help="Who acts with it (admin tokens), as the audit log names it, e.g. ci-pipeline; unique.")
 @click.option("--db", default=None, help="Database URL (EDGEKIT_DB).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir (EDGEKIT_DATA_DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def create(scope: str, label: str, db: str | None, data_dir: Path | None, as_json: bool) -> None:
+def create(scope: str, label: str, name: str | None, db: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Create a token and print it once."""
+    import re
+
+    if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise UsageError(f"--name {name!r}: token names match ^[a-z0-9][a-z0-9._-]{{0,63}}$", "For example: --name ci-pipeline.")
     settings = _settings(db=db, data_dir=data_dir)
+    from sqlalchemy import select
+
     from fleet_server.db import Database
+    from fleet_server.tables import Token
     from fleet_server.tokens import create_token
 
     if settings.db is None and not settings.data_dir.exists():
@@ -86,9 +94,11 @@ def create(scope: str, label: str, db: str | None, data_dir: Path | None, as_jso
     try:
         database.migrate()
         with database.write() as s:
-            value = create_token(s, scope, label=label)
+            if name is not None and s.execute(select(Token.id).where(Token.name == name)).first() is not None:
+                raise UsageError(f"a token named '{name}' exists", "Pick another --name (names are unique).")
+            value = create_token(s, scope, label=label, name=name)
     finally:
         database.dispose()
-    data = {"scope": scope, "token": value, "label": label}
+    data = {"scope": scope, "token": value, "label": label, "name": name}
     emit(data, as_json, lambda: (stdout.print(value, highlight=False, markup=False, soft_wrap=True),
                                  click.echo("Store it now: the server keeps only its hash.", err=True)))

@@ -27,6 +27,21 @@ def test_token_create_prints_once_and_stores_only_the_hash(run_cli, live_server)
     assert code == 2 and "device" in err
 
 
+def test_token_create_with_a_name_is_who_the_audit_log_names(run_cli, live_server):
+    code, out, err = run_cli("server", "token", "create", "--scope", "admin", "--name", "ops-alice", "--db", live_server.db_url, "--json")
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["name"] == "ops-alice"
+    alice = live_server.client(created["token"])
+    assert alice.post("/v1/rollouts/ro_none/pause").status_code == 404
+    (event,) = live_server.admin.get("/v1/audit", params={"actor": "ops-alice"}).json()["items"]
+    assert event["action"] == "POST /v1/rollouts/{rollout_id}/pause" and event["result"] == "not_found"
+    code, _, err = run_cli("server", "token", "create", "--scope", "admin", "--name", "ops-alice", "--db", live_server.db_url)
+    assert code != 0 and "exists" in err and "Hint:" in err
+    code, _, err = run_cli("server", "token", "create", "--scope", "admin", "--name", "Not Valid", "--db", live_server.db_url)
+    assert code != 0 and "token names match" in err
+
+
 def test_token_create_with_a_data_dir_makes_the_sqlite_database(run_cli, tmp_path):
     code, out, err = run_cli("server", "token", "create", "--scope", "admin", "--data-dir", tmp_path / "d")
     assert code == 0, err
