@@ -255,3 +255,4 @@ class AuditEvent(Base):
 
 
 from fleet_server.trust_tables import Publisher, ServerKeyRotation, TrustChange  # noqa: E402,F401 - registers the trust-chain tables on Base
+from fleet_server.replica_tables import ArtifactChunk, FleetIdentity  # noqa: E402,F401 - registers the replica tables on Base
