@@ -28,20 +28,38 @@ from edgekit.errors import BundleError, HostKeyError, InputError, RemoteError, R
 if TYPE_CHECKING:
     import paramiko
 
-__all__ = ["SshPushResult", "SshTarget", "default_known_hosts", "host_key_fingerprint", "push_over_ssh", "remote_install_argv"]
+__all__ = ["SshPushResult", "SshTarget", "default_known_hosts", "host_key_fingerprint", "push_over_ssh", "pusher_publisher_keys",
+           "remote_install_argv"]
 
 Progress = Callable[[int, int], None]
 _TARGET = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@\s:\[\]]+)(?::(?P<port>\d{1,5}))?$")
 
 
-def remote_install_argv(edgekit: str, remote_bundle: str, remote_dir: str) -> list[str]:
+def remote_install_argv(edgekit: str, remote_bundle: str, remote_dir: str, trusted_keys: tuple[str, ...] = ()) -> list[str]:
     """The command run on the device once the bundle is there and its sha256 matches.
 
     The device agent takes it from here: it verifies, profiles and activates the bundle in its
     own data directory (the previous model stays active if anything fails) and prints its result
-    as JSON.
+    as JSON. ``trusted_keys`` are passed as ``--trusted-key`` (added to any the device has configured).
     """
-    return [edgekit, "agent", "install", remote_bundle, "--data-dir", f"{remote_dir}/agent", "--json"]
+    keys = [arg for k in trusted_keys for arg in ("--trusted-key", k)]
+    return [edgekit, "agent", "install", remote_bundle, "--data-dir", f"{remote_dir}/agent", *keys, "--json"]
+
+
+def pusher_publisher_keys() -> tuple[str, ...]:
+    """The public half of this machine's signing key when it has one (the device is told to trust the
+    bundles its pusher publishes: whoever can log in over SSH could install anything anyway)."""
+    import os
+
+    from edgekit import signing
+    from edgekit.errors import InputError
+
+    if not (os.environ.get("EDGEKIT_SIGNING_KEY_PEM") or signing.default_key_path().exists()):
+        return ()
+    try:
+        return (signing.public_key_b64(signing.load_or_create_key()),)
+    except InputError:  # e.g. encrypted and no passphrase here: the device's own trusted keys decide
+        return ()
 
 
 def default_known_hosts() -> Path:
@@ -241,9 +259,13 @@ def push_over_ssh(
     timeout: float = 15.0,
     command_timeout: float = 600.0,
     progress: Progress | None = None,
+    trusted_keys: tuple[str, ...] | None = None,
 ) -> SshPushResult:
     """Verify ``bundle`` here, upload it to ``remote_dir/bundles/`` on ``target``, check its sha256 there
-    and run :func:`remote_install_argv` on the device. Relative remote paths are under the login's home."""
+    and run :func:`remote_install_argv` on the device. Relative remote paths are under the login's home.
+
+    ``trusted_keys``: publisher keys the device is told to trust for this install (default: this
+    machine's signing key, :func:`pusher_publisher_keys`)."""
     known_hosts = known_hosts or default_known_hosts()
     remote_dir = remote_dir.rstrip("/") or "/"
     if remote_dir.startswith("~/"):
@@ -275,7 +297,8 @@ def push_over_ssh(
             except (paramiko.SSHException, OSError) as e:
                 raise RemoteError(f"{target}: upload to {part} failed ({e or type(e).__name__})",
                                   "Check free space and permissions under --remote-dir on the device.") from None
-            argv = remote_install_argv(remote_edgekit, final, remote_dir)
+            keys = pusher_publisher_keys() if trusted_keys is None else trusted_keys
+            argv = remote_install_argv(remote_edgekit, final, remote_dir, keys)
             command = shlex.join(argv)
             code, out, err = _run(client, command, command_timeout)
         finally:

@@ -61,9 +61,11 @@ def _trust_flags() -> dict:
     keys, insecure = ctx.meta.get(_TRUST_META, ((), False)) if ctx else ((), False)
     from device_agents.settings import parse_trusted_keys
 
+    from device_agents.settings import trusted_keys_from_env
+
     out: dict = {}
-    if keys:
-        out["trusted_keys"] = parse_trusted_keys(keys)
+    if keys:  # added to the device's configured keys (EDGEKIT_AGENT_TRUSTED_KEYS), never replacing them
+        out["trusted_keys"] = tuple(dict.fromkeys((*trusted_keys_from_env(), *parse_trusted_keys(keys))))
     if insecure:
         out["insecure_any_publisher"] = True
     return out
