@@ -2,7 +2,8 @@
 # make demo: the main job end to end on the embedded defaults (SQLite, a local artifact
 # directory, loopback): train the MNIST example (cached), convert it for four devices, run a
 # fleet server and three device agents, roll the model out in waves, then route predictions
-# device-first with a cloud model behind, and once more with the cloud stopped.
+# device-first with a cloud model behind, and once more with the cloud stopped; end with the field:
+# per-version statistics from the devices' telemetry and the dashboard's address.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export EDGEKIT_SIGNING_KEY=${EDGEKIT_SIGNING_KEY:-$PWD/.cache/demo/signing_key.pem}
@@ -58,7 +59,7 @@ export EDGEKIT_SERVER=http://127.0.0.1:$PORT
 edgekit server start --data-dir "$FLEET/server" --port "$PORT" --poll-interval 1 --log-level warning &
 PIDS+=($!)
 wait_ready "$EDGEKIT_SERVER/readyz"
-export EDGEKIT_TOKEN=$(edgekit server token create --scope admin --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+export EDGEKIT_TOKEN=$(edgekit server token create --scope admin --name demo-admin --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 ENROLL=$(edgekit server token create --scope enroll --data-dir "$FLEET/server" --json | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 echo "server on $EDGEKIT_SERVER; admin and enroll tokens created (only their hashes are stored)"
 # Only bundles signed by an allowed publisher key are stored and run: allow the key convert signed with.
@@ -119,5 +120,46 @@ edgekit router eval --bundle bundles/mnist-router/mnist-raspberry-pi-5-tflite --
   --cloud-model mnist --data .cache/examples/mnist/router_test.npz
 
 echo
+echo "== 12. The field: each device answers the 200 held-out router test images with its active model; the agents post the telemetry =="
+# The app on each device: the model the agent made active (edgekit.runtime.load_active), the threshold the
+# router was calibrated for in step 9, no cloud (escalated requests are answered by the device, degraded),
+# every prediction recorded for the agent (device_agents.telemetry.Recorder).
+FLEET="$FLEET" python - <<'PY'
+import os, time
+import numpy as np
+from device_agents.telemetry import Recorder
+from edgekit.runtime import load_active
+from edgekit.bundle import open_bundle
+from hybrid_router.policy import EscalationPolicy, decide_batch
+
+rule = EscalationPolicy.from_router_policy(open_bundle("bundles/mnist-router/mnist-raspberry-pi-5-tflite").manifest.router_policy)
+with np.load(".cache/examples/mnist/router_test.npz") as t:
+    x = t["x"].astype(np.float32)
+for dev in ("raspberry-pi-5", "pixel-8", "coral-edgetpu"):
+    data = f"{os.environ['FLEET']}/agent-{dev}"
+    model, rec = load_active(data), Recorder(data, background=False)
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        out = np.asarray(model.predict(x[i:i + 1]))
+        _, conf, _, esc = decide_batch(out, rule)
+        rec.record(latency_ms=(time.perf_counter() - t0) * 1000, confidence=float(conf[0]), escalated=bool(esc[0]), degraded=bool(esc[0]),
+                   model_sha256=model.sha256, model_version=model.version)
+    rec.close()
+    print(f"{dev}: {len(x)} requests on {model.version} ({model.sha256[:12]}), {int(np.sum(decide_batch(np.asarray(model.predict(x)), rule)[3]))} escalated")
+PY
+sleep 3  # a few poll intervals: the agents post what the apps recorded
+
+echo
+echo "== 13. Per-version field statistics, and the dashboard =="
+edgekit fleet stats mnist
+edgekit fleet stats mnist 1.0.0 --bucket 60
+edgekit rollout list
+edgekit audit --limit 10
+echo
+echo "Dashboard: $EDGEKIT_SERVER/dashboard  (sign in with the admin token: $EDGEKIT_TOKEN)"
 echo "Bundles, report.json and report.md are in $OUT/; the calibrated bundle and its report in bundles/mnist-router/."
+if [ "${EDGEKIT_DEMO_KEEP:-0}" = 1 ]; then
+  echo "EDGEKIT_DEMO_KEEP=1: the server and the agents keep running; Ctrl-C stops them."
+  wait "${PIDS[0]}" || true
+fi
 echo "Stopping the server and the agents."
