@@ -10,6 +10,7 @@ import numpy as np
 
 from converters.base import Converter, Recipe
 from converters.evaluate import Evaluation, evaluate
+from converters.memory import release_freed_memory
 from edgekit.bundle import _size
 from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError
 from edgekit.manifest import Attempt, TensorSpec
@@ -81,6 +82,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     best: Candidate | None = None
     for i, recipe in enumerate(recipes):
         ctx.check_interrupted()
+        release_freed_memory()
         skip = ctx.memory.skip_reason(ctx, conv, recipe)
         if skip:
             attempts.append(_attempt(recipe, skipped=skip))

@@ -1,0 +1,234 @@
+"""Peak memory and wall time of conversion, per recipe, for real-sized models: edgekit vs the plain tools.
+
+Models (no downloads): Keras EfficientNetB0, MobileNetV3Small and ResNet50 with ``weights=None``
+at 224x224, and the ``onnx`` wheel's IR-3 ResNet-50 (``light_resnet50.onnx``). Calibration: 32
+seeded random images (the checks' numbers mean nothing on random weights; memory and time do).
+
+Every measurement is one fresh child process (``ru_maxrss`` of that child, wall time of the
+child), so TensorFlow's caches from one cannot inflate the next:
+
+- ``edgekit <recipe>``: one recipe through edgekit's converter (source load + the recipe's
+  ``convert``), for raspberry-pi-5.
+- ``plain tflite``: ``TFLiteConverter.from_keras_model`` + a representative dataset, full int8.
+- ``plain ort``: ``quant_pre_process`` + ``quantize_static`` (QDQ, MinMax, per-channel), ONNX
+  Runtime's defaults (every calibration sample's intermediate outputs held at once).
+- ``edgekit convert``: the whole CLI run (``--task generic``, both formats, every recipe it tries).
+
+    python bench/convert_memory.py [--models efficientnetb0,...] [--samples 32] [--skip-full]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import time
+
+from bench.harness import ROOT, host_facts, prepare_process, print_table, write_result
+
+NAME = "convert_memory"
+MODELS = ("efficientnetb0", "mobilenetv3small", "resnet50", "zoo-resnet50")
+GOAL_MB = 4096  # issue 10: under 4 GB on any recipe for a model under 100 MB
+PROFILE = "raspberry-pi-5"
+
+
+def _build(name: str, scratch: Path, samples: int) -> tuple[Path, Path]:
+    import numpy as np
+
+    d = scratch / name
+    d.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    if name == "zoo-resnet50":
+        import onnx
+
+        model = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+        x = rng.uniform(0, 1, size=(samples, 3, 224, 224)).astype(np.float32)
+    else:
+        import keras
+
+        ctor = {"efficientnetb0": keras.applications.EfficientNetB0, "mobilenetv3small": keras.applications.MobileNetV3Small,
+                "resnet50": keras.applications.ResNet50}[name]
+        model = d / f"{name}.keras"
+        keras.utils.set_random_seed(0)
+        ctor(weights=None, input_shape=(224, 224, 3)).save(model)
+        x = rng.uniform(0, 255, size=(samples, 224, 224, 3)).astype(np.float32)
+    calib = d / "calib.npz"
+    np.savez(calib, x=x)
+    return model, calib
+
+
+# --- children ------------------------------------------------------------------------------------
+
+def _child_edgekit_recipe(model: Path, calib: Path, fmt: str, recipe_name: str, out: Path) -> dict:
+    from converters import get_converter
+    from converters.dataset import load_dataset
+    from converters.memory import MemoryPlan, default_max_memory_mb
+    from converters.source import load_source
+    from edgekit.profiles import find_profile
+
+    prof = find_profile(PROFILE)
+    source = load_source(model, out)
+    source.cache["calibration_chunk"] = MemoryPlan(default_max_memory_mb()).chunk(source)
+    data = load_dataset(calib, role="calibration", inputs=source.inputs)
+    conv = get_converter(fmt)
+    recipe = next(r for r in conv.recipes(prof, len(data), 500) if r.name == recipe_name)
+    d = out / "r"
+    d.mkdir()
+    path = conv.convert(source, prof, recipe, data.x, d)
+    return {"file_bytes": sum(p.stat().st_size for p in [path] if p.is_file())}
+
+
+def _child_plain_tflite(model: Path, calib: Path, out: Path) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.load(calib)["x"]
+    m = tf.keras.models.load_model(model, compile=False)
+    conv = tf.lite.TFLiteConverter.from_keras_model(m)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[i : i + 1]] for i in range(len(x)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    flat = conv.convert()
+    (out / "plain.tflite").write_bytes(flat)
+    return {"file_bytes": len(flat)}
+
+
+def _child_plain_ort(model: Path, calib: Path, out: Path) -> dict:
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if model.suffix == ".onnx":
+        src = model
+    else:  # the export a user would do: tf2onnx from the Keras model
+        src = out / "float.onnx"
+        subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(_export(model, out)), "--output", str(src),
+                        "--opset", "17"], check=True, capture_output=True)
+    pre = out / "pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+    x = np.load(calib)["x"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(x[i : i + 1] for i in range(len(x)))
+
+        def get_next(self):
+            a = next(self.it, None)
+            return None if a is None else {name: a}
+
+    quantize_static(str(pre), str(out / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return {"file_bytes": (out / "q.onnx").stat().st_size}
+
+
+def _export(model: Path, out: Path) -> Path:
+    import tensorflow as tf
+
+    m = tf.keras.models.load_model(model, compile=False)
+    d = out / "sm"
+    m.export(str(d), input_signature=[tf.TensorSpec((1, *m.inputs[0].shape[1:]), tf.float32)], verbose=False)
+    return d
+
+
+def _child(argv: list[str]) -> int:
+    kind, model, calib, out = argv[0], Path(argv[1]), Path(argv[2]), Path(argv[3])
+    from bench.harness import quiet
+
+    t0 = time.perf_counter()
+    error = None
+    with quiet():
+        try:
+            if kind == "plain-tflite":
+                info = _child_plain_tflite(model, calib, out)
+            elif kind == "plain-ort":
+                info = _child_plain_ort(model, calib, out)
+            else:
+                fmt, recipe = argv[4], argv[5]
+                info = _child_edgekit_recipe(model, calib, fmt, recipe, out)
+        except Exception as e:  # a failing side is a row, not a crash
+            info, error = {}, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    info |= {"wall_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error}
+    print("RESULT " + json.dumps(info), flush=True)
+    return 0
+
+
+def _run_child(args: list[str], scratch: Path, label: str) -> dict:
+    out = scratch / f"run-{label}".replace(" ", "_").replace("/", "_")
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args[:3], str(out), *args[3:]], cwd=ROOT,
+                          capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"wall_s": None, "peak_rss_mb": None, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"}
+    return json.loads(line[len("RESULT "):])
+
+
+def _run_full(model: Path, calib: Path, scratch: Path, label: str) -> dict:
+    out = scratch / f"full-{label}"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "import resource, sys; from edgekit.cli import main; rc = main(sys.argv[1:]); "
+                           "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)",
+                           "convert", str(model), "--profile", PROFILE, "--calibration", str(calib), "--out", str(out), "--task", "generic",
+                           "--latency-runs", "5", "--json"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = next((float(ln.split()[1]) for ln in proc.stdout.splitlines() if ln.startswith("PEAK")), None)
+    err = None if proc.returncode == 0 else proc.stderr.strip().splitlines()[0][:200] if proc.stderr.strip() else f"exit {proc.returncode}"
+    return {"wall_s": wall, "peak_rss_mb": peak, "error": err}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        return _child(argv[1:])
+    ap = argparse.ArgumentParser(prog="bench/convert_memory.py")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--skip-full", action="store_true", help="skip the whole 'edgekit convert' runs")
+    a = ap.parse_args(argv)
+    scratch = prepare_process()
+    host = host_facts()
+    rows, results = [], []
+    sides = [("edgekit tflite int8-per-channel", ["tflite", "int8-per-channel"]), ("edgekit tflite int16x8", ["tflite", "int16x8"]),
+             ("plain tflite", None), ("edgekit onnx qdq-minmax-per-channel", ["onnx", "qdq-minmax-per-channel"]),
+             ("edgekit onnx qdq-percentile-per-channel", ["onnx", "qdq-percentile-per-channel"]),
+             ("edgekit onnx qdq-minmax-per-tensor-keep1", ["onnx", "qdq-minmax-per-tensor-keep1"]), ("plain ort", None)]
+    for name in a.models.split(","):
+        print(f"{name}: building", flush=True)
+        model, calib = _build(name, scratch, a.samples)
+        size_mb = model.stat().st_size / 1e6
+        for label, spec in sides:
+            if model.suffix == ".onnx" and "tflite" in label:
+                continue
+            print(f"{name}: {label}", flush=True)
+            if spec is None:
+                r = _run_child(["plain-tflite" if "tflite" in label else "plain-ort", str(model), str(calib)], scratch, f"{name}-{label}")
+            else:
+                r = _run_child(["edgekit", str(model), str(calib), *spec], scratch, f"{name}-{label}")
+            results.append({"model": name, "model_mb": size_mb, "side": label, **r})
+        if not a.skip_full:
+            print(f"{name}: edgekit convert (whole run)", flush=True)
+            results.append({"model": name, "model_mb": size_mb, "side": "edgekit convert (whole run, --task generic)",
+                            **_run_full(model, calib, scratch, name)})
+    for r in results:
+        ok = r["peak_rss_mb"] is not None and r["peak_rss_mb"] <= GOAL_MB
+        rows.append([r["model"], r["side"], f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-", f"{r['wall_s']:.1f}" if r["wall_s"] else "-",
+                     "yes" if ok else "NO", r["error"] or ""])
+    print_table(f"Peak RSS per recipe (fresh process each), {a.samples} calibration images, goal <= {GOAL_MB} MB",
+                ["model", "side", "peak RSS MB", "wall s", "<= 4 GB", "error"], rows, text_columns=2)
+    write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
