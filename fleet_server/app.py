@@ -24,6 +24,9 @@ from fleet_server.errors import Unavailable, http_status
 from fleet_server.hardening import ConnectionCloseOn5xx, JsonShapeMiddleware, allowed_methods, document_limits
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
+from fleet_server.leadership import leadership_for
+from fleet_server.replicas import ReplicaGuard, check_schema, claim_signing_key, key_mismatch
+from fleet_server.revocations import RevocationListener
 from fleet_server.responses import ErrorBody
 from fleet_server.routers import dashboard, device, fleet, governance, models, public, rollouts, stats
 from fleet_server.services.engine import step_all
@@ -41,8 +44,13 @@ __all__ = ["bootstrap", "create_app"]
 log = logging.getLogger("edgekit.fleet")
 
 
-def bootstrap(settings: Settings) -> AppContext:
-    """Open the database and migrate it, load or create the signing key, open the artifact store."""
+def bootstrap(settings: Settings, *, exclusive_sqlite: bool = False) -> AppContext:
+    """Open the database (SQLite: migrate it; PostgreSQL: check it is migrated), load or create the signing key
+    (the fleet's, when replicas share the database), open the artifact store.
+
+    ``exclusive_sqlite``: refuse to start while another server process serves the same SQLite file
+    (``edgekit server start``); otherwise that is only logged (fleet_server.leadership).
+    """
     try:
         if not settings.data_dir.exists():
             settings.data_dir.mkdir(parents=True, mode=0o700)
@@ -52,9 +60,15 @@ def bootstrap(settings: Settings) -> AppContext:
     except OSError as e:
         raise OutputError(f"cannot write to the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir the server can write.") from None
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
-    head = db.migrate()
+    if db.dialect == "sqlite":  # the embedded default migrates at start; replicas on PostgreSQL: 'edgekit server migrate', once
+        head = db.migrate()
+    else:
+        head = db.head()
+        check_schema(db, head)
     ctx = AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
     finish_pending_rotation(ctx)  # a server key rotation cut short by a crash
+    claim_signing_key(db, ctx.key.key_id)  # replicas must sign with one key
+    ctx.leadership = leadership_for(db.dialect, db.url, exclusive_sqlite=exclusive_sqlite)
     sweep_orphan_artifacts(ctx)
     return ctx
 
@@ -62,7 +76,9 @@ def bootstrap(settings: Settings) -> AppContext:
 def engine_tick(ctx: AppContext) -> None:
     """One pass of the background loop: write buffered last-seen times, advance every rollout."""
     ctx.last_seen.flush(ctx.db)
-    step_all(ctx)
+    ctx.refusal = key_mismatch(ctx)  # a rotation through another replica
+    if ctx.refusal is None:
+        step_all(ctx)
 
 
 async def _engine_loop(ctx: AppContext) -> None:
@@ -129,6 +145,8 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
         gc.freeze()  # the import-time heap is never garbage: keep it out of every later full collection (shorter GC pauses)
         ctx.telemetry = TelemetryWriter(ctx.db, ctx.settings.telemetry_queue_points)
         ctx.telemetry.start()
+        if ctx.db.dialect == "postgresql":
+            ctx.revocations = RevocationListener(ctx.db.url, ctx.tokens).start()
         task = asyncio.create_task(_engine_loop(ctx))
         try:
             yield
@@ -140,6 +158,9 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
                 pass
             await run_in_threadpool(ctx.telemetry.stop)  # writes what is queued
             await run_in_threadpool(ctx.last_seen.flush, ctx.db)
+            if ctx.revocations is not None:
+                await run_in_threadpool(ctx.revocations.stop)
+            ctx.leadership.close()
             ctx.db.dispose()
 
     app = FastAPI(title="edgekit fleet server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,  # /docs: routers.dashboard
@@ -159,6 +180,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     app.add_middleware(NulMiddleware)
     app.add_middleware(AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(ReplicaGuard)  # 503 while this replica's signing key is not the fleet's
     app.add_middleware(ConnectionCloseOn5xx)
     document_limits(app)
     return app

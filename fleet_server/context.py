@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import bindparam, update
 
 from fleet_server.db import Database, utcnow
+from fleet_server.leadership import EngineLeadership
 from fleet_server.settings import Settings
 from fleet_server.signer import ServerKey
 from fleet_server.storage import ArtifactStore
@@ -16,6 +17,7 @@ from fleet_server.tables import Device
 from fleet_server.tokens import TokenCache
 
 if TYPE_CHECKING:
+    from fleet_server.revocations import RevocationListener
     from fleet_server.writer import TelemetryWriter
 
 __all__ = ["AppContext", "LastSeen"]
@@ -65,3 +67,6 @@ class AppContext:
     head: str = ""
     upload_lock: threading.Lock = field(default_factory=threading.Lock)  # artifact writes + their transaction (registry.store_version)
     telemetry: TelemetryWriter | None = None  # the telemetry group-commit writer; started in the app's lifespan
+    leadership: EngineLeadership = field(default_factory=EngineLeadership)  # which replica runs the rollout engine
+    refusal: str | None = None  # set while this replica must not serve (fleet_server.replicas); checked on each engine tick
+    revocations: RevocationListener | None = None  # PostgreSQL: token revocations from every replica

@@ -39,6 +39,8 @@ class Settings(BaseModel):
     telemetry_queue_points: int = Field(default=100_000, ge=1000,
                                         description="Telemetry points queued for the writer at most; a post over it gets 503 + Retry-After.")
     upload_validation_timeout_s: float = Field(default=120.0, gt=0, description="Longest an upload's validation may take (else 400 validation_timeout).")
+    trusted_proxies: str = Field(default="", description="Comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For and "
+                                 "X-Forwarded-Proto the server believes (the audit log's client address); empty: none, the peer is the client.")
     log_level: str = "info"
 
     @property

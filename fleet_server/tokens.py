@@ -67,15 +67,16 @@ class TokenCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
+        self.enabled = True  # off while a replica's revocation listener is down (fleet_server.revocations)
 
     def get(self, token_hash: str) -> Principal | None:
-        hit = self._entries.get(token_hash)
+        hit = self._entries.get(token_hash) if self.enabled else None
         if hit is None or hit[0] < time.monotonic():
             return None
         return hit[1]
 
     def put(self, token_hash: str, principal: Principal) -> None:
-        if self.ttl_s <= 0 or principal.scope == "admin":
+        if self.ttl_s <= 0 or principal.scope == "admin" or not self.enabled:
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:
@@ -86,6 +87,11 @@ class TokenCache:
         """Forget a token (revoked in this process: refused here at once)."""
         with self._lock:
             self._entries.pop(token_hash, None)
+
+    def clear(self) -> None:
+        """Forget everything (a replica's revocation listener (re)connected: it may have missed some)."""
+        with self._lock:
+            self._entries.clear()
 
     def drop_device(self, device_id: str) -> None:
         """Forget every cached token of a device (decommissioned)."""

@@ -33,21 +33,48 @@ def server() -> None:
 @click.option("--max-upload-mb", type=float, default=None, help="Largest accepted upload (EDGEKIT_MAX_UPLOAD_MB, default 512).")
 @click.option("--poll-interval", "poll_interval_s", type=int, default=None, help="Seconds between device polls (EDGEKIT_POLL_INTERVAL_S).")
 @click.option("--log-level", default=None, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--trusted-proxies", default=None, help="Proxies whose X-Forwarded-* headers are believed (EDGEKIT_TRUSTED_PROXIES; default none).")
 def start(**options) -> None:  # noqa: ANN003
-    """Migrate the database, then serve the fleet API until interrupted."""
+    """Serve the fleet API until interrupted (SQLite: migrates first; PostgreSQL: run 'server migrate' once before)."""
     settings = _settings(**options)
     import uvicorn
 
     from fleet_server.app import bootstrap, create_app
 
-    ctx = bootstrap(settings)  # migrations and the key now, so a bad --db fails before listening
+    ctx = bootstrap(settings, exclusive_sqlite=True)  # schema and key checked now, so a bad --db fails before listening
     click.echo(f"edgekit fleet server on http://{settings.host}:{settings.port} "
                f"(database {ctx.db.dialect}, migration {ctx.head}, key {ctx.key.key_id}, data {settings.data_dir})", err=True)
     try:
         uvicorn.run(create_app(settings, context=ctx), host=settings.host, port=settings.port, log_level=settings.log_level,
-                    access_log=settings.log_level == "debug", timeout_keep_alive=75)
+                    access_log=settings.log_level == "debug", timeout_keep_alive=75,
+                    proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None)
     except OSError as e:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", "Pick another --port or --host.") from None
+
+
+@server.command()
+@click.option("--db", default=None, help="Database URL (EDGEKIT_DB); default SQLite in the data dir.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Data dir (EDGEKIT_DATA_DIR), for the default SQLite file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def migrate(db: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Upgrade the database schema to this version's newest migration (once per upgrade, before starting replicas)."""
+    settings = _settings(db=db, data_dir=data_dir)
+    from fleet_server.db import Database
+
+    if settings.db is None and not settings.data_dir.exists():
+        try:
+            settings.data_dir.mkdir(parents=True, mode=0o700)
+        except OSError as e:
+            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
+    database = Database(settings.database_url)
+    try:
+        before = database.current()
+        head = database.migrate()
+    finally:
+        database.dispose()
+    data = {"database": database.dialect, "from": before, "to": head, "changed": before != head}
+    emit(data, as_json, lambda: click.echo(f"database {database.url.render_as_string(hide_password=True)}: "
+                                           + (f"migrated {before or 'empty'} -> {head}" if before != head else f"already at {head}")))
 
 
 def _add_trust_commands() -> None:

@@ -21,11 +21,15 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 def readyz(ctx: CtxDep) -> Response:
-    """Ready when the database answers and is at this package's newest migration."""
+    """Ready when the database answers, is at this package's newest migration, and this replica may serve
+    (its signing key is the fleet's). ``engine``: whether this replica runs the rollout engine."""
     current = ctx.db.current()
-    if current is None or current != ctx.head:
-        return JSONResponse({"status": "not_ready", "database": ctx.db.dialect, "migrations": current, "expected": ctx.head}, status_code=503)
-    return JSONResponse({"status": "ready", "database": ctx.db.dialect, "migrations": current})
+    engine = "leader" if ctx.leadership.holds() else "standby"
+    if current is None or current != ctx.head or ctx.refusal:
+        return JSONResponse({"status": "not_ready", "database": ctx.db.dialect, "migrations": current, "expected": ctx.head,
+                             "reason": ctx.refusal or ("database unreachable" if current is None else "schema version differs"),
+                             "engine": engine}, status_code=503)
+    return JSONResponse({"status": "ready", "database": ctx.db.dialect, "migrations": current, "engine": engine})
 
 
 @router.get("/metrics", response_class=Response,

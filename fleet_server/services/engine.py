@@ -26,7 +26,7 @@ from fleet_server.services.gates import bake_progress, evaluate_device_gates, ev
 from fleet_server.services.lifecycle import move_rollout, move_wave
 from fleet_server.tables import Assignment, Rollout, RolloutDevice, RolloutWave
 
-__all__ = ["ACTIVE_STATES", "evaluate", "evaluate_gates", "revert_devices", "start_wave", "step_all"]
+__all__ = ["ACTIVE_STATES", "evaluate", "evaluate_gates", "evaluate_if_leader", "revert_devices", "start_wave", "step_all"]
 
 ACTIVE_STATES = ACTIVE_ROLLOUT_STATES
 OPEN_WAVES = ("running", "baking")
@@ -199,8 +199,19 @@ def evaluate(ctx: AppContext, rollout_id: str) -> None:
             move_rollout(r, "all_passed", now)
 
 
+def evaluate_if_leader(ctx: AppContext, rollout_id: str) -> None:
+    """``evaluate`` in the replica that runs the engine (fleet_server.leadership); the others leave it to the leader's next tick."""
+    if ctx.leadership.holds():
+        evaluate(ctx, rollout_id)
+
+
 def step_all(ctx: AppContext) -> None:
-    """One engine step for every running or paused rollout; one that fails is logged and never holds up the others."""
+    """One engine step for every running or paused rollout; one that fails is logged and never holds up the others.
+
+    Only the replica holding the engine's leadership steps (``ctx.leadership``; always true on SQLite).
+    """
+    if not ctx.leadership.acquire():
+        return
     with ctx.db.read() as s:
         ids = list(s.execute(select(Rollout.id).where(Rollout.state.in_(ACTIVE_STATES))).scalars())
     for rollout_id in ids:

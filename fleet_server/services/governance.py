@@ -12,6 +12,7 @@ from edgekit.protocol import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
 from fleet_server.errors import Conflict, InvalidRequest, NotFound
+from fleet_server.revocations import announce_revocation
 from fleet_server.tables import AuditEvent, Device, Rollout, RolloutDevice, RolloutWave, Token
 from fleet_server.tokens import create_token
 
@@ -67,6 +68,7 @@ def revoke_token(ctx: AppContext, ref: str, by_token_id: int | None) -> dict[str
         if t.revoked_at is None:
             t.revoked_at = utcnow()
         ctx.tokens.drop(t.token_hash)
+        announce_revocation(s, token_hash=t.token_hash)  # every other replica drops it from its cache at commit
         return _token_public(t)
 
 
@@ -85,6 +87,7 @@ def decommission(ctx: AppContext, device_id: str) -> dict[str, Any]:
             d.decommissioned_at = now
         s.execute(update(Token).where(Token.device_id == device_id, Token.revoked_at.is_(None)).values(revoked_at=now))
         ctx.tokens.drop_device(device_id)
+        announce_revocation(s, device_id=device_id)
         return {"id": d.id, "name": d.name, "decommissioned_at": utc(d.decommissioned_at)}
 
 

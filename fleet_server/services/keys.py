@@ -28,11 +28,12 @@ from edgekit import signing
 from edgekit.trust import ROTATION_TYPE, sign_document
 from fleet_server.context import AppContext
 from fleet_server.db import utcnow
+from fleet_server.replicas import record_signing_key
 from fleet_server.signer import ServerKey
 from fleet_server.tables import Device
 from fleet_server.trust_tables import ServerKeyRotation
 
-__all__ = ["finish_pending_rotation", "rotate_server_key", "rotation_chain"]
+__all__ = ["finish_pending_rotation", "rotate_server_key", "rotation_chain", "rotation_in_progress"]
 
 log = logging.getLogger("edgekit.fleet")
 _ROTATE_LOCK = threading.Lock()
@@ -79,6 +80,11 @@ def _resign_desired(session: Session, key: ServerKey) -> int:
     return count
 
 
+def rotation_in_progress() -> bool:
+    """True while this process rotates its key (the database may already name the new key, ``ctx.key`` not yet)."""
+    return _ROTATE_LOCK.locked()
+
+
 def rotate_server_key(ctx: AppContext) -> dict[str, Any]:
     """Make a new server key, announce it signed by the current one, re-sign desired states, switch."""
     with _ROTATE_LOCK:
@@ -97,6 +103,7 @@ def rotate_server_key(ctx: AppContext) -> dict[str, Any]:
             s.add(ServerKeyRotation(sequence=sequence, old_key_id=old.key_id, new_key_id=new.key_id, new_public_key=new.public_key,
                                     payload=doc["payload"], signature=doc["signature"], created_at=now))
             resigned = _resign_desired(s, new)
+            record_signing_key(s, new.key_id)  # every replica sees the change (fleet_server.replicas)
         os.replace(_next_path(key_path), key_path)
         _fsync_dir(key_path.parent)
         ctx.key = new

@@ -17,6 +17,7 @@ from edgekit.protocol import MODEL_NAME_PATTERN, VERSION_PATTERN
 from fleet_server.context import AppContext
 from fleet_server.db import utc, utcnow
 from fleet_server.errors import BadRequest, Conflict, InvalidRequest, NotFound
+from fleet_server.replicas import serialised_upload
 from fleet_server.services.publishers import allowed_keys
 from fleet_server.services.validation import ValidatedBundle, validate_ekb
 from fleet_server.tables import Artifact, Model, ModelVersion, VersionArtifact
@@ -158,7 +159,7 @@ def store_version(ctx: AppContext, name: str, version: str, checked: list[Valida
     deletes a file it created only when no committed row references it, and no other upload can be
     between its own file write and its commit at that moment (else its file could vanish under it).
     """
-    with ctx.upload_lock:
+    with serialised_upload(ctx):  # every replica's uploads, through the database (fleet_server.replicas)
         return _store(ctx, name, version, checked)
 
 

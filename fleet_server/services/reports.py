@@ -13,7 +13,7 @@ from fleet_server.context import AppContext
 from fleet_server.db import utcnow
 from fleet_server.errors import Forbidden
 from fleet_server.schemas import TERMINAL_PHASES, ProfiledMetrics, ReportRequest
-from fleet_server.services.engine import evaluate
+from fleet_server.services.engine import evaluate_if_leader
 from fleet_server.tables import Assignment, Device, Report, RolloutDevice
 
 __all__ = ["record_report"]
@@ -70,7 +70,7 @@ def record_report(ctx: AppContext, device_id: str, req: ReportRequest) -> dict[s
     except IntegrityError:  # a concurrent copy of this report won the unique constraint
         return _DUPLICATE
     try:
-        evaluate(ctx, a.rollout_id)
+        evaluate_if_leader(ctx, a.rollout_id)
     except Exception:  # noqa: BLE001 - the report is stored; the engine loop takes the step on its next tick
         log.exception("rollout step after a report failed; the engine loop will retry")
     return {"accepted": True, "duplicate": False}
