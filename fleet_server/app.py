@@ -25,7 +25,8 @@ from fleet_server.hardening import ConnectionCloseOn5xx, JsonShapeMiddleware, al
 from fleet_server.limits import BodyLimitMiddleware, NulMiddleware
 from fleet_server.metrics import FleetMetrics, MetricsMiddleware
 from fleet_server.leadership import leadership_for
-from fleet_server.replicas import ReplicaGuard, check_schema, claim_signing_key, key_mismatch
+from fleet_server.artifacts_db import DatabaseArtifactStore
+from fleet_server.replicas import ReplicaGuard, check_schema, claim_signing_key, key_mismatch, serialised_upload
 from fleet_server.revocations import RevocationListener
 from fleet_server.responses import ErrorBody
 from fleet_server.routers import dashboard, device, fleet, governance, models, public, rollouts, stats
@@ -35,7 +36,7 @@ from fleet_server.services.keys import finish_pending_rotation
 from fleet_server.services.registry import sweep_orphan_artifacts
 from fleet_server.settings import Settings
 from fleet_server.signer import ServerKey
-from fleet_server.storage import DirectoryArtifactStore
+from fleet_server.storage import ArtifactStore, DirectoryArtifactStore
 from fleet_server.tokens import TokenCache
 from fleet_server.writer import TelemetryWriter
 
@@ -54,8 +55,10 @@ def bootstrap(settings: Settings, *, exclusive_sqlite: bool = False) -> AppConte
     try:
         if not settings.data_dir.exists():
             settings.data_dir.mkdir(parents=True, mode=0o700)
-        store = DirectoryArtifactStore(settings.artifacts_dir)
-        store.clear_temporaries()
+        store: ArtifactStore | None = None
+        if settings.artifact_store == "directory":
+            store = DirectoryArtifactStore(settings.artifacts_dir)
+            store.clear_temporaries()
         key = ServerKey.load_or_create(settings.key_path)
     except OSError as e:
         raise OutputError(f"cannot write to the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir the server can write.") from None
@@ -65,11 +68,14 @@ def bootstrap(settings: Settings, *, exclusive_sqlite: bool = False) -> AppConte
     else:
         head = db.head()
         check_schema(db, head)
+    if store is None:
+        store = DatabaseArtifactStore(db)
     ctx = AppContext(settings=settings, db=db, store=store, key=key, tokens=TokenCache(settings.token_cache_ttl_s), head=head)
     finish_pending_rotation(ctx)  # a server key rotation cut short by a crash
     claim_signing_key(db, ctx.key.key_id)  # replicas must sign with one key
     ctx.leadership = leadership_for(db.dialect, db.url, exclusive_sqlite=exclusive_sqlite)
-    sweep_orphan_artifacts(ctx)
+    with serialised_upload(ctx):  # another replica may be between an artifact write and its commit
+        sweep_orphan_artifacts(ctx)
     return ctx
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from edgekit.errors import UsageError
 from fleet_server.db import Database, utcnow
-from fleet_server.replica_tables import FleetIdentity
+from fleet_server.tables import FleetIdentity  # (defined in fleet_server.replica_tables)
 
 if TYPE_CHECKING:
     from fleet_server.context import AppContext

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,6 +39,8 @@ class Settings(BaseModel):
     telemetry_queue_points: int = Field(default=100_000, ge=1000,
                                         description="Telemetry points queued for the writer at most; a post over it gets 503 + Retry-After.")
     upload_validation_timeout_s: float = Field(default=120.0, gt=0, description="Longest an upload's validation may take (else 400 validation_timeout).")
+    artifact_store: Literal["directory", "database"] = Field(
+        default="directory", description="Where artifact bytes live: the data dir (one server), or the database (replicas without a shared disk).")
     trusted_proxies: str = Field(default="", description="Comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For and "
                                  "X-Forwarded-Proto the server believes (the audit log's client address); empty: none, the peer is the client.")
     log_level: str = "info"

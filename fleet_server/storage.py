@@ -55,6 +55,11 @@ class ArtifactStore(ABC):
         """A local path to the bytes when the store has one (lets the server use sendfile)."""
         return None
 
+    def verify(self, sha256: str) -> bool:
+        """False when the stored bytes are known not to hash to ``sha256`` (never served: 410). The directory
+        store checks only the size (in ``authorize_artifact``); the database store hashes (fleet_server.artifacts_db)."""
+        return True
+
 
 class DirectoryArtifactStore(ArtifactStore):
     """Artifacts as files ``ROOT/<sha256[:2]>/<sha256>``."""

@@ -41,8 +41,8 @@ async def desired(request: Request, ctx: CtxDep, device_id: DeviceDep) -> Respon
     return Response(state.body, media_type="application/json", headers=headers)
 
 
-def _chunks(path, start: int, length: int, chunk: int = 1 << 16):  # noqa: ANN001, ANN202 - a sync generator
-    with open(path, "rb") as f:
+def _chunks(store, sha256: str, start: int, length: int, chunk: int = 1 << 16):  # noqa: ANN001, ANN202 - a sync generator
+    with store.open(sha256) as f:  # a file, or the database store's chunk reader (fleet_server.artifacts_db)
         f.seek(start)
         while length > 0:
             block = f.read(min(chunk, length))
@@ -61,15 +61,14 @@ def get_artifact(sha256: str, request: Request, ctx: CtxDep, principal: AnyPrinc
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, immutable"}
     if request.headers.get("if-none-match", "").strip() == etag:
         return Response(status_code=304, headers=headers)
-    path = ctx.store.path(sha256)
     if_range = request.headers.get("if-range")
     rng = artifacts.parse_range(request.headers.get("range"), size) if if_range in (None, etag) else None
     if rng is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(_chunks(path, 0, size), media_type="application/octet-stream", headers=headers)
+        return StreamingResponse(_chunks(ctx.store, sha256, 0, size), media_type="application/octet-stream", headers=headers)
     start, end = rng
     headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)})
-    return StreamingResponse(_chunks(path, start, end - start + 1), status_code=206, media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(_chunks(ctx.store, sha256, start, end - start + 1), status_code=206, media_type="application/octet-stream", headers=headers)
 
 
 @router.post("/v1/device/reports", response_model=ReportAck)

@@ -43,6 +43,10 @@ def authorize_artifact(ctx: AppContext, principal: Principal, sha256: str) -> in
         log.error("ARTIFACT DAMAGED: stored file of artifact %s has %d bytes, the database says %d; refusing to serve it "
                   "(restore it from a backup or upload it again)", sha256, stored, size)
         raise ArtifactDamaged(f"the server's copy of artifact {sha256} is damaged ({stored} of {size} bytes)")
+    if not ctx.store.verify(sha256):
+        log.error("ARTIFACT DAMAGED: the stored bytes of artifact %s do not hash to its name; refusing to serve it "
+                  "(restore it from a backup or upload it again)", sha256)
+        raise ArtifactDamaged(f"the server's copy of artifact {sha256} is damaged (its bytes do not match its sha256)")
     return size
 
 
