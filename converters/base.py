@@ -116,6 +116,10 @@ class Converter(ABC):
     def convert_float(self, source: SourceModel, out: Path) -> Path:
         """Write the unquantized model in this format, the baseline for size and latency."""
 
+    def activation_bytes(self, model_path: Path) -> int | None:
+        """Activation memory of a model file of this format as its runtime plans it (None: not measurable here)."""
+        return None
+
     @abstractmethod
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
         """Open the produced model: I/O specs with quantization, op list, activation memory."""

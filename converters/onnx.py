@@ -457,6 +457,11 @@ class ONNXConverter(Converter):
         shutil.copyfile(export_float_onnx(source, 17, cache), path)
         return path
 
+    def activation_bytes(self, model_path: Path) -> int | None:
+        onnx, _ = _ort()
+        path = model_path.with_suffix(".onnx") if model_path.suffix == ".ort" else model_path
+        return peak_live_bytes(onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False)).graph)
+
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
         onnx, _ = _ort()
         from onnx import numpy_helper

@@ -152,9 +152,9 @@ class RunContext:
                 model = load_model_file(path, conv.format)
                 lat = latency_ms(model, self.model_feeds(model, self.evalset.first), self.opts.latency_runs)
                 base["latency_ms_p50"] = float(np.percentile(lat, 50))
-                arena = getattr(model, "activation_arena_bytes", None)
-                if arena is not None:
-                    base["float_activation_bytes"] = float(arena())
+            act = conv.activation_bytes(path)
+            if act is not None:
+                base["float_activation_bytes"] = float(act)
             self.baselines[conv.format] = base
         return self.baselines[conv.format]
 

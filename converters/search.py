@@ -12,7 +12,7 @@ from converters.base import Converter, Recipe
 from converters.evaluate import Evaluation, evaluate
 from converters.memory import release_freed_memory
 from edgekit.bundle import _size
-from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError
+from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError
 from edgekit.manifest import Attempt, TensorSpec
 from edgekit.profiles import HardwareProfile
 from edgekit.runtime import LocalModel, load_model_file
@@ -68,6 +68,22 @@ def run_candidate(ctx: RunContext, model: LocalModel) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def _check_budget_early(ctx: RunContext, prof: HardwareProfile, conv: Converter) -> None:
+    """Refuse before the recipe search when even int8 cannot fit the profile's model budget.
+
+    From the float model in this format (built once per run): its runtime's activation arena / 4
+    (float32 to int8) plus one byte per weight. The packaged model is checked again exactly.
+    """
+    act = ctx.baseline(conv).get("float_activation_bytes")
+    if act is None:
+        return
+    need_mb = (act / 4 + ctx.source.param_count) / 1e6
+    if need_mb > prof.memory.model_budget_mb:
+        raise IncompatibleError(f"{prof.id}/{conv.format}: as int8 the model needs about {need_mb:.1f} MB (weights {ctx.source.param_count / 1e6:.1f} MB "
+                                f"+ activations {act / 4e6:.1f} MB, from the float model's arena), over the profile's model budget of "
+                                f"{prof.memory.model_budget_mb:g} MB", "Use a smaller model or input size, or a profile with more memory.")
+
+
 def _attempt(recipe: Recipe, **kw) -> Attempt:
     return Attempt(recipe=recipe.name, description=recipe.description, **kw)
 
@@ -76,6 +92,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     """Try the converter's recipes in order; the first within budget wins (else the best, with --allow-over-budget)."""
     opts = ctx.opts
     warnings = conv.check(ctx.source, prof)
+    _check_budget_early(ctx, prof, conv)
     cap = opts.calibration_samples
     recipes = conv.recipes(prof, len(ctx.calib), cap)
     attempts: list[Attempt] = []

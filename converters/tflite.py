@@ -181,6 +181,15 @@ class TFLiteConverter(Converter):
         path.write_bytes(flat)
         return path
 
+    def activation_bytes(self, model_path: Path) -> int | None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        with captured_output():
+            interp = Interpreter(model_path=str(model_path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interp.allocate_tensors()
+        ids = {int(i) for op in interp._get_ops_details() for i in op["outputs"] if i >= 0} | {d["index"] for d in interp.get_input_details()}
+        return arena_span_bytes(interp, ids)
+
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 

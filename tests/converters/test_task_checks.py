@@ -144,3 +144,30 @@ def test_interrupted_convert_removes_its_staging_dir(detector_model, tmp_path: P
         raise
     assert proc.returncode != 0 and b"Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+
+
+def test_recipes_over_max_memory_are_skipped_with_the_reason(detector_model, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o"
+    code, _, err = run_cli("convert", detector_model["model"], "--profile", "raspberry-pi-5", "--format", "onnx", "--calibration",
+                           detector_model["calib"], "--out", out, "--max-memory", "1")
+    assert code == 5 and "skipped" in err and "over --max-memory 1 MB" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_model_budget_is_checked_from_the_runtime_arena_before_the_search(detector_model, tmp_path: Path, run_cli,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    data = yaml.safe_load((ROOT / "hardware_profiles" / "raspberry-pi-5.yaml").read_text())
+    # 1,511 weights (0.0015 MB as int8) fit; weights plus the activations (about 3 KB as int8) do not.
+    data["id"], data["memory"]["model_budget_mb"] = "tiny-board", 0.002
+    d = tmp_path / "profiles"
+    d.mkdir()
+    (d / "tiny.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("EDGEKIT_PROFILE_PATH", str(d))
+    out = tmp_path / "o"
+    code, _, err = run_cli("convert", detector_model["model"], "--profile", "tiny-board", "--format", "tflite", "--calibration",
+                           detector_model["calib"], "--out", out)
+    assert code == 4 and "float model's arena" in err and "model budget" in err and "Traceback" not in err
+    assert "int8-per-channel" not in err  # refused before any recipe ran
+    assert not out.exists()
