@@ -81,6 +81,7 @@ def bootstrap(settings: Settings, *, exclusive_sqlite: bool = False) -> AppConte
 
 def engine_tick(ctx: AppContext) -> None:
     """One pass of the background loop: write buffered last-seen times, advance every rollout."""
+    ctx.leadership.acquire()  # first: a replica whose database is gone stops being the leader at once
     ctx.last_seen.flush(ctx.db)
     ctx.refusal = key_mismatch(ctx)  # a rotation through another replica
     if ctx.refusal is None:
