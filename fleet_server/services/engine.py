@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import select, update
@@ -127,13 +128,28 @@ def _decide_bake(r: Rollout, w: RolloutWave, now: dt.datetime, field: FieldData 
     return bool(failed)
 
 
+FIELD_CHECK_S = 5.0  # a baking wave's telemetry is aggregated at most this often per rollout (and only once bake_s is over)
+_field_checked: dict[str, float] = {}
+
+
 def _field_data(ctx: AppContext, rollout_id: str) -> dict[int, FieldData]:
-    """Field sums of each baking wave, read before the write transaction (aggregating telemetry holds no write lock)."""
+    """Field sums of each baking wave whose bake time is over, read before the write transaction (aggregating
+    telemetry holds no write lock), at most every FIELD_CHECK_S seconds per rollout."""
     out: dict[int, FieldData] = {}
+    if time.monotonic() - _field_checked.get(rollout_id, -1e9) < FIELD_CHECK_S:
+        return out
     with ctx.db.read() as s:
+        r = s.get(Rollout, rollout_id)
         waves = s.execute(select(RolloutWave).where(RolloutWave.rollout_id == rollout_id, RolloutWave.state == "baking")).scalars().all()
         now = utcnow()
+        gates = (r.gates or {}) if r is not None else {}
+        bake_s = float(gates["bake_s"]) if gates.get("bake_s") is not None else 0.0 if gates.get("bake_requests") is not None else 60.0
         for w in waves:
+            started = utc(w.bake_started_at) or now
+            timed_out = r is not None and started + dt.timedelta(seconds=r.wave_timeout_s) <= now
+            if (now - started).total_seconds() < bake_s and not timed_out:
+                continue  # nothing to decide before the bake time is over: no telemetry read
+            _field_checked[rollout_id] = time.monotonic()
             rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.wave_index == w.index)).scalars().all()
             since = (utc(w.started_at) or now).replace(second=0, microsecond=0)
             out[w.index] = wave_field_sums(s, list(rds), since, now + dt.timedelta(minutes=1))
