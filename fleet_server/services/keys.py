@@ -69,11 +69,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _resign_desired(session: Session, key: ServerKey) -> int:
-    """Re-sign every device's desired assignment (same payload, so agents do not take it up twice)."""
+def _resign_desired(session: Session, key: ServerKey, *, only_key_id: str | None = None) -> int:
+    """Re-sign every device's desired assignment (same payload, so agents do not take it up twice).
+
+    ``only_key_id``: only those still signed by that key.
+    """
     count = 0
     for device_id, body in session.execute(select(Device.id, Device.desired_body).where(Device.desired_body.is_not(None))).all():
         signed = json.loads(body)
+        if only_key_id is not None and signed.get("key_id") != only_key_id:
+            continue
         new = json.dumps({"payload": signed["payload"], "signature": key.sign(signed["payload"]), "key_id": key.key_id}, separators=(",", ":"))
         session.execute(update(Device).where(Device.id == device_id).values(desired_body=new).execution_options(synchronize_session=False))
         count += 1
@@ -107,6 +112,9 @@ def rotate_server_key(ctx: AppContext) -> dict[str, Any]:
         os.replace(_next_path(key_path), key_path)
         _fsync_dir(key_path.parent)
         ctx.key = new
+        # an assignment the engine issued with the old key while the rotation committed: sign it again
+        with ctx.db.write() as s:
+            resigned += _resign_desired(s, new, only_key_id=old.key_id)
         log.warning("server key rotated: %s -> %s (sequence %d, %d desired assignments re-signed)", old.key_id, new.key_id, sequence, resigned)
         return {"sequence": sequence, "old_key_id": old.key_id, "new_key_id": new.key_id, "new_public_key": new.public_key,
                 "resigned_assignments": resigned}
