@@ -101,7 +101,8 @@ class MemoryPlan:
         if act <= 0:
             return MAX_CHUNK
         free = self.max_memory_mb * 1e6 - current_rss_bytes()
-        return max(1, min(MAX_CHUNK, int(free / (3 * act)), int(CHUNK_BYTES / act)))
+        # x3: ORT's augmented graph outputs every tensor, about three per Keras layer output (BN, swish...)
+        return max(1, min(MAX_CHUNK, int(free / (3 * act)), int(CHUNK_BYTES / (3 * act))))
 
     def skip_reason(self, ctx: RunContext, conv: Converter, recipe: Recipe) -> str | None:
         """Why ``recipe`` would not fit ``--max-memory`` (None: it fits)."""
