@@ -173,3 +173,28 @@ def test_device_refusal_keeps_the_previous_model(run_cli, sshd: SshServer, pi5_b
     status = subprocess.run([REMOTE_EDGEKIT, "agent", "status", "--data-dir", str(tmp_path / "device" / "agent"), "--json"],
                             capture_output=True, text=True, check=True)
     assert json.loads(status.stdout)["active"]["version"] == "1.2.3"
+
+
+def test_a_bundle_from_another_publisher_is_refused_on_the_device(run_cli, sshd: SshServer, pi5_bundle: Path, tmp_path: Path) -> None:
+    """The red-team bundle over SSH: one model byte flipped, the hash updated, re-signed with a fresh key.
+    It verifies here (its signature is valid) and is refused by the device: not the pusher's publisher key."""
+    from fleet_support import rebundle
+
+    from edgekit import signing
+
+    def flip(d: Path) -> None:
+        m = json.loads((d / "manifest.json").read_text())
+        raw = bytearray((d / m["file"]).read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        (d / m["file"]).write_bytes(bytes(raw))
+
+    attacker = tmp_path / "attacker.pem"
+    signing.load_or_create_key(attacker, passphrase=None)
+    bad = rebundle(pi5_bundle, tmp_path / "bad" / pi5_bundle.name, version="6.6.6", files=flip, key_path=attacker)
+    code, _, err = _push(run_cli, sshd, pi5_bundle, tmp_path, "--accept-new-host-key")
+    assert code == 0, err
+    code, out, err = _push(run_cli, sshd, bad, tmp_path)
+    assert code == 8 and "untrusted_publisher" in err and "Hint:" in err, err
+    status = subprocess.run([REMOTE_EDGEKIT, "agent", "status", "--data-dir", str(tmp_path / "device" / "agent"), "--json"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["active"]["version"] == "1.2.3"
