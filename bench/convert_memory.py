@@ -32,7 +32,7 @@ import resource
 import subprocess
 import time
 
-from bench.harness import ROOT, host_facts, prepare_process, print_table, write_result
+from bench.harness import ROOT, Ratio, host_facts, prepare_process, print_table, ratio_rows, write_result
 
 NAME = "convert_memory"
 MODELS = ("efficientnetb0", "mobilenetv3small", "resnet50", "zoo-resnet50")
@@ -216,17 +216,25 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 r = _run_child(["edgekit", str(model), str(calib), *spec], scratch, f"{name}-{label}")
             results.append({"model": name, "model_mb": size_mb, "side": label, **r})
+            print(f"  -> {r}", flush=True)
+            write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results, "complete": False})
         if not a.skip_full:
             print(f"{name}: edgekit convert (whole run)", flush=True)
             results.append({"model": name, "model_mb": size_mb, "side": "edgekit convert (whole run, --task generic)",
                             **_run_full(model, calib, scratch, name)})
+            print(f"  -> {results[-1]}", flush=True)
+            write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results, "complete": False})
     for r in results:
         ok = r["peak_rss_mb"] is not None and r["peak_rss_mb"] <= GOAL_MB
         rows.append([r["model"], r["side"], f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-", f"{r['wall_s']:.1f}" if r["wall_s"] else "-",
                      "yes" if ok else "NO", r["error"] or ""])
     print_table(f"Peak RSS per recipe (fresh process each), {a.samples} calibration images, goal <= {GOAL_MB} MB",
                 ["model", "side", "peak RSS MB", "wall s", "<= 4 GB", "error"], rows, text_columns=2)
-    write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results})
+    worst = max((r["peak_rss_mb"] for r in results if r["side"].startswith("edgekit") and r["peak_rss_mb"]), default=0.0)
+    ratios = [Ratio("worst edgekit peak RSS / 4 GB", worst / GOAL_MB, 1.0, "any recipe or whole run, any model")]
+    print_table("Goal", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results, "complete": True,
+                              "ratios": [r.to_dict() for r in ratios]})
     return 0
 
 
