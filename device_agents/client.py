@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def _error(resp: httpx.Response) -> RemoteError:
 class FleetClient:
     """Device-side calls; connection failures and 5xx/429 become :class:`TransientError`, other 4xx :class:`RemoteError`."""
 
-    def __init__(self, server: str, token: str | None = None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, server: str, token: str | None = None, *, timeout_s: float = 30.0, ca_file: str | None = None) -> None:
         self.server = server.rstrip("/")
         headers = {"User-Agent": f"edgekit-agent/{__version__}"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout_s)
+        # ca_file: the server's CA (or certificate) pinned at enrollment; https is then verified against it alone
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout_s, verify=verify)
 
     def close(self) -> None:
         self._http.close()

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import random
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 from edgekit.errors import RemoteError, UsageError
 
@@ -66,7 +69,7 @@ class Agent:
             raise UsageError("enrollment needs the device's profile", "Pass --profile ID (or --profile auto).")
         facts = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.platform(),
                  "python": platform.python_version()}
-        client = FleetClient(self.server, timeout_s=self.settings.http_timeout_s)
+        client = FleetClient(self.server, timeout_s=self.settings.http_timeout_s, ca_file=self._server_ca())
         try:
             while True:
                 try:
@@ -81,6 +84,7 @@ class Agent:
         identity = {"server": self.server, "device_id": resp["device_id"], "device_token": resp["device_token"],
                     "server_public_key": resp["server_public_key"], "key_id": resp.get("key_id"), "profile": self.settings.profile,
                     "name": self.name, "tags": list(self.tags), "enrolled_at": utc_now()}
+        self._pin_server_ca()
         self.data.save_identity(identity)
         self._fetch_trust(identity)
         self.poll_interval_s = float(resp.get("poll_interval_s") or self.poll_interval_s)
@@ -89,13 +93,45 @@ class Agent:
 
     def _fetch_trust(self, identity: dict) -> None:
         """Pin the server's publisher allow-list right after enrolling (it is fetched again before every new assignment)."""
-        client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s)
+        client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s, ca_file=self._server_ca())
         try:
             TrustStore(self.data).refresh(identity, client.trust)
         except (TransientError, RemoteError) as e:
             log.warning("could not fetch the trust document after enrolling (%s); it is fetched with the first assignment", e)
         finally:
             client.close()
+
+    # --- the server's TLS certificate -------------------------------------------------------------
+    @property
+    def _pinned_ca(self) -> Path:
+        return self.data.root / "server-ca.pem"
+
+    def _server_ca(self) -> str | None:
+        """The CA file https is verified against: the one pinned at enrollment, else ``--server-ca`` (before enrolling).
+
+        A different ``--server-ca`` after enrollment is refused: the pin changes only by enrolling again.
+        """
+        given = self.settings.server_ca
+        if given is not None:
+            try:
+                ssl.create_default_context(cafile=given)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(f"--server-ca {given}: not a readable PEM certificate ({e})",
+                                 "Pass the PEM file of the CA that signed the server's certificate (or the certificate itself).") from None
+        if self._pinned_ca.exists():
+            if given is not None and Path(given).read_bytes() != self._pinned_ca.read_bytes():
+                raise UsageError(f"--server-ca {given} is not the CA pinned at enrollment ({self._pinned_ca})",
+                                 "Drop --server-ca (the pinned one is used), or enroll again with a new --data-dir.")
+            return str(self._pinned_ca)
+        return given
+
+    def _pin_server_ca(self) -> None:
+        """Copy ``--server-ca`` into the data dir (atomically), so every later connection trusts it alone."""
+        if self.settings.server_ca is None:
+            return
+        tmp = self._pinned_ca.with_name(".server-ca.pem.tmp")
+        tmp.write_bytes(Path(self.settings.server_ca).read_bytes())
+        os.replace(tmp, self._pinned_ca)
 
     # --- the loop -----------------------------------------------------------------------------
     def _back_off(self, e: Exception) -> None:
@@ -115,7 +151,7 @@ class Agent:
         try:
             identity = self.enroll()
             self.settings = self.settings.for_profile(identity.get("profile"))
-            client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s)
+            client = FleetClient(self.server, identity["device_token"], timeout_s=self.settings.http_timeout_s, ca_file=self._server_ca())
             try:
                 self._loop(identity, client)
             except Interrupted:

@@ -54,6 +54,9 @@ class AgentSettings:
     """``--insecure-any-publisher`` / ``EDGEKIT_AGENT_INSECURE_ANY_PUBLISHER=1``: a local install accepts a bundle
     signed by any key (the signature must still verify). Never for production devices."""
     http_timeout_s: float = 30.0
+    server_ca: str | None = None
+    """``--server-ca`` / ``EDGEKIT_AGENT_SERVER_CA``: a PEM file with the CA (or the certificate) of an https server;
+    copied into the data dir at enrollment and from then on the only trust anchor for the server (pinned)."""
     max_download_stalls: int = 5
     """Answered-but-cut-short downloads in a row with no new byte before giving up (download_failed)."""
 
@@ -86,6 +89,7 @@ class AgentSettings:
             "keep_slots": int(_env("KEEP_SLOTS", "3")),
             "http_timeout_s": float(_env("HTTP_TIMEOUT_S", "30")),
             "max_download_stalls": int(_env("MAX_DOWNLOAD_STALLS", "5")),
+            "server_ca": _env("SERVER_CA") or None,
             "trusted_keys": trusted_keys_from_env(),
             "insecure_any_publisher": (_env("INSECURE_ANY_PUBLISHER") or "").strip().lower() in ("1", "true", "yes"),
         }

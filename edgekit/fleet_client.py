@@ -9,7 +9,9 @@ be reached or did not answer in time.
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -135,7 +137,10 @@ class _CountingReader:
 class FleetClient:
     """An admin session with one fleet server: ``with FleetClient(url, token) as fleet: ...``."""
 
-    def __init__(self, server: str, token: str, *, timeout: float = 30.0, upload_timeout: float = 600.0) -> None:
+    def __init__(self, server: str, token: str, *, timeout: float = 30.0, upload_timeout: float = 600.0,
+                 ca_file: str | Path | None = None) -> None:
+        """``ca_file`` (default ``EDGEKIT_CA_FILE``): the PEM CA or certificate an https server is verified against
+        instead of the system's CAs."""
         try:
             import httpx
         except ImportError:
@@ -148,8 +153,16 @@ class FleetClient:
             raise UsageError("no admin token", "Pass --token or set EDGEKIT_TOKEN ('edgekit server token create --scope admin').")
         self.server = server.rstrip("/")
         self._timeout, self._upload_timeout = timeout, upload_timeout
+        ca_file = ca_file or os.environ.get("EDGEKIT_CA_FILE") or None
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(f"CA file {ca_file}: not a readable PEM certificate ({e})",
+                                 "Set EDGEKIT_CA_FILE to the PEM of the CA that signed the server's certificate.") from None
         self._http = httpx.Client(base_url=self.server, headers={"Authorization": f"Bearer {token}", "User-Agent": "edgekit-cli"},
-                                  timeout=timeout)
+                                  timeout=timeout, verify=verify)
 
     def __enter__(self) -> FleetClient:
         return self
@@ -169,6 +182,9 @@ class FleetClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise RemoteError(f"the TLS certificate of {self.server} is not trusted ({_reason(e)})",
+                                  "Set EDGEKIT_CA_FILE to the CA that signed the server's certificate (see docs/server.md, TLS).") from None
             raise RemoteError(f"cannot reach the fleet server at {self.server} ({_reason(e)})",
                               "Start it with 'edgekit server start', or check --server / EDGEKIT_SERVER.") from None
         except httpx.TimeoutException:

@@ -96,12 +96,14 @@ def agent() -> None:
 @click.option("--tag", "tags", multiple=True, help="Device tag (repeatable).")
 @click.option("--poll-interval-s", type=float, help="Override the server's poll interval (env EDGEKIT_AGENT_POLL_INTERVAL_S).")
 @click.option("--backoff-max-s", type=float, help="Longest wait between tries while the server is down (default 300).")
+@click.option("--server-ca", type=click.Path(path_type=Path), help="PEM CA (or certificate) of an https server, pinned at enrollment "
+              "(env EDGEKIT_AGENT_SERVER_CA).")
 @_profiling_options
 @_trust_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every step to stderr.")
 def run(server: str, enroll_token: str | None, enroll_token_file: Path | None, data_dir: Path, profile_id: str | None,
         name: str | None, tags: tuple[str, ...],
-        poll_interval_s: float | None, backoff_max_s: float | None, profile_runs: int | None, profile_budget_s: float | None,
+        poll_interval_s: float | None, backoff_max_s: float | None, server_ca: Path | None, profile_runs: int | None, profile_budget_s: float | None,
         warmup: int | None, max_attempts: int | None, keep_slots: int | None, verbose: bool) -> None:
     """Enroll once, then poll the server and apply assignments until SIGTERM."""
     from edgekit.device_support import check_device_platform
@@ -112,7 +114,8 @@ def run(server: str, enroll_token: str | None, enroll_token_file: Path | None, d
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = _settings(profile_id, profile_runs=profile_runs, profile_budget_s=profile_budget_s, warmup=warmup,
-                         max_attempts=max_attempts, keep_slots=keep_slots, poll_interval_s=poll_interval_s, backoff_max_s=backoff_max_s)
+                         max_attempts=max_attempts, keep_slots=keep_slots, poll_interval_s=poll_interval_s, backoff_max_s=backoff_max_s,
+                         server_ca=str(server_ca) if server_ca else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
