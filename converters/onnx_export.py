@@ -1,0 +1,176 @@
+"""The float ONNX graph every ONNX recipe starts from: exported once per run, with the source's I/O names."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters.source import SourceModel, import_tensorflow
+from edgekit.errors import ConversionError
+from edgekit.manifest import Preprocessing
+from edgekit.nativelog import captured_output
+
+__all__ = ["compact_names", "embed_preprocessing", "export_float_onnx"]
+
+
+def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
+    """The float source as an ONNX file with a static batch-1 input named like the source's."""
+    path = out / f"float-opset{opset}.onnx"
+    if path.exists():
+        return path
+    if source.kind in ("onnx", "torch"):
+        shutil.copyfile(source.onnx_path if source.kind == "onnx" else source.cache["torch_onnx"](), path)
+        compact_names(path)
+        return path
+    tf = import_tensorflow()
+    import tf2onnx
+
+    loaded = tf.saved_model.load(str(source.saved_model_dir))
+    sig = loaded.signatures["serving_default"]
+    names = source.input_names
+    specs = [tf.TensorSpec(s.shape, getattr(tf, s.dtype), name=s.name) for s in source.inputs]
+    # A dict out keeps the signature's output names (output_0, ...) as the ONNX graph's output names.
+    fn = tf.function(lambda *a: dict(sig(**dict(zip(names, a)))))
+    with captured_output() as log:
+        try:
+            tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset, output_path=str(path))
+        except Exception as e:  # tf2onnx raises bare Exceptions for unsupported ops
+            err = e
+        else:
+            err = None
+    if err is not None:
+        raise ConversionError(f"tf2onnx could not export the model at opset {opset}: {str(err)[:300]}",
+                              "Try a profile with a newer opset, or export ONNX yourself and pass the .onnx file.") from err
+    del log
+    _fold_constant_inputs(path)
+    if _extra_inputs(path, source):
+        # Seen with Keras 3 EfficientNet: from_function leaves the Normalization layer's mean/variance as graph
+        # inputs without values. tf2onnx's SavedModel loader freezes them; it is slower, so it is the fallback.
+        _export_saved_model_cli(source, opset, path)
+        _fold_constant_inputs(path)
+    compact_names(path)
+    _check_inputs(path, source)
+    return path
+
+
+def _extra_inputs(path: Path, source: SourceModel) -> list[str]:
+    import onnx
+
+    names = {v.name for v in onnx.load(str(path), load_external_data=False).graph.input}
+    return sorted(names - set(source.input_names))
+
+
+def _export_saved_model_cli(source: SourceModel, opset: int, path: Path) -> None:
+    """``python -m tf2onnx.convert --saved-model`` (variables frozen by tf2onnx's loader), I/O renamed to the source's names."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(source.saved_model_dir), "--output", str(path),
+           "--opset", str(opset), "--signature_def", "serving_default"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if proc.returncode != 0:
+        raise ConversionError(f"tf2onnx could not export the SavedModel at opset {opset}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else proc.returncode}",
+                              "Export ONNX yourself and pass the .onnx file.")
+    model = onnx.load(str(path))
+    g = model.graph
+    rename = {v.name: v.name.split(":")[0] for v in [*g.input, *g.output] if ":" in v.name}
+    if rename:
+        for v in [*g.input, *g.output]:
+            v.name = rename.get(v.name, v.name)
+        for n in g.node:
+            n.input[:] = [rename.get(i, i) for i in n.input]
+            n.output[:] = [rename.get(o, o) for o in n.output]
+        onnx.save(model, str(path))
+
+
+def _fold_constant_inputs(path: Path) -> None:
+    """Drop graph inputs that have initializers (tf2onnx leaves some constants, e.g. Normalization's, as inputs)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    keep = [v for v in model.graph.input if v.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        onnx.save(model, str(path))
+
+
+def _check_inputs(path: Path, source: SourceModel) -> None:
+    """The export must take exactly the source's inputs."""
+    import onnx
+
+    got = sorted(v.name for v in onnx.load(str(path), load_external_data=False).graph.input)
+    want = sorted(source.input_names)
+    if got != want:
+        raise ConversionError(f"the ONNX export takes inputs {got}, but the source takes {want}",
+                              "The exporter turned constants into inputs or renamed them; export ONNX yourself and pass the .onnx file.")
+
+
+def embed_preprocessing(path: Path, pre: Preprocessing) -> None:
+    """Rewrite the model in place to take raw input: Cast -> Mul(scale) -> Sub(mean) -> Div(std) in plain ONNX ops."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    old = g.input[0]
+    dims = [d.dim_value for d in old.type.tensor_type.shape.dim]
+    raw_type = helper.np_dtype_to_tensor_dtype(np.dtype(pre.raw_dtype))
+    raw = helper.make_tensor_value_info("raw", raw_type, dims)
+    ndim = len(dims)
+    consts = {
+        "pre_scale": np.asarray(pre.scale, np.float32),
+        "pre_mean": pre._broadcast(pre.mean, ndim).astype(np.float32),
+        "pre_std": pre._broadcast(pre.std, ndim).astype(np.float32),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Cast", ["raw"], ["pre_raw_f"], to=TensorProto.FLOAT, name="pre_cast"),
+        helper.make_node("Mul", ["pre_raw_f", "pre_scale"], ["pre_scaled"], name="pre_mul"),
+        helper.make_node("Sub", ["pre_scaled", "pre_mean"], ["pre_centered"], name="pre_sub"),
+        helper.make_node("Div", ["pre_centered", "pre_std"], [old.name], name="pre_div"),
+    ]
+    for i, n in enumerate(nodes):
+        g.node.insert(i, n)
+    g.input.remove(old)
+    g.input.insert(0, raw)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def compact_names(path: Path) -> None:
+    """Rename nodes and intermediate tensors to short ids, in place.
+
+    tf2onnx keeps TensorFlow's scoped names ('StatefulPartitionedCall/.../BiasAdd__8:0'); every QDQ
+    node and scale repeats them, which on small models makes the INT8 file larger than the float one.
+    Graph inputs and outputs keep their names.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    keep = {v.name for v in [*g.input, *g.output]}
+    mapping: dict[str, str] = {}
+
+    def short(name: str, prefix: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in mapping:
+            mapping[name] = f"{prefix}{len(mapping)}"
+        return mapping[name]
+
+    for init in g.initializer:
+        init.name = short(init.name, "w")
+    for vi in g.value_info:
+        vi.name = short(vi.name, "t")
+    for i, node in enumerate(g.node):
+        node.name = f"{node.op_type.lower()}_{i}"
+        node.input[:] = [short(n, "t") for n in node.input]
+        node.output[:] = [short(n, "t") for n in node.output]
+    onnx.save(model, str(path))
