@@ -64,8 +64,10 @@ def verify(path: Path, trusted_key: tuple[str, ...], as_json: bool) -> None:
     def render() -> None:
         for check, ok, detail in result.checks:
             stdout.print(f"{'[green]ok[/]  ' if ok else '[red]FAIL[/]'} {check}: {detail}", highlight=False)
+        if not trusted_key:
+            stdout.print("note: the signer was not checked against a trusted key (pass --trusted-key to require one)", highlight=False)
 
-    emit(result.to_dict(), as_json, render)
+    emit({**result.to_dict(), "signer_checked": bool(trusted_key)}, as_json, render)
     if not result.ok:
         failed = [c for c, ok, _ in result.checks if not ok]
         raise BundleError(f"{path}: verification failed ({', '.join(failed)})", "Do not deploy this bundle; rebuild or re-fetch it.")

@@ -76,7 +76,10 @@ def test_bundle_verify_trusted_key_accepts_a_key_file(digits_bundles, run_cli) -
     b = next(r for r in digits_bundles.results if r.profile == "raspberry-pi-5").bundle_dir
     import os
 
-    assert run_cli("bundle", "verify", b, "--trusted-key", os.environ["EDGEKIT_SIGNING_KEY"])[0] == 0
+    code, out, _ = run_cli("bundle", "verify", b, "--trusted-key", os.environ["EDGEKIT_SIGNING_KEY"], "--json")
+    assert code == 0 and json.loads(out)["signer_checked"] is True
+    code, out, _ = run_cli("bundle", "verify", b)
+    assert code == 0 and "signer was not checked" in out  # integrity only: said plainly
     other = signing.public_key_b64(signing.Ed25519PrivateKey.generate())
     code, out, err = run_cli("bundle", "verify", b, "--trusted-key", other)
     assert code != 0 and "trusted signer" in err and "Hint:" in err
