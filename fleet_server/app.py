@@ -32,6 +32,7 @@ from fleet_server.responses import ErrorBody
 from fleet_server.routers import dashboard, device, fleet, governance, models, public, rollouts, stats
 from fleet_server.services.engine import step_all
 from fleet_server.routers import publishers as trust_routes
+from fleet_server.routers import proxy as proxy_routes
 from fleet_server.services.keys import finish_pending_rotation
 from fleet_server.services.registry import sweep_orphan_artifacts
 from fleet_server.settings import Settings
@@ -182,6 +183,7 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     for r in (models.router, governance.router, rollouts.router, fleet.router, stats.router, device.router):
         app.include_router(r, responses=errors)
     app.include_router(trust_routes.router, responses=errors)
+    app.include_router(proxy_routes.router, responses=errors)
     app.add_middleware(JsonShapeMiddleware)  # inside the body limit: it reads the (bounded) body
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulMiddleware)

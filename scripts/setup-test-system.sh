@@ -6,8 +6,9 @@
 #   root in which tests/e2e/test_arm64_device.py runs the agent on real aarch64 binaries.
 # systemd: systemd-analyze verify checks the units in packaging/systemd.
 # chromium chromium-driver: tests/fleet_server/test_dashboard.py drives the dashboard in real headless Chromium (selenium).
+# nginx: tests/e2e/test_nginx_tls.py runs packaging/nginx/edgekit.conf (TLS, two replicas, the authorizing artifact cache).
 set -euo pipefail
-NEEDED=(openssh-server postgresql qemu-user-static binfmt-support debootstrap systemd chromium chromium-driver)
+NEEDED=(openssh-server postgresql qemu-user-static binfmt-support debootstrap systemd chromium chromium-driver nginx)
 missing=()
 for pkg in "${NEEDED[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
