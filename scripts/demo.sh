@@ -20,8 +20,8 @@ edgekit convert .cache/examples/mnist/mnist_cnn.keras \
   --max-accuracy-drop 0.5 --name mnist --version 1.0.0 --out "$OUT"
 
 echo
-echo "== 3. edgekit bundle verify =="
-edgekit bundle verify "$OUT/mnist-raspberry-pi-5-tflite"
+echo "== 3. edgekit bundle verify: every hash, and the signer is the trusted publisher key =="
+edgekit bundle verify "$OUT/mnist-raspberry-pi-5-tflite" --trusted-key "$EDGEKIT_SIGNING_KEY"  # signed by this machine's publisher key
 
 echo
 echo "== 4. edgekit bench on this machine (TFLite with LiteRT, ONNX with ONNX Runtime) =="
