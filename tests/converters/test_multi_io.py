@@ -135,3 +135,16 @@ def test_report_names_the_task(detector_model, tmp_path: Path, run_cli) -> None:
     assert rep["task"] == "detection" and rep["min_sqnr_db"] == 25
     (res,) = rep["results"]
     assert res["metrics"]["min_sqnr_db"]["value"] >= 25
+
+
+def test_python_api_takes_a_keras_model_object(two_input_model, tmp_path: Path) -> None:
+    import keras
+
+    import edgekit
+
+    model = keras.models.load_model(two_input_model["model"], compile=False)
+    report = edgekit.convert(model, profiles="raspberry-pi-5", formats="onnx", calibration=two_input_model["calib"], out=tmp_path / "o",
+                             name="two-input", latency_runs=2)
+    (r,) = report.results
+    assert r.bundle_dir.name == "two-input-raspberry-pi-5-onnx" and {s.name for s in r.manifest.inputs} == {"feat", "ctx"}
+    assert not any(p.name == "source_saved_model" for p in Path.cwd().iterdir())  # exports go to the run's work dir
