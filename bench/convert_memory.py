@@ -14,7 +14,7 @@ child), so TensorFlow's caches from one cannot inflate the next:
   Runtime's defaults (every calibration sample's intermediate outputs held at once).
 - ``edgekit convert``: the whole CLI run (``--task generic``, both formats, every recipe it tries).
 
-    python bench/convert_memory.py [--models efficientnetb0,...] [--samples 32] [--skip-full]
+    python bench/convert_memory.py [--models efficientnetb0,...] [--samples 32] [--skip-full] [--sides plain,int8-per-channel,...]
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--skip-full", action="store_true", help="skip the whole 'edgekit convert' runs")
+    ap.add_argument("--sides", default="", help="comma-separated substrings: only the sides whose label contains one")
     a = ap.parse_args(argv)
     scratch = prepare_process()
     host = host_facts()
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
              ("plain tflite", None), ("edgekit onnx qdq-minmax-per-channel", ["onnx", "qdq-minmax-per-channel"]),
              ("edgekit onnx qdq-percentile-per-channel", ["onnx", "qdq-percentile-per-channel"]),
              ("edgekit onnx qdq-minmax-per-tensor-keep1", ["onnx", "qdq-minmax-per-tensor-keep1"]), ("plain ort", None)]
+    if a.sides:
+        sides = [(label, spec) for label, spec in sides if any(k in label for k in a.sides.split(","))]
     for name in a.models.split(","):
         print(f"{name}: building", flush=True)
         model, calib = _build(name, scratch, a.samples)
