@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 
 __all__ = ["fallback_lines", "render_table", "rows", "write_reports"]
 
-COLUMNS = ("profile", "format", "recipe", "size", "int8/float size", "on target", "fallback ops", "accuracy", "drop", "agreement", "latency p50", "int8/float latency")
+COLUMNS = ("profile", "format", "recipe", "size", "int8/float size", "on target", "fallback ops", "accuracy", "drop", "agreement", "latency p50",
+           "int8/float latency", "min SQNR")
 # The terminal gets the columns that fit 100 characters; fallbacks are listed under the table.
-TERMINAL = ("profile", "format", "recipe", "size (x float)", "ops on target", "accuracy (drop)", "agreement", "p50 (x float)")
+TERMINAL = ("profile", "format", "recipe", "size (x float)", "ops on target", "accuracy (drop)", "agreement", "min SQNR", "p50 (x float)")
 
 
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
@@ -40,14 +41,17 @@ def rows(report: RunReport) -> list[tuple[str, ...]]:
             _fmt(val("agreement"), ".2f", "%"),
             _fmt(val("host_latency_ms_p50"), ".3f", " ms"),
             _fmt(val("latency_ratio"), ".2f", "x"),
+            _fmt(val("min_sqnr_db"), ".1f", " dB"),
         ))
     return out
 
 
 def _summary(report: RunReport) -> str:
     acc = _fmt(report.float_accuracy, ".2f", "%")
-    return (f"{report.name} {report.version}: float accuracy {acc} on {report.eval_count} examples "
-            f"({report.eval_source}); accuracy budget {report.max_accuracy_drop:g} pt")
+    budget = (f"accuracy budget {report.max_accuracy_drop:g} pt" if report.task == "classification"
+              else f"fidelity budget {report.min_sqnr_db:g} dB SQNR per output")
+    return (f"{report.name} {report.version} ({report.task}): float accuracy {acc} on {report.eval_count} examples "
+            f"({report.eval_source}); {budget}")
 
 
 def render_table(report: RunReport) -> Table:
@@ -58,7 +62,7 @@ def render_table(report: RunReport) -> Table:
     for c in TERMINAL:
         t.add_column(c, overflow="fold")
     for r in rows(report):
-        t.add_row(r[0], r[1], r[2], f"{r[3]} ({r[4]})", r[5], f"{r[7]} ({r[8]})", r[9], f"{r[10]} ({r[11]})")
+        t.add_row(r[0], r[1], r[2], f"{r[3]} ({r[4]})", r[5], f"{r[7]} ({r[8]})", r[9], r[12], f"{r[10]} ({r[11]})")
     return t
 
 
@@ -69,18 +73,22 @@ def fallback_lines(report: RunReport) -> list[str]:
 
 
 def _markdown(report: RunReport) -> str:
-    lines = [f"# Conversion report: {report.name} {report.version}", "", _summary(report), "",
+    lines = [f"# Conversion report: {report.name} {report.version}", "", _summary(report), "", f"Task: {report.task} ({report.task_reason}).", "",
+             *[f"- warning: {w}" for w in report.warnings], *([""] if report.warnings else []),
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
     for r in report.results:
         lines += ["", f"## {r.profile} / {r.format}", "", f"Bundle: `{r.bundle_dir.name}`, sha256 `{r.manifest.sha256}`", "",
-                  "| recipe | size | accuracy | drop | agreement | within budget | chosen |", "|---|---|---|---|---|---|---|"]
+                  "| recipe | size | accuracy | drop | agreement | min SQNR | within budget | chosen |", "|---|---|---|---|---|---|---|---|"]
         for a in r.attempts:
-            if a.error:
-                lines.append(f"| {a.recipe} | - | - | - | - | failed: {a.error} | |")
+            if a.skipped:
+                lines.append(f"| {a.recipe} | - | - | - | - | - | skipped: {a.skipped} | |")
+            elif a.error:
+                lines.append(f"| {a.recipe} | - | - | - | - | - | failed: {a.error} | |")
             else:
-                lines.append(f"| {a.recipe} | {a.size_bytes} B | {_fmt(a.accuracy, '.2f', '%')} | {_fmt(a.accuracy_drop, '+.2f', ' pt')} | "
-                             f"{_fmt(a.agreement, '.2f', '%')} | {'yes' if a.within_budget else 'no'} | {'**yes**' if a.chosen else ''} |")
+                lines.append(f"| {a.recipe} | {a.size_bytes} B | {_fmt(a.accuracy, '.2f', '%')} | {_fmt(a.accuracy_drop, '+.2f')} | "
+                             f"{_fmt(a.agreement, '.2f', '%')} | {_fmt(a.min_sqnr_db, '.1f', ' dB')} | {'yes' if a.within_budget else 'no'} | "
+                             f"{'**yes**' if a.chosen else ''} |")
         lines += ["", "Op placement:", ""] + [f"- {p.op} x{p.count}: {p.placement}" + (f" ({p.reason})" if p.reason else "") for p in r.coverage.ops]
         if r.warnings:
             lines += ["", "Warnings:", ""] + [f"- {w}" for w in r.warnings]

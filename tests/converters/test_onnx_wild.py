@@ -79,3 +79,11 @@ def test_external_data_model(tmp_path: Path, zoo_calib: Path, run_cli) -> None:
     code, _, err = run_cli("convert", ext, "--profile", "raspberry-pi-5", "--calibration", zoo_calib, "--out", out)
     assert code == 3 and "model.data" in err and "missing" in err and "Hint:" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_input_shape_naming_an_unknown_onnx_input(zoo_calib: Path, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "o"
+    code, _, err = run_cli("convert", _zoo("squeezenet"), "--profile", "pixel-8", "--calibration", zoo_calib, "--out", out,
+                           "--input-shape", "images=1,3,224,224")
+    assert code == 2 and "'images'" in err and "data_0" in err and "Hint:" in err and "Traceback" not in err
+    assert not out.exists()
