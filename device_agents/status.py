@@ -52,6 +52,21 @@ def agent_status(data_dir: str | os.PathLike[str]) -> dict:
         "telemetry": {"buffered_points": buffered, "capacity": capacity, "fill": buffered / capacity if capacity else None,
                       "dropped_unreported": dropped},
         "last_contact": data.contact(),
+        "trust": _trust(data, identity),
         "slots": sorted(({"sha256": s["sha256"], "name": s.get("name"), "version": s.get("version"), "blocked": s.get("blocked")}
                          for s in slots.list()), key=lambda s: s["sha256"]) if data.models.is_dir() else [],
     }
+
+
+def _trust(data: DataDir, identity: dict) -> dict:
+    """The server key this device follows and the publisher allow-list it holds (docs/security.md)."""
+    from device_agents.trust import TrustStore
+
+    try:
+        stored = TrustStore(data).load()
+    except EdgekitError:
+        stored = {}
+    pubs = stored.get("publishers") or {}
+    return {"server_key_id": stored.get("key_id") or identity.get("key_id"), "rotation_sequence": stored.get("rotation_sequence", 0),
+            "publishers_version": pubs.get("version"), "publishers": len(pubs.get("keys") or [])}
+

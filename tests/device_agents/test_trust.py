@@ -180,6 +180,10 @@ def test_agent_follows_a_rotation_and_refuses_a_forged_one_and_the_old_key(bundl
     assert read_active_pointer(data).sha256 == b["sha256"]
     assert json.loads((data / "trust.json").read_text())["server_public_key"] == server.public_key
     assert json.loads((data / "identity.json").read_text())["device_token"] == server.token  # no re-enrollment
+    from device_agents.status import agent_status
+
+    trust = agent_status(data)["trust"]
+    assert trust["server_key_id"] == signing.fingerprint(server.public_key) and trust["rotation_sequence"] == 1
 
     # the replayed old key: an assignment signed by the key that was rotated away is refused
     serial = json.loads(server.assign(server.payload(a), old)["payload"])["serial"]
