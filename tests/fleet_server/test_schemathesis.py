@@ -28,7 +28,7 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(tmp_path: 
             [exe, "--config-file", str(HERE / "schemathesis.toml"), "run", f"{server.url}/openapi.json",
              "-H", f"Authorization: Bearer {server.admin_token}", "--checks", "all", "--max-examples", str(MAX_EXAMPLES),
              "--seed", str(SEED), "--no-color", "--request-timeout", "30"],
-            capture_output=True, text=True, timeout=540)
+            capture_output=True, text=True, timeout=540, cwd=tmp_path)  # its .schemathesis/ cache stays out of the checkout
     finally:
         server.stop()
     out = run.stdout + run.stderr
