@@ -1,8 +1,8 @@
 """Memory the conversion itself may use (``--max-memory``) and the activation sizes that decide it.
 
-Calibration streams: ONNX Runtime's calibrators are given ``CalibMaxIntermediateOutputs`` so
-they fold each chunk of intermediate outputs into ranges/histograms and drop it, and the chunk
-is sized so that chunk x (activations per example) fits the budget. A recipe whose smallest
+Calibration streams: ONNX Runtime's calibrators run on ``CalibStridedMinMax`` chunks, folding
+each chunk of intermediate outputs into the ranges/histograms before the next, and the chunk is
+sized so that chunk x (activations per example) fits the budget. A recipe whose smallest
 chunk would still not fit is skipped with the reason recorded, rather than killed by the OS.
 """
 

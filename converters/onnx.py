@@ -56,21 +56,42 @@ class _Reader:
         assert isinstance(feeds, dict) and (dtypes is None or isinstance(dtypes, dict))
         self._feeds = {k: (v.astype(dtypes[k], copy=False) if dtypes and k in dtypes else v) for k, v in feeds.items()}
         self._n = len(next(iter(feeds.values())))
-        self._i = 0
+        self._i, self._end = 0, self._n
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= self._n:
+        if self._i >= self._end:
             return None
         self._i += 1
         return {k: v[self._i - 1 : self._i] for k, v in self._feeds.items()}
 
+    def __len__(self) -> int:
+        return self._n
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve examples [start_index, end_index) next (ONNX Runtime's CalibStridedMinMax streaming)."""
+        self._i, self._end = start_index, min(end_index, self._n)
+
     def rewind(self) -> None:
-        self._i = 0
+        self._i, self._end = 0, self._n
 
     def __iter__(self):  # the QDQ debugger iterates instead of calling get_next
         self.rewind()
         while (item := self.get_next()) is not None:
             yield item
+
+
+def _stride(n: int, source: SourceModel) -> dict[str, int]:
+    """Streamed calibration: ONNX Runtime's ``CalibStridedMinMax`` runs the calibrator on ``stride`` examples at a time and
+    folds each chunk into the ranges (or histograms) before the next; the stride must divide the sample count.
+
+    (Not ``CalibMaxIntermediateOutputs``: in ONNX Runtime 1.32 MinMax drops every full chunk unmeasured and histogram
+    calibrators ignore it.)
+    """
+    chunk = max(1, int(source.cache.get("calibration_chunk", 16)))
+    if n <= chunk:
+        return {}
+    stride = next(s for s in range(chunk, 0, -1) if n % s == 0)
+    return {"CalibStridedMinMax": stride}
 
 
 class ONNXConverter(Converter):
@@ -142,8 +163,7 @@ class ONNXConverter(Converter):
             except Exception as e:  # the QDQ debugger is best-effort on unusual graphs
                 raise ConversionError(f"sensitivity analysis failed: {str(e)[:200]}", "The other recipes are unaffected.") from e
         extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers,
-                 # Streamed calibration: fold every chunk of intermediate outputs into the ranges, then drop it.
-                 "CalibMaxIntermediateOutputs": int(source.cache.get("calibration_chunk", 64))}
+                 **_stride(len(next(iter(data.values()))), source)}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
         try:
@@ -179,7 +199,7 @@ class ONNXConverter(Converter):
             with captured_output():
                 quantize_static(str(pre), str(probe), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                 activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                                extra_options={"CalibMaxIntermediateOutputs": int(source.cache.get("calibration_chunk", 64))})
+                                extra_options=_stride(len(reader), source))
             cache[key] = sensitive_nodes(pre, probe, probe_feeds, work)
         return cache[key]
 

@@ -87,3 +87,31 @@ def test_input_shape_naming_an_unknown_onnx_input(zoo_calib: Path, tmp_path: Pat
                            "--input-shape", "images=1,3,224,224")
     assert code == 2 and "'images'" in err and "data_0" in err and "Hint:" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["MinMax", "Entropy"])
+def test_streamed_calibration_gives_the_same_ranges(tmp_path: Path, method: str) -> None:
+    """CalibStridedMinMax chunks must see every example (ORT 1.32's CalibMaxIntermediateOutputs silently dropped them)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    from converters.onnx import _Reader
+
+    m, _ = normalise_onnx(onnx.load(str(_zoo("squeezenet"))))
+    src = tmp_path / "sq.onnx"
+    onnx.save(m, str(src))
+    x = np.random.default_rng(1).uniform(0, 1, size=(6, 3, 224, 224)).astype(np.float32)
+    x[5] *= 3  # the widest range is in the last chunk's last example
+
+    def scales(extra: dict) -> dict[str, float]:
+        out = tmp_path / f"q{len(extra)}.onnx"
+        quantize_static(str(src), str(out), _Reader({"data_0": x}), quant_format=QuantFormat.QDQ,
+                        calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+        g = onnx.load(str(out)).graph
+        return {i.name: float(numpy_helper.to_array(i)) for i in g.initializer if i.name.endswith("_scale") and not i.dims}
+
+    whole, streamed = scales({}), scales({"CalibStridedMinMax": 2})
+    assert whole and whole.keys() == streamed.keys()
+    if method == "MinMax":
+        assert all(np.isclose(whole[k], streamed[k], rtol=1e-6) for k in whole)
