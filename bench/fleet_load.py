@@ -22,6 +22,12 @@ client is not mistaken for a slow server. The simulated devices share one pool o
 connections (``--connections``), as behind a reverse proxy.
 
     python bench/fleet_load.py [--devices 10000] [--duration 60] [--db sqlite|postgresql|both]
+    python bench/fleet_load.py --replicas 1,2   # PostgreSQL, N replicas behind nginx terminating TLS
+
+``--replicas N[,M...]``: instead of one server on each database, N ``edgekit server start`` replicas
+on one PostgreSQL (artifacts in the database) behind Debian's nginx running the shipped
+``packaging/nginx/edgekit.conf`` over TLS (bench/fleet_replicas.py); each count is one run, side by
+side. "server" CPU is then the replicas and nginx together.
 """
 
 from __future__ import annotations
@@ -123,16 +129,27 @@ class PhaseResult:
 _BUCKET = re.compile(r'^edgekit_http_request_seconds_bucket\{(?P<labels>[^}]*)\} (?P<n>[0-9.e+]+)$', re.M)
 
 
-def server_buckets(url: str) -> dict[str, dict[float, float]]:
-    """The server's own latency histogram from /metrics: route -> {upper bound s: cumulative count}."""
+def server_buckets(url: str | list[str]) -> dict[str, dict[float, float]]:
+    """The server's own latency histogram from /metrics: route -> {upper bound s: cumulative count} (summed over replicas)."""
     import httpx
 
     out: dict[str, dict[float, float]] = {}
-    for m in _BUCKET.finditer(httpx.get(f"{url}/metrics", timeout=10).text):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
-        route = f"{labels.get('method')} {labels.get('route')}"
-        out.setdefault(route, {})[float(labels["le"])] = float(m["n"])
+    for one in [url] if isinstance(url, str) else url:
+        for m in _BUCKET.finditer(httpx.get(f"{one}/metrics", timeout=10).text):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
+            route = f"{labels.get('method')} {labels.get('route')}"
+            bucket = out.setdefault(route, {})
+            bucket[float(labels["le"])] = bucket.get(float(labels["le"]), 0.0) + float(m["n"])
     return out
+
+
+def server_cpu_seconds(server) -> float:  # noqa: ANN001 - a FleetServerProcess or a ReplicaFront
+    """CPU seconds of the server side: one process, or every replica and nginx."""
+    return server.cpu_seconds() if hasattr(server, "cpu_seconds") else process_cpu_seconds(server.pid)
+
+
+def _metrics_urls(server) -> str | list[str]:  # noqa: ANN001
+    return getattr(server, "urls", None) or server.url
 
 
 def server_p99_ms(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], routes: tuple[str, ...]) -> float | None:
@@ -167,11 +184,11 @@ def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, t
 
 async def _measure(fleet: Fleet, server: FleetServerProcess, pg_data: Path | None, db: str, phase: str, interval: float,
                    seconds: float, args: argparse.Namespace) -> PhaseResult:
-    h0 = server_buckets(server.url)
-    s0, d0, c0 = process_cpu_seconds(server.pid), cluster_cpu_seconds(pg_data), time.process_time()
+    h0 = server_buckets(_metrics_urls(server))
+    s0, d0, c0 = server_cpu_seconds(server), cluster_cpu_seconds(pg_data), time.process_time()
     rec, took, lags = await fleet.run(interval, seconds, telemetry=args.telemetry)
-    s1, d1, c1 = process_cpu_seconds(server.pid), cluster_cpu_seconds(pg_data), time.process_time()
-    p99 = server_p99_ms(h0, server_buckets(server.url), ("GET /v1/device/desired", "POST /v1/device/telemetry"))
+    s1, d1, c1 = server_cpu_seconds(server), cluster_cpu_seconds(pg_data), time.process_time()
+    p99 = server_p99_ms(h0, server_buckets(_metrics_urls(server)), ("GET /v1/device/desired", "POST /v1/device/telemetry"))
     r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, p99, s1 - s0, d1 - d0, c1 - c0, 2 if args.telemetry else 1)
     kinds = ", ".join(f"{k} {v['p99_ms']:g}" for k, v in r.by_kind.items())
     print(f"  {phase:>8}: interval {r.interval_s:g} s, offered {r.offered_rps:g} req/s, achieved {r.achieved_rps:g}, "
@@ -215,19 +232,30 @@ async def _search(fleet: Fleet, server: FleetServerProcess, pg_data: Path | None
     return best, failed
 
 
-async def run_db(db: str, args: argparse.Namespace, scratch: Path) -> dict:
-    """All phases against one server on one database."""
+async def run_db(db: str, args: argparse.Namespace, scratch: Path, replicas: int = 0) -> dict:
+    """All phases against one server on one database (``replicas``: that many behind nginx over TLS, PostgreSQL)."""
+    from bench.fleet_replicas import ReplicaFront
+
+    label = f"{replicas} replica{'s' if replicas > 1 else ''} + nginx" if replicas else db
     with postgres_cluster() if db == "postgresql" else contextlib.nullcontext((None, None)) as (url, pg_data):
-        with FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)) as server:
+        front = (ReplicaFront(scratch / f"replicas-{replicas}", url, replicas, poll_interval_s=int(args.interval)) if replicas
+                 else FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)))
+        with front as server:
+            db = label
             token = server.token("enroll")
-            pool = (RawPool if args.client == "raw" else HttpxPool)("127.0.0.1", server.port, args.connections, args.timeout)
+            if replicas:
+                if args.client != "raw":
+                    raise SystemExit("--replicas needs --client raw (TLS through nginx)")
+                pool = RawPool("127.0.0.1", server.port, args.connections, args.timeout, ssl_context=server.ssl_context)
+            else:
+                pool = (RawPool if args.client == "raw" else HttpxPool)("127.0.0.1", server.port, args.connections, args.timeout)
             fleet = Fleet(pool, args.devices)
             try:
                 fleet.recording = True
-                cpu0 = process_cpu_seconds(server.pid)
+                cpu0 = server_cpu_seconds(server)
                 enroll_s, enroll_failures = await fleet.enroll(token, args.enroll_concurrency)
                 enroll_rec, fleet.recording = fleet.rec, False
-                enroll_cores = (process_cpu_seconds(server.pid) - cpu0) / enroll_s
+                enroll_cores = (server_cpu_seconds(server) - cpu0) / enroll_s
                 print(f"  enrolled {args.devices - enroll_failures:,} devices in {enroll_s:.1f} s "
                       f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight, server CPU {enroll_cores:.2f} cores), "
                       f"{enroll_failures} failures {dict(enroll_rec.errors) or ''}", flush=True)
@@ -263,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=60.0, help="Poll and telemetry interval per device in the steady phase (s).")
     p.add_argument("--duration", type=float, default=60.0, help="Length of the steady phase (s).")
     p.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
+    p.add_argument("--replicas", default="", metavar="N[,M]",
+                   help="PostgreSQL, N replicas behind nginx over TLS (one run per count, e.g. 1,2); overrides --db.")
     p.add_argument("--ramp", action=argparse.BooleanOptionalAction, default=True, help="Search the maximum sustainable rate.")
     p.add_argument("--ramp-factor", type=float, default=1.5, help="Rate multiplier per ramp step.")
     p.add_argument("--step-duration", type=float, default=15.0, help="Length of each ramp step (s).")
@@ -280,15 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     scratch = prepare_process()
     host = host_facts()
     dbs = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
+    replica_counts = [int(x) for x in args.replicas.split(",") if x.strip()] if args.replicas else []
+    if any(n < 1 for n in replica_counts):
+        raise SystemExit("--replicas: counts of 1 or more, e.g. 1,2")
     per_device = 2 if args.telemetry else 1
     print(f"{args.devices:,} simulated devices, one poll{' + one telemetry post' if args.telemetry else ''} each per {args.interval:g} s "
           f"(~{per_device * args.devices / args.interval:.0f} req/s) over {args.client} HTTP/1.1; the client (one asyncio process) "
           f"and the server share {os.cpu_count()} cores", flush=True)
     results = []
     with OtherLoad() as load:
-        for db in dbs:
-            print(f"\n== {db} ==", flush=True)
-            results.append(asyncio.run(run_db(db, args, scratch)))
+        if replica_counts:
+            for n in replica_counts:
+                print(f"\n== postgresql, {n} replica(s) behind nginx (TLS) ==", flush=True)
+                results.append(asyncio.run(run_db("postgresql", args, scratch, replicas=n)))
+        else:
+            for db in dbs:
+                print(f"\n== {db} ==", flush=True)
+                results.append(asyncio.run(run_db(db, args, scratch)))
     rows = []
     for res in results:
         for ph in res["phases"]:
@@ -315,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.devices:,} devices, {steady['achieved_rps']:g} req/s"),
                    Ratio(f"{res['db']}: steady errors", float(steady["errors"]), 0.0),
                    Ratio(f"{res['db']}: max sustainable req/s", float(res["max_sustainable_rps"] or 0), None, "p99 within the goal, no errors")]
-    path = write_result(NAME, host, {"config": vars(args), "note": note, "other_load_cores": load.cores,
+    path = write_result(f"{NAME}_replicas" if replica_counts else NAME, host, {"config": vars(args), "note": note, "other_load_cores": load.cores,
                                      "ratios": [r.to_dict() for r in ratios], "results": results})
     print(f"wrote {path}")
     return 0

@@ -38,8 +38,9 @@ Response = tuple[int, dict[str, str], bytes]
 class RawPool:
     """HTTP/1.1 keep-alive connections on asyncio streams; ``request`` waits for a free one."""
 
-    def __init__(self, host: str, port: int, size: int, timeout: float) -> None:
+    def __init__(self, host: str, port: int, size: int, timeout: float, ssl_context: object | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.ssl = ssl_context  # https (e.g. through nginx): an ssl.SSLContext
         self._free: asyncio.Queue = asyncio.Queue()
         for _ in range(size):
             self._free.put_nowait(None)  # a slot; connected on first use
@@ -48,7 +49,7 @@ class RawPool:
         conn = await self._free.get()
         try:
             if conn is None:
-                conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+                conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port, ssl=self.ssl), self.timeout)
             status, head, data, keep = await asyncio.wait_for(self._exchange(conn, method, path, headers, body), self.timeout)
             if not keep:
                 conn[1].close()
@@ -274,6 +275,8 @@ class FleetServerProcess:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.data_dir / "server.log", "wb")
+        if self.env.get("EDGEKIT_DB", "").startswith("postgresql"):  # PostgreSQL is migrated once, never by a start (docs/server.md)
+            subprocess.run(self._edgekit("server", "migrate"), env=self.env, check=True, capture_output=True)
         self.proc = subprocess.Popen(self._edgekit("server", "start", "--data-dir", str(self.data_dir), "--port", str(self.port)),
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
