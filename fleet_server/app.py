@@ -191,5 +191,5 @@ def create_app(settings: Settings, *, context: AppContext | None = None) -> Fast
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(ReplicaGuard)  # 503 while this replica's signing key is not the fleet's
     app.add_middleware(ConnectionCloseOn5xx)
-    document_limits(app)
+    document_limits(app, max_json_bytes=settings.max_json_bytes, max_upload_bytes=settings.max_upload_bytes)
     return app

@@ -168,8 +168,8 @@ def allowed_methods(app, path: str) -> str:  # noqa: ANN001 - a FastAPI app
 
 
 _NO_NUL = "^[^\\u0000]*$"
-LIMITS_TEXT = (f"\n\nLimits every route enforces: a JSON body nests at most {MAX_JSON_DEPTH} levels and holds no number literal "
-               f"longer than {MAX_NUMBER_CHARS} characters (422); no NUL character in a path (404) or query string (422); a "
+LIMITS_TEXT = (f"\n\nLimits every route enforces: a JSON body nests at most {MAX_JSON_DEPTH} levels and holds no number of more "
+               f"than {MAX_NUMBER_CHARS} digits (422); no NUL character in a path (404) or query string (422); a "
                "Range number has at most 19 digits (416); date-time query values are ISO 8601 text.")
 
 
@@ -180,8 +180,15 @@ def _string_without_nul(schema: dict) -> None:
         schema["pattern"] = _NO_NUL
 
 
-def document_limits(app) -> None:  # noqa: ANN001 - a FastAPI app
-    """State the limits above in the app's OpenAPI: the description, and a no-NUL pattern on every free string parameter."""
+def document_limits(app, *, max_json_bytes: int | None = None, max_upload_bytes: int | None = None) -> None:  # noqa: ANN001
+    """State the limits above in the app's OpenAPI: the description (with this server's body sizes), and a
+    no-NUL pattern on every free string parameter."""
+    from fleet_server.uploads import MAX_PARTS
+
+    sizes = ""
+    if max_json_bytes is not None and max_upload_bytes is not None:
+        sizes = (f" A JSON body is at most {max_json_bytes:,} bytes and an upload at most {max_upload_bytes:,} bytes (413);"
+                 f" a multipart upload has at most {MAX_PARTS} parts.")
     original = app.openapi
 
     def openapi() -> dict:
@@ -192,7 +199,7 @@ def document_limits(app) -> None:  # noqa: ANN001 - a FastAPI app
             for op in item.values():
                 for param in (op.get("parameters") or []) if isinstance(op, dict) else []:
                     _string_without_nul(param.get("schema") or {})
-        schema.setdefault("info", {})["description"] = schema.get("info", {}).get("description", "") + LIMITS_TEXT
+        schema.setdefault("info", {})["description"] = schema.get("info", {}).get("description", "") + LIMITS_TEXT + sizes
         app.openapi_schema = schema
         return schema
 

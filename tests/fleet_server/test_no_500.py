@@ -80,3 +80,18 @@ def test_shape_check_ignores_strings_and_counts_only_real_nesting() -> None:
     assert "nested" in json_shape_problem(masked)
     assert "longer" in json_shape_problem(b'{"n": -' + b"1" * (MAX_NUMBER_CHARS + 1) + b"}")
     assert json_shape_problem(b'{"x": 1.2345678901234567e-300, "y": 9223372036854775807}') is None
+
+
+def test_the_openapi_states_the_limits(live_server: LiveServer) -> None:
+    spec = live_server.client().get("/openapi.json").json()
+    text = spec["info"]["description"]
+    for phrase in (f"nests at most {MAX_JSON_DEPTH} levels", "NUL", "Range number", "ISO 8601", "bytes (413)", "parts"):
+        assert phrase in text, phrase
+    params = [p for item in spec["paths"].values() for op in item.values() if isinstance(op, dict) for p in op.get("parameters", [])]
+
+    def free(schema: dict) -> list[dict]:
+        subs = schema.get("anyOf") or [schema]
+        return [s for s in subs if s.get("type") == "string" and not ({"enum", "format", "const"} & set(s))]
+
+    strings = [s for p in params for s in free(p.get("schema") or {})]
+    assert strings and all("pattern" in s for s in strings), [s for s in strings if "pattern" not in s]
