@@ -148,3 +148,37 @@ def test_python_api_takes_a_keras_model_object(two_input_model, tmp_path: Path) 
     (r,) = report.results
     assert r.bundle_dir.name == "two-input-raspberry-pi-5-onnx" and {s.name for s in r.manifest.inputs} == {"feat", "ctx"}
     assert not any(p.name == "source_saved_model" for p in Path.cwd().iterdir())  # exports go to the run's work dir
+
+
+def test_run_matches_the_raw_runtimes_exactly(stateful_run) -> None:
+    """edgekit.runtime's run() against a bare LiteRT Interpreter and a bare ONNX Runtime session, same feeds."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    for r in (r for r in stateful_run.results if r.profile == "raspberry-pi-5"):
+        b = open_bundle(r.bundle_dir)
+        feeds = {k: v[:1] for k, v in golden_feeds(b.golden(), b.manifest).items()}
+        ours = runtime.load(r.bundle_dir).run(feeds)
+        if r.format == "tflite":
+            it = Interpreter(model_path=str(b.model_path))
+            it.allocate_tensors()
+            (sig,) = it._get_full_signature_list().values()
+            for name, idx in sig["inputs"].items():
+                d = next(d for d in it.get_input_details() if d["index"] == idx)
+                scale, zp = d["quantization"]
+                x = feeds[name]
+                if scale:
+                    v = x.astype(np.float64) / scale
+                    x = np.clip(np.trunc(v + np.copysign(0.5, v)) + zp, -128, 127)
+                it.set_tensor(idx, x.astype(d["dtype"]))
+            it.invoke()
+            for name, idx in sig["outputs"].items():
+                d = next(d for d in it.get_output_details() if d["index"] == idx)
+                scale, zp = d["quantization"]
+                raw = it.get_tensor(idx)
+                expect = (raw.astype(np.float32) - np.float32(zp)) * np.float32(scale) if scale else raw
+                assert np.array_equal(ours[name], expect), (r.format, name)
+        else:
+            s = ort.InferenceSession(str(b.model_path), providers=["CPUExecutionProvider"])
+            raw = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+            assert all(np.array_equal(ours[k], raw[k]) for k in raw)
