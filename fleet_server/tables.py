@@ -27,6 +27,7 @@ __all__ = [
     "RolloutWave",
     "TelemetryDrop",
     "TelemetryPoint",
+    "TelemetryRollup",
     "Token",
     "VersionArtifact",
 ]
@@ -226,6 +227,37 @@ class TelemetryPoint(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     data: Mapped[dict[str, Any]]
     received_at: Mapped[dt.datetime]
+
+
+class TelemetryRollup(Base):
+    """One minute of one artifact's telemetry across every device, summed (the field statistics read these).
+
+    Sums are doubles (counts up to 2^63 per point would overflow an integer column); ``pXX_w`` are
+    Σ count × per-minute percentile, ``hN`` the confidence histogram bins.
+    """
+
+    __tablename__ = "telemetry_rollups"
+    model_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    requests: Mapped[float] = mapped_column(Float, server_default="0")
+    errors: Mapped[float] = mapped_column(Float, server_default="0")
+    escalations: Mapped[float] = mapped_column(Float, server_default="0")
+    degraded: Mapped[float] = mapped_column(Float, server_default="0")
+    p50_w: Mapped[float] = mapped_column(Float, server_default="0")
+    p95_w: Mapped[float] = mapped_column(Float, server_default="0")
+    p99_w: Mapped[float] = mapped_column(Float, server_default="0")
+    points: Mapped[float] = mapped_column(Float, server_default="0")
+    h0: Mapped[float] = mapped_column(Float, server_default="0")
+    h1: Mapped[float] = mapped_column(Float, server_default="0")
+    h2: Mapped[float] = mapped_column(Float, server_default="0")
+    h3: Mapped[float] = mapped_column(Float, server_default="0")
+    h4: Mapped[float] = mapped_column(Float, server_default="0")
+    h5: Mapped[float] = mapped_column(Float, server_default="0")
+    h6: Mapped[float] = mapped_column(Float, server_default="0")
+    h7: Mapped[float] = mapped_column(Float, server_default="0")
+    h8: Mapped[float] = mapped_column(Float, server_default="0")
+    h9: Mapped[float] = mapped_column(Float, server_default="0")
+    latency_max: Mapped[float] = mapped_column(Float, server_default="0")
 
 
 class TelemetryDrop(Base):

@@ -28,6 +28,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from fleet_server.db import Database, utcnow
 from fleet_server.errors import Unavailable
 from fleet_server.schemas import TelemetryBatch
+from fleet_server.rollups import rollup_rows, upsert_rollups
 from fleet_server.tables import TelemetryDrop, TelemetryPoint
 
 __all__ = ["TelemetryWriter"]
@@ -67,6 +68,7 @@ def write_posts(db: Database, posts: list[_Post]) -> None:
     with db.write() as s:
         if rows:
             s.execute(insert(TelemetryPoint), rows)
+            upsert_rollups(s, rollup_rows(rows))  # what the field statistics read (fleet_server.rollups)
         if drops:
             s.execute(insert(TelemetryDrop), drops)
 

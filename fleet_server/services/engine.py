@@ -152,7 +152,7 @@ def _field_data(ctx: AppContext, rollout_id: str) -> dict[int, FieldData]:
             _field_checked[rollout_id] = time.monotonic()
             rds = s.execute(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id, RolloutDevice.wave_index == w.index)).scalars().all()
             since = (utc(w.started_at) or now).replace(second=0, microsecond=0)
-            out[w.index] = wave_field_sums(s, list(rds), since, now + dt.timedelta(minutes=1))
+            out[w.index] = wave_field_sums(s, rollout_id, w.index, list(rds), since, now + dt.timedelta(minutes=1))
     return out
 
 

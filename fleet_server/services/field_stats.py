@@ -1,9 +1,10 @@
 """Field statistics: what a model version does on devices, aggregated from stored telemetry.
 
 Devices post one point per (minute, model) with counts, per-minute latency percentiles and a
-10-bin confidence histogram (``device_agents.telemetry``). The database sums them per minute
-and artifact (one ``GROUP BY`` over the ``(model_sha256, minute)`` index, JSON fields read
-with the dialect's JSON operators); Python folds the minutes into buckets. What follows from
+10-bin confidence histogram (``device_agents.telemetry``). The telemetry writer adds each
+batch to a per-(artifact, minute) rollup row in the same transaction (``fleet_server.rollups``), so a
+version's statistics read one row per minute and artifact; Python folds the minutes into buckets.
+Field gates need the wave's own devices: those sums are read from the points, joined on the wave. What follows from
 the points and what does not:
 
 - requests, escalations, degraded answers: exact sums.
@@ -28,9 +29,9 @@ from sqlalchemy.orm import Session
 
 from edgekit.protocol import PSI_DRIFT_THRESHOLD
 from fleet_server.db import utc
-from fleet_server.tables import TelemetryPoint
+from fleet_server.tables import RolloutDevice, TelemetryPoint, TelemetryRollup
 
-__all__ = ["BINS", "FieldSums", "minute_sums", "psi", "sums_by"]
+__all__ = ["BINS", "FieldSums", "minute_sums", "psi", "wave_sums"]
 
 BINS = 10
 _EPS = 1e-4
@@ -63,6 +64,14 @@ class FieldSums:
         self.latency_max = max(self.latency_max, other.latency_max)
         self.hist = [a + b for a, b in zip(self.hist, other.hist)]
         self.points += other.points
+
+    def minus(self, other: FieldSums) -> FieldSums:
+        """These sums without ``other``'s (a subset of them); the maximum latency cannot be taken out and stays."""
+        return FieldSums(requests=max(0, self.requests - other.requests), errors=max(0, self.errors - other.errors),
+                         escalations=max(0, self.escalations - other.escalations), degraded=max(0, self.degraded - other.degraded),
+                         p50_w=max(0.0, self.p50_w - other.p50_w), p95_w=max(0.0, self.p95_w - other.p95_w),
+                         p99_w=max(0.0, self.p99_w - other.p99_w), latency_max=self.latency_max, points=max(0, self.points - other.points),
+                         hist=[max(0, a - b) for a, b in zip(self.hist, other.hist)])
 
     def _rate(self, n: int) -> float | None:
         return n / self.requests if self.requests else None
@@ -131,21 +140,27 @@ def _sums(row: Any, offset: int) -> FieldSums:
 
 
 def minute_sums(s: Session, shas: list[str], since: dt.datetime, until: dt.datetime) -> list[tuple[dt.datetime, str, FieldSums]]:
-    """(minute, artifact sha256, sums) for the artifacts' points in ``[since, until)``, oldest first."""
+    """(minute, artifact sha256, sums) for the artifacts in ``[since, until)``, oldest first, from the rollups
+    (one row per minute and artifact, kept by the telemetry writer: ``fleet_server.rollups``)."""
     if not shas:
         return []
-    q = (select(TelemetryPoint.minute, TelemetryPoint.model_sha256, *_columns())
-         .where(TelemetryPoint.model_sha256.in_(shas), TelemetryPoint.minute >= since, TelemetryPoint.minute < until)
-         .group_by(TelemetryPoint.minute, TelemetryPoint.model_sha256).order_by(TelemetryPoint.minute))
-    return [(utc(row[0]), row[1], _sums(row, 2)) for row in s.execute(q).all()]
+    t = TelemetryRollup
+    q = (select(t).where(t.model_sha256.in_(shas), t.minute >= since, t.minute < until).order_by(t.minute))
+    out = []
+    for r in s.execute(q).scalars():
+        out.append((utc(r.minute), r.model_sha256, FieldSums(
+            requests=int(r.requests), errors=int(r.errors), escalations=int(r.escalations), degraded=int(r.degraded), p50_w=r.p50_w,
+            p95_w=r.p95_w, p99_w=r.p99_w, latency_max=r.latency_max, points=int(r.points), hist=[int(getattr(r, f"h{i}")) for i in range(BINS)])))
+    return out
 
 
-def sums_by(s: Session, key: Any, shas: list[str], since: dt.datetime, until: dt.datetime) -> dict[tuple[Any, str], FieldSums]:
-    """(key value, artifact sha256) → sums over ``[since, until)``; ``key`` is a column such as ``TelemetryPoint.device_id``."""
+def wave_sums(s: Session, rollout_id: str, wave_index: int, shas: list[str], since: dt.datetime, until: dt.datetime) -> FieldSums:
+    """The raw points of one wave's devices on these artifacts in ``[since, until)``, summed (a join on the wave's
+    rollout_devices rows and the ``(device_id, minute)`` index: no device list in the query)."""
     if not shas:
-        return {}
-    q = (select(key, TelemetryPoint.model_sha256, *_columns())
-         .where(TelemetryPoint.model_sha256.in_(shas), TelemetryPoint.minute >= since, TelemetryPoint.minute < until)
-         .group_by(key, TelemetryPoint.model_sha256))
-    return {(row[0], row[1]): _sums(row, 2) for row in s.execute(q).all()}
-
+        return FieldSums()
+    q = (select(*_columns()).select_from(TelemetryPoint)
+         .join(RolloutDevice, (RolloutDevice.device_id == TelemetryPoint.device_id) & (RolloutDevice.rollout_id == rollout_id)
+               & (RolloutDevice.wave_index == wave_index))
+         .where(TelemetryPoint.model_sha256.in_(shas), TelemetryPoint.minute >= since, TelemetryPoint.minute < until))
+    return _sums(s.execute(q).one(), 0)

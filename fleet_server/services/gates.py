@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from edgekit.protocol import FIELD_GATES
-from fleet_server.services.field_stats import FieldSums, psi, sums_by
-from fleet_server.tables import RolloutDevice, TelemetryPoint, VersionArtifact
+from fleet_server.services.field_stats import FieldSums, minute_sums, psi, wave_sums
+from fleet_server.tables import RolloutDevice, VersionArtifact
 
 __all__ = ["bake_progress", "evaluate_device_gates", "evaluate_field_gates", "field_gates_of", "result"]
 
@@ -87,32 +87,28 @@ def _shas(s: Session, ids: set[int | None]) -> dict[int, tuple[str, str]]:
     return {i: (sha, profile) for i, sha, profile in rows}
 
 
-def wave_field_sums(s: Session, rds: list[RolloutDevice], since: dt.datetime, until: dt.datetime) -> tuple[FieldSums, FieldSums, str]:
+def wave_field_sums(s: Session, rollout_id: str, wave_index: int, rds: list[RolloutDevice], since: dt.datetime,
+                    until: dt.datetime) -> tuple[FieldSums, FieldSums, str]:
     """The wave's field sums on the new version since ``since``, the replaced version's on comparable devices, and how
     the reference was chosen.
 
-    Comparable devices: devices of the same profiles, outside the wave, running the artifact the wave's devices
-    replaced, over the same window. When none posted any, the wave's own devices on that artifact over an equally
-    long window before ``since`` (at least 10 minutes) are the reference.
+    Comparable devices: devices outside the wave running the artifact the wave's devices replaced, over the same
+    window (that artifact's rollup minus the wave's own points on it). When none posted any, the wave's own devices
+    on that artifact over an equally long window before ``since`` (at least 10 minutes) are the reference.
     """
     arts = _shas(s, {rd.artifact_id for rd in rds} | {rd.previous_artifact_id for rd in rds})
     new_shas = sorted({arts[rd.artifact_id][0] for rd in rds if rd.artifact_id in arts})
     old_shas = sorted({arts[rd.previous_artifact_id][0] for rd in rds if rd.previous_artifact_id in arts})
-    wave_devices = {rd.device_id for rd in rds}
-    new, ref_out, ref_own = FieldSums(), FieldSums(), FieldSums()
-    for (device_id, sha), sums in sums_by(s, TelemetryPoint.device_id, new_shas, since, until).items():
-        if device_id in wave_devices:
-            new.add(sums)
-    for (device_id, sha), sums in sums_by(s, TelemetryPoint.device_id, old_shas, since, until).items():
-        if device_id not in wave_devices:
-            ref_out.add(sums)
+    new = wave_sums(s, rollout_id, wave_index, new_shas, since, until)
+    total_old = FieldSums()
+    for _, _, sums in minute_sums(s, old_shas, since, until):
+        total_old.add(sums)
+    ref_out = total_old.minus(wave_sums(s, rollout_id, wave_index, old_shas, since, until))
     if ref_out.requests:
         return new, ref_out, "the replaced version on devices outside the wave, same window"
     before = since - max(until - since, dt.timedelta(minutes=10))
-    for (device_id, sha), sums in sums_by(s, TelemetryPoint.device_id, old_shas, before, since).items():
-        if device_id in wave_devices:
-            ref_own.add(sums)
-    return new, ref_own, "the replaced version on the wave's own devices, the window before the wave"
+    return new, wave_sums(s, rollout_id, wave_index, old_shas, before, since), \
+        "the replaced version on the wave's own devices, the window before the wave"
 
 
 def bake_progress(gates: dict[str, Any], started: dt.datetime, now: dt.datetime, requests: int) -> bool:
