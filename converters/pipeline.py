@@ -292,21 +292,40 @@ INTERRUPTED = threading.Event()
 
 
 @contextmanager
-def _interruptible() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into KeyboardInterrupt (and INTERRUPTED) so clean-up runs; main thread only."""
+def _interruptible(cleanup: list[Callable[[], None]]) -> Iterator[None]:
+    """SIGINT/SIGTERM: clean up at once, then raise KeyboardInterrupt; main thread only.
+
+    The clean-up (``cleanup``'s callables: remove the staging directory, and ``--out`` when this
+    run created it) runs inside the handler, because the KeyboardInterrupt can land where Python
+    ignores it (seen: in a TensorFlow ``__del__``) or inside a converter that turns it into its own
+    error. INTERRUPTED stops the search at its next step, and if the process is still running
+    10 s after the signal it exits with 128 + the signal number.
+    """
     INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    watchdogs: list[threading.Timer] = []
+
     def stop(signum: int, _frame: object) -> None:
+        first = not INTERRUPTED.is_set()
         INTERRUPTED.set()
+        if first:
+            for fn in cleanup:
+                fn()
+            watchdog = threading.Timer(10.0, os._exit, (128 + signum,))
+            watchdog.daemon = True
+            watchdog.start()
+            watchdogs.append(watchdog)
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        for w in watchdogs:  # the run ended by itself: a Python caller keeps its process
+            w.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -317,19 +336,26 @@ def run_convert(opts: ConvertOptions, progress: Progress = lambda _msg: None) ->
     """Convert for every requested (profile, format); nothing is written unless all succeed."""
     _check_options(opts)
     jobs = _jobs(opts)  # unknown profiles and unsupported formats fail before any work
-    with _interruptible():
+    cleanup: list[Callable[[], None]] = []
+    with _interruptible(cleanup):
         created = _make_out(opts.out)
         work: Path | None = None
         ok = False
+        cleanup.append(lambda: _remove_created(created) if not ok else None)
         try:
             key = signing.load_or_create_key(opts.signing_key)
             work = Path(tempfile.mkdtemp(dir=opts.out, prefix=".edgekit-tmp-"))
+            cleanup.insert(0, lambda: shutil.rmtree(work, ignore_errors=True))
             report = _run(opts, jobs, key, work, progress)
             ok = True
             return report
         except EdgekitError:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt("interrupted") from None
             raise
         except OSError as e:
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt("interrupted") from None
             raise OutputError(f"writing under {opts.out} failed: {e}", "Check free space and permissions.") from e
         except MemoryError:
             raise ConversionError("the conversion ran out of memory", "Lower --calibration-samples or --max-memory, or use a machine with more RAM.") from None
