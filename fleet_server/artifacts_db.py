@@ -141,10 +141,10 @@ class _ChunkReader(io.RawIOBase):
 
     def _load(self) -> None:
         with self.db.connect() as c:
+            # every chunk but the last holds exactly CHUNK_BYTES: a primary-key lookup, no scan
             row = c.execute(select(ArtifactChunk.offset, ArtifactChunk.chunk_sha256, ArtifactChunk.data)
-                            .where(ArtifactChunk.sha256 == self.sha256, ArtifactChunk.offset <= self.pos)
-                            .order_by(ArtifactChunk.offset.desc()).limit(1)).first()
-        if row is None:
+                            .where(ArtifactChunk.sha256 == self.sha256, ArtifactChunk.seq == self.pos // CHUNK_BYTES)).first()
+        if row is None or row.offset != (self.pos // CHUNK_BYTES) * CHUNK_BYTES:
             raise ArtifactChunkDamaged(f"artifact {self.sha256}: no chunk at byte {self.pos}")
         data = bytes(row.data)
         if hashlib.sha256(data).hexdigest() != row.chunk_sha256:
