@@ -33,6 +33,8 @@ def server() -> None:
 @click.option("--max-upload-mb", type=float, default=None, help="Largest accepted upload (EDGEKIT_MAX_UPLOAD_MB, default 512).")
 @click.option("--poll-interval", "poll_interval_s", type=int, default=None, help="Seconds between device polls (EDGEKIT_POLL_INTERVAL_S).")
 @click.option("--log-level", default=None, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--artifact-store", type=click.Choice(["directory", "database"]), default=None,
+              help="Artifact bytes in the data dir (default) or the database, for replicas (EDGEKIT_ARTIFACT_STORE).")
 @click.option("--trusted-proxies", default=None, help="Proxies whose X-Forwarded-* headers are believed (EDGEKIT_TRUSTED_PROXIES; default none).")
 def start(**options) -> None:  # noqa: ANN003
     """Serve the fleet API until interrupted (SQLite: migrates first; PostgreSQL: run 'server migrate' once before)."""
