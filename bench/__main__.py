@@ -17,6 +17,7 @@ from bench.harness import RESULTS_DIR, ROOT, print_table
 BENCHMARKS = ("convert_tflite", "mobilenet_tflite", "runtime_overhead", "convert_onnx", "mobilenet_onnx", "fleet_load", "rollout")
 BENCHMARKS += ("router",)  # hybrid router overhead and breaker-open cost
 BENCHMARKS += ("cloud_batching",)  # cloud server: dynamic batching vs request-by-request
+BENCHMARKS += ("field_stats",)  # field statistics over a 10,000-device hour of telemetry, and writes while they run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import argparse
 import contextlib
 import datetime as dt
-import json
 import statistics
 import tempfile
 import threading
@@ -34,8 +33,7 @@ from sqlalchemy import insert
 
 from fleet_server.rollups import rollup_rows, upsert_rollups
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "field_stats.json"
+from bench.harness import ROOT, Ratio, host_facts, print_table, ratio_rows, write_result
 
 
 def _populate(db, devices: int, minutes: int, now: dt.datetime) -> tuple[str, list[str]]:  # noqa: ANN001
@@ -168,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
     args = p.parse_args(argv)
+    host = host_facts()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.db in ("sqlite", "both"):
@@ -186,9 +185,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['write_batch_ms_alone']} ms with it, alone; {r['write_batch_ms_during_stats']} ms while "
               f"version stats ran in a loop ({r['stats_queries_during_writes']} queries in {r['writes_window_s']} s): "
               f"x{r['write_batch_ms_during_stats'] / r['write_batch_ms_alone']:.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "results": results}, indent=1) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    ratios = []
+    for r in results:
+        ratios += [Ratio(f"{r['db']}: batch write with rollup / without", r["write_batch_ms_alone"] / r["write_batch_ms_points_only"], None),
+                   Ratio(f"{r['db']}: batch write while stats run / alone", r["write_batch_ms_during_stats"] / r["write_batch_ms_alone"], None),
+                   Ratio(f"{r['db']}: version query (1 h, 1-min buckets) / one batch write",
+                         r["queries_ms"][f"version stats, {r['minutes']} min in 1-min buckets"] / r["write_batch_ms_alone"], None)]
+    print_table("Ratios", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
+    path = write_result("field_stats", host, {"results": results, "ratios": [x.to_dict() for x in ratios]})
+    print(f"\nwrote {path.relative_to(ROOT)}")
     return 0
 
 
