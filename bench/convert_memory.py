@@ -4,8 +4,9 @@ Models (no downloads): Keras EfficientNetB0, MobileNetV3Small and ResNet50 with 
 at 224x224, and the ``onnx`` wheel's IR-3 ResNet-50 (``light_resnet50.onnx``). Calibration: 32
 seeded random images (the checks' numbers mean nothing on random weights; memory and time do).
 
-Every measurement is one fresh child process (``ru_maxrss`` of that child, wall time of the
-child), so TensorFlow's caches from one cannot inflate the next:
+Every measurement is one fresh child process (the larger of its own ``ru_maxrss`` and that of
+any process it started, such as a tf2onnx export; wall time of the child), so TensorFlow's
+caches from one cannot inflate the next:
 
 - ``edgekit <recipe>``: one recipe through edgekit's converter (source load + the recipe's
   ``convert``), for raspberry-pi-5.
@@ -158,7 +159,10 @@ def _child(argv: list[str]) -> int:
                 info = _child_edgekit_recipe(model, calib, fmt, recipe, out)
         except Exception as e:  # a failing side is a row, not a crash
             info, error = {}, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-    info |= {"wall_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error}
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sub = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # e.g. a tf2onnx export process
+    info |= {"wall_s": time.perf_counter() - t0, "peak_rss_mb": max(own, sub), "own_peak_rss_mb": own, "subprocess_peak_rss_mb": sub,
+             "error": error}
     print("RESULT " + json.dumps(info), flush=True)
     return 0
 
