@@ -10,11 +10,22 @@ from device_agents.machine import TRANSITIONS, Event, State
 from device_agents.steps import HANDLERS
 
 
+def _walk_own_body(fn_node: ast.AST):
+    """Every node of a function's body, not descending into nested functions or lambdas (their returns are theirs)."""
+    stack = list(ast.iter_child_nodes(fn_node))
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _returned_events(fn) -> set[Event]:
     """The ``Event.X`` values a handler's source can return (it returns only ``Event`` members or conditionals of them)."""
     tree = ast.parse(inspect.getsource(fn))
     found: set[Event] = set()
-    for node in ast.walk(tree):
+    handler = tree.body[0]
+    for node in _walk_own_body(handler):
         if isinstance(node, ast.Return):
             assert node.value is not None, f"{fn.__name__} returns nothing"
             for sub in ast.walk(node.value):
