@@ -30,7 +30,7 @@ def record(ctx: Any, *, actor: str, token_id: int | None, action: str, target: s
 
 
 class AuditMiddleware:
-    """Records every non-read request to a non-device route once its response has started."""
+    """Records every non-read request to a non-device route before its response completes."""
 
     def __init__(self, app) -> None:  # noqa: ANN001 - ASGI app
         self.app = app
@@ -39,17 +39,23 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["method"] in _READS or scope["path"].startswith(_DEVICE_ROUTES):
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        status = {"code": 500, "written": False}
 
         async def send_wrapper(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not status["written"]:
+                # The event is recorded before the answer completes: a client that reads the log after
+                # its action's answer always finds the action there.
+                status["written"] = True
+                await self._write(scope, status["code"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            await self._write(scope, status["code"])
+            if not status["written"]:
+                await self._write(scope, status["code"])
 
     async def _write(self, scope, status: int) -> None:  # noqa: ANN001
         app = scope.get("app")
