@@ -64,9 +64,9 @@ def test_sigkill_of_the_engine_replica_mid_wave_fails_over_without_lost_or_doubl
         return n
 
     rollout = lambda: standby.admin.get(f"/v1/rollouts/{rid}").json()  # noqa: E731
-    wait_for(lambda: install_ready() > 0)  # wave 1 (3 devices), through whichever replica each device uses
-    wait_for(lambda: install_ready() >= 0 and len(done) >= 3 and rollout()["waves"][1]["state"] == "running")
-    assert install_ready(limit=1) == 1  # wave 2 half done ...
+    wait_for(lambda: install_ready(limit=3 - len(done)) >= 0 and len(done) == 3)  # wave 1 (3 devices), through whichever replica each device uses
+    wait_for(lambda: rollout()["waves"][1]["state"] == "running")
+    wait_for(lambda: install_ready(limit=1) == 1)  # wave 2 one third done ...
     leader.kill()  # ... when the replica running the engine dies without any shutdown code
     for d in devices:
         d.server = standby  # the devices it served go to the survivor (what a load balancer does)
@@ -174,7 +174,8 @@ def test_a_replica_that_loses_its_database_fails_readiness(tmp_path):
             assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
             cluster._run(cluster.pg_ctl, "-D", str(cluster.data), "-m", "immediate", "-w", "stop")  # noqa: SLF001
             down = wait_for(lambda: (r := httpx.get(f"{server.url}/readyz", timeout=10)).status_code == 503 and r.json())
-            assert down["reason"] == "database unreachable" and down["engine"] == "standby"
+            assert down["reason"] == "database unreachable"
+            wait_for(lambda: httpx.get(f"{server.url}/readyz", timeout=10).json()["engine"] == "standby")  # the next engine tick lets go
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200  # alive, just not ready
         finally:
             server.stop()
