@@ -1,6 +1,6 @@
 """The shipped nginx example (packaging/nginx/edgekit.conf) run with Debian's nginx: TLS with a certificate
 made here, two replicas on one PostgreSQL behind it, 18 simulated devices and 2 real agents (CA pinned at
-enrollment) through it in a three-wave rollout, the artifact cache serving only authorized callers, the
+enrollment) through it in a three-wave rollout with the engine's replica SIGKILLed mid-wave, the artifact cache serving only authorized callers, the
 upload limits, and forwarded headers believed only from configured proxies."""
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from fleet_support import ROOT, LiveServer, SimDevice, free_port, wait_for
 from nginx_support import NGINX, Nginx, make_ca_and_server_cert, render_conf
-from replica_support import start_replicas
+from replica_support import one_leader, start_replicas
 
 pytestmark = pytest.mark.timeout(600)
 AGENT_ENV = {"EDGEKIT_AGENT_POLL_INTERVAL_S": "0.3", "EDGEKIT_AGENT_PROFILE_RUNS": "20", "EDGEKIT_AGENT_PROFILE_BUDGET_S": "1",
@@ -100,8 +102,10 @@ def test_rollout_through_nginx_tls_to_two_replicas_with_an_authorizing_artifact_
         rid = r.json()["id"]
         done: set[str] = set()
         cache_states: list[str] = []
+        killed: list[LiveServer] = []
 
         def step() -> bool:
+            wave2_running = admin_http.get(f"/v1/rollouts/{rid}").json()["waves"][1]["state"] == "running"
             for d in sims:
                 if d.device_id in done:
                     continue
@@ -113,9 +117,15 @@ def test_rollout_through_nginx_tls_to_two_replicas_with_an_authorizing_artifact_
                 cache_states.append(got.headers.get("x-cache-status", ""))
                 d.install(p)
                 done.add(d.device_id)
+                if wave2_running and not killed:  # mid-wave 2: SIGKILL the replica running the engine; nginx routes around it
+                    killed.append(one_leader(replicas))
+                    killed[0].kill()
             return admin_http.get(f"/v1/rollouts/{rid}").json()["state"] == "completed"
 
         wait_for(step, timeout=300, interval=0.3)
+        assert killed, "wave 2 was never seen running"
+        survivor = next(r for r in replicas if r is not killed[0])
+        assert one_leader([survivor]) is survivor
     finally:
         for proc, _ in agents:
             proc.terminate()
@@ -124,6 +134,12 @@ def test_rollout_through_nginx_tls_to_two_replicas_with_an_authorizing_artifact_
     ro = admin_http.get(f"/v1/rollouts/{rid}").json()
     assert [w["state"] for w in ro["waves"]] == ["passed", "passed", "passed"]
     assert len(done) == 18
+    engine = create_engine(replicas[0].db_url)
+    with engine.connect() as c:
+        installs = Counter(c.execute(text("SELECT device_id FROM assignments WHERE rollout_id = :r AND action = 'install'"), {"r": rid}).scalars())
+    engine.dispose()
+    assert len(installs) == 20 and set(installs.values()) == {1}  # none lost, none doubled across the failover
+    killed[0].start()  # back for the module's other tests
     for _, data in agents:  # the real agents pinned the CA at enrollment and got there over https
         assert (data / "server-ca.pem").read_bytes() == front.ca.read_bytes()
     assert "HIT" in cache_states  # the cache served the model ...
