@@ -203,3 +203,17 @@ def test_forwarded_headers_are_believed_only_from_configured_proxies(tls_fleet, 
         assert remote_of(plain, f"fwd-{time.time_ns()}") == "127.0.0.1"  # no proxies configured: the peer is the client
     finally:
         plain.stop()
+
+
+def test_push_verifies_the_server_certificate_against_edgekit_ca_file(tls_fleet, fleet_bundles):
+    replicas, _, front, _ = tls_fleet
+    bundle = fleet_bundles.dirs["v2"]["raspberry-pi-5"]
+    cmd = [sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "push", str(bundle), "--server", front.url,
+           "--token", replicas[0].admin_token, "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "EDGEKIT_CA_FILE"}
+    refused = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "not trusted" in refused.stderr and "EDGEKIT_CA_FILE" in refused.stderr
+    pushed = subprocess.run(cmd, env={**env, "EDGEKIT_CA_FILE": str(front.ca)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert pushed.returncode == 0, pushed.stderr
+    assert '"1.3.0"' in pushed.stdout
