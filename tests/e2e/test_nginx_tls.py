@@ -217,3 +217,17 @@ def test_push_verifies_the_server_certificate_against_edgekit_ca_file(tls_fleet,
     pushed = subprocess.run(cmd, env={**env, "EDGEKIT_CA_FILE": str(front.ca)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert pushed.returncode == 0, pushed.stderr
     assert '"1.3.0"' in pushed.stdout
+
+
+def test_a_512_mb_upload_passes_the_proxy_to_a_replica(tls_fleet, tmp_path):
+    """512,000,000 bytes streamed through nginx over TLS reach the replica, which reads them all and judges the content
+    (not a bundle: 400 bad_bundle from the server, not a 413 or a timeout from the proxy)."""
+    replicas, _, front, _ = tls_fleet
+    big = tmp_path / "big.ekb"
+    with open(big, "wb") as f:
+        f.truncate(512_000_000)  # sparse: costs no disk until read
+    with open(big, "rb") as f, httpx.Client(base_url=front.url, verify=ssl.create_default_context(cafile=str(front.ca)), timeout=600,
+                                            headers={"Authorization": f"Bearer {replicas[0].admin_token}"}) as c:
+        r = c.post("/v1/models/big/versions", files=[("bundles", ("big.ekb", f, "application/octet-stream"))])
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.status_code, r.text[:200])  # the replica's answer
+    assert r.status_code in (400, 422) and r.status_code != 413, r.text
