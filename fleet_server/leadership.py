@@ -60,7 +60,8 @@ class PostgresLeadership(EngineLeadership):
     kind = "postgresql-advisory-lock"
 
     def __init__(self, url: URL) -> None:
-        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        # a short connect timeout: an unreachable database must not hold the engine tick for the TCP default
+        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
         self._conn: Connection | None = None
         self._leader = False
         self._lock = threading.Lock()
