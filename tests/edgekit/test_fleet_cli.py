@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -268,14 +269,22 @@ def test_watch_follows_a_rollout_to_the_end(run_cli, server: Server, fleet: dict
     env = {**server.env, "EDGEKIT_SERVER": server.url, "EDGEKIT_TOKEN": server.admin}
     watcher = subprocess.Popen([*EDGEKIT, "rollout", "status", rid, "--watch", "--interval", "0.2", "--watch-timeout", "120"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(watcher.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
         server.wait_for(rid, lambda r: r["state"] == "running", "running")
-        time.sleep(0.5)  # let the watcher print the running state once
+        deadline = time.monotonic() + 60  # the watcher has printed the running state once (its start-up may be slow on a busy box)
+        while not any(line.startswith("- rollout ") and "running" in line for line in list(err_lines)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         fleet["coral-a"].install()
-        out, err = watcher.communicate(timeout=120)
+        out = watcher.stdout.read()
+        watcher.wait(120)
+        reader.join(10)
     finally:
         if watcher.poll() is None:
             watcher.kill()
+    err = "".join(err_lines)
     assert watcher.returncode == 0, err
     lines = [line for line in err.splitlines() if line.startswith("- rollout ")]
     assert "running" in lines[0] and "completed" in lines[-1]
