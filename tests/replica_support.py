@@ -28,14 +28,20 @@ def start_replicas(db_url: str, root: Path, n: int = 2, **settings: Any) -> list
     migrate(db_url)
     replicas: list[LiveServer] = []
     values = {"artifact_store": "database", **settings}
-    for i in range(n):
-        data = root / f"replica{i}"
-        server = LiveServer(data_dir=data, db_url=db_url, settings=values, process=True)
-        if replicas:
-            data.mkdir(parents=True, mode=0o700)
-            shutil.copy2(replicas[0].data_dir / "server_key.pem", data / "server_key.pem")
-            server.admin_token, server.enroll_token = replicas[0].admin_token, replicas[0].enroll_token
-        replicas.append(server.start())
+    try:
+        for i in range(n):
+            data = root / f"replica{i}"
+            server = LiveServer(data_dir=data, db_url=db_url, settings=values, process=True)
+            if replicas:
+                data.mkdir(parents=True, mode=0o700)
+                shutil.copy2(replicas[0].data_dir / "server_key.pem", data / "server_key.pem")
+                server.admin_token, server.enroll_token = replicas[0].admin_token, replicas[0].enroll_token
+            replicas.append(server)
+            server.start()
+    except BaseException:  # one that did not come up: stop the ones that did (no process outlives the test)
+        for r in replicas:
+            r.stop()
+        raise
     return replicas
 
 
