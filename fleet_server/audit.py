@@ -1,4 +1,4 @@
-"""The audit log: every admin action (a request that changes something, on an admin route) is one row:
+"""The audit log: every admin action (a request with an admin token that changes something) is one row:
 who (the token's name), what (method and route template, and the ids in the path), when, from where
 (the client address), and the result (status and error code). A pure ASGI middleware writes it after the
 response, in the threadpool, so no route can forget it and a failed action is recorded too.
@@ -64,6 +64,8 @@ class AuditMiddleware:
             return
         state = scope.get("state") or {}
         principal = state.get("principal")
+        if principal is None or principal.scope != "admin":
+            return  # only admin tokens act; a request without a valid one is refused and not recorded (no table fill by strangers)
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         params = scope.get("path_params") or {}
@@ -71,7 +73,7 @@ class AuditMiddleware:
         code = state.get("error_code")
         result = "ok" if status < 400 else (code or f"http_{status}")
         try:
-            await run_in_threadpool(record, ctx, actor=principal.actor if principal else "-", token_id=principal.token_id if principal else None,
+            await run_in_threadpool(record, ctx, actor=principal.actor, token_id=principal.token_id,
                                     action=f"{scope['method']} {template}", target=",".join(f"{k}={v}" for k, v in params.items()) or None,
                                     remote=client[0] if client else None, status=status, result=result, detail=state.get("audit_detail") or {})
         except Exception:  # noqa: BLE001 - the action's answer is sent; a lost audit row is logged, never a 500 after the fact
