@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,6 +21,26 @@ def _settings(**overrides):  # noqa: ANN003, ANN202
     except ImportError as e:
         raise RuntimeUnavailableError(f"the fleet server is not installed ({e})", "Install it with: pip install 'edgekit[server]'") from None
     return Settings.from_env(**overrides)
+
+
+@contextmanager
+def open_database(db: str | None, data_dir: Path | None, *, migrate: bool = True) -> Iterator[Any]:
+    """The server's database for a CLI command (the default SQLite data dir created 0700 if missing), disposed after."""
+    settings = _settings(db=db, data_dir=data_dir)
+    from fleet_server.db import Database
+
+    if settings.db is None and not settings.data_dir.exists():
+        try:
+            settings.data_dir.mkdir(parents=True, mode=0o700)
+        except OSError as e:
+            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
+    database = Database(settings.database_url)
+    try:
+        if migrate:
+            database.migrate()
+        yield database
+    finally:
+        database.dispose()
 
 
 @click.group()
@@ -60,20 +83,9 @@ def start(**options) -> None:  # noqa: ANN003
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def migrate(db: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Upgrade the database schema to this version's newest migration (once per upgrade, before starting replicas)."""
-    settings = _settings(db=db, data_dir=data_dir)
-    from fleet_server.db import Database
-
-    if settings.db is None and not settings.data_dir.exists():
-        try:
-            settings.data_dir.mkdir(parents=True, mode=0o700)
-        except OSError as e:
-            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
-    database = Database(settings.database_url)
-    try:
+    with open_database(db, data_dir, migrate=False) as database:
         before = database.current()
         head = database.migrate()
-    finally:
-        database.dispose()
     data = {"database": database.dialect, "from": before, "to": head, "changed": before != head}
     emit(data, as_json, lambda: click.echo(f"database {database.url.render_as_string(hide_password=True)}: "
                                            + (f"migrated {before or 'empty'} -> {head}" if before != head else f"already at {head}")))
@@ -107,27 +119,15 @@ def create(scope: str, label: str, name: str | None, db: str | None, data_dir: P
 
     if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
         raise UsageError(f"--name {name!r}: token names match ^[a-z0-9][a-z0-9._-]{{0,63}}$", "For example: --name ci-pipeline.")
-    settings = _settings(db=db, data_dir=data_dir)
     from sqlalchemy import select
 
-    from fleet_server.db import Database
     from fleet_server.tables import Token
     from fleet_server.tokens import create_token
 
-    if settings.db is None and not settings.data_dir.exists():
-        try:
-            settings.data_dir.mkdir(parents=True, mode=0o700)
-        except OSError as e:
-            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
-    database = Database(settings.database_url)
-    try:
-        database.migrate()
-        with database.write() as s:
-            if name is not None and s.execute(select(Token.id).where(Token.name == name)).first() is not None:
-                raise UsageError(f"a token named '{name}' exists", "Pick another --name (names are unique).")
-            value = create_token(s, scope, label=label, name=name)
-    finally:
-        database.dispose()
+    with open_database(db, data_dir) as database, database.write() as s:
+        if name is not None and s.execute(select(Token.id).where(Token.name == name)).first() is not None:
+            raise UsageError(f"a token named '{name}' exists", "Pick another --name (names are unique).")
+        value = create_token(s, scope, label=label, name=name)
     data = {"scope": scope, "token": value, "label": label, "name": name}
     emit(data, as_json, lambda: (stdout.print(value, highlight=False, markup=False, soft_wrap=True),
                                  click.echo("Store it now: the server keeps only its hash.", err=True)))

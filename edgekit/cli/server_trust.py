@@ -9,36 +9,20 @@ new key at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
 from edgekit.cli.output import emit, stdout
-from edgekit.errors import OutputError, UsageError
+from edgekit.errors import UsageError
 
 __all__ = ["key", "publisher"]
 
 
-@contextmanager
-def _database(db: str | None, data_dir: Path | None) -> Iterator[Any]:
-    from edgekit.cli.server import _settings
-    from fleet_server.db import Database
+def _database(db: str | None, data_dir: Path | None):  # noqa: ANN202
+    from edgekit.cli.server import open_database
 
-    settings = _settings(db=db, data_dir=data_dir)
-    if settings.db is None and not settings.data_dir.exists():
-        try:
-            settings.data_dir.mkdir(parents=True, mode=0o700)
-        except OSError as e:
-            raise OutputError(f"cannot create the data dir {settings.data_dir}: {e.strerror}", "Choose a --data-dir you can write.") from None
-    database = Database(settings.database_url)
-    try:
-        database.migrate()
-        yield database
-    finally:
-        database.dispose()
+    return open_database(db, data_dir)
 
 
 def _db_options(f):  # noqa: ANN001, ANN202
