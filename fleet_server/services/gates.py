@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import statistics
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -38,6 +39,25 @@ def _ratio(num: float, den: float) -> float:
         return math.inf
 
 
+def _rounds(value: Any) -> list[float] | None:
+    """Per-round p95s as reported (a list of up to 100 finite, non-negative numbers), else None."""
+    if not isinstance(value, list) or not 0 < len(value) <= 100:
+        return None
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in value):
+        return None
+    return [float(x) for x in value]
+
+
+def _p95_ratio(m: dict[str, Any]) -> tuple[float, str | None]:
+    """Candidate p95 / baseline p95: the medians of their rounds when the profile has rounds for both (agents since the
+    rounds profiler interleave them), else the single figures older agents sent; and a note saying which."""
+    cand, base = _rounds(m.get("p95_rounds_ms")), _rounds((m.get("baseline") or {}).get("p95_rounds_ms"))
+    if cand and base:
+        return (_ratio(statistics.median(cand), statistics.median(base)),
+                f"median of {len(cand)} rounds vs median of {len(base)} baseline rounds")
+    return _ratio(float(m["p95_ms"]), float(m["baseline"]["p95_ms"])), "one measurement each (no rounds reported)"
+
+
 def _failed(rd: RolloutDevice) -> bool:
     return rd.finished and rd.phase != "activated"
 
@@ -56,13 +76,11 @@ def evaluate_device_gates(gates: dict[str, Any], rds: list[RolloutDevice]) -> li
             results.append(result("min_agreement", limit, v, v >= limit - _EPS, rd.device_id))
         base = (m.get("baseline") or {}).get("p95_ms")
         if (limit := gates.get("max_p95_ratio")) is not None and m.get("p95_ms") is not None and base:
-            v = _ratio(float(m["p95_ms"]), float(base))
+            v, note = _p95_ratio(m)
             if m.get("timing_source") == "emulated":
                 results.append(result("max_p95_ratio", limit, None, None, rd.device_id,
                                       f"emulated timing (ratio {v:.3g} under emulation): latency unknown on this device, not gated"))
             else:
-                rounds = m.get("p95_rounds_ms")
-                note = f"median of {len(rounds)} rounds" if isinstance(rounds, list) and len(rounds) > 1 else None
                 results.append(result("max_p95_ratio", limit, v, v <= limit + _EPS, rd.device_id, note))
         if (limit := gates.get("max_peak_rss_mb")) is not None and m.get("peak_rss_mb") is not None:
             v = float(m["peak_rss_mb"])
