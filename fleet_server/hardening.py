@@ -22,6 +22,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
+from fleet_server.limits import read_body, replaying
+
 __all__ = ["MAX_JSON_DEPTH", "MAX_NUMBER_CHARS", "ConnectionCloseOn5xx", "IsoDateTime", "JsonShapeMiddleware", "json_shape_problem"]
 
 MAX_JSON_DEPTH = 32
@@ -91,28 +93,14 @@ class JsonShapeMiddleware:
         if ctype != b"application/json" and not ctype.endswith(b"+json"):
             await self.app(scope, receive, send)
             return
-        chunks, more = [], True
-        while more:  # the body-size middleware outside this one has bounded it already
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await read_body(receive)  # the body-size middleware outside this one has bounded it already
+        if body is None:
+            return
         problem = json_shape_problem(body)
         if problem is not None:
             await _json_error(send, 422, "invalid_request", problem, "See GET /openapi.json and docs/protocol.md (Limits) for the shapes.")
             return
-        sent = False
-
-        async def replay():  # noqa: ANN202
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 class ConnectionCloseOn5xx:

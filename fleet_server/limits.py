@@ -6,9 +6,38 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["BodyLimitMiddleware", "NulMiddleware"]
+__all__ = ["BodyLimitMiddleware", "NulMiddleware", "read_body", "replaying"]
 
 _UPLOAD = re.compile(r"^/v1/models/[^/]+/versions$")
+
+
+async def read_body(receive, max_bytes: int | None = None) -> bytes | None:  # noqa: ANN001 - ASGI receive
+    """The whole request body; None if the client went away, or if it passed ``max_bytes`` (then the rest is unread)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if max_bytes is not None and size > max_bytes:
+            return None
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replaying(body: bytes, receive):  # noqa: ANN001, ANN201 - ASGI receive
+    """An ASGI ``receive`` that hands the app ``body`` once, then defers to the real one (for disconnects)."""
+    sent = False
+
+    async def replay():  # noqa: ANN202
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class BodyLimitMiddleware:
@@ -30,28 +59,19 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         # chunked: buffer up to the limit (the route would read it all anyway), then replay it
-        chunks, size, more = [], 0, True
-        while more:
+        state = {"disconnected": False}
+
+        async def watching():  # noqa: ANN202 - tells a disconnect from a body over the limit
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
+            state["disconnected"] = message["type"] == "http.disconnect"
+            return message
+
+        body = await read_body(watching, self.max_bytes)
+        if body is None:
+            if not state["disconnected"]:
                 await self._too_large(send)
-                return
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():  # noqa: ANN202
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+            return
+        await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, send) -> None:  # noqa: ANN001
         body = json.dumps({"error": {"code": "too_large", "message": f"request body over {self.max_bytes} bytes",
