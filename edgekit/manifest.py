@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "Attempt",
+    "ConfidenceHistogram",
     "Coverage",
     "ExtraFile",
     "GoldenSet",
@@ -193,6 +194,26 @@ class RouterTarget(_Model):
     confidence: float | None = Field(default=None, gt=0, lt=1)
 
 
+MAX_HISTOGRAM_BINS = 50
+
+
+class ConfidenceHistogram(_Model):
+    """Counts of the router's confidence score over bins ``[edges[i], edges[i+1])`` (the last bin also holds its right edge)."""
+
+    edges: list[float] = Field(min_length=2, max_length=MAX_HISTOGRAM_BINS + 1)
+    counts: list[int] = Field(min_length=1, max_length=MAX_HISTOGRAM_BINS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConfidenceHistogram:
+        if len(self.counts) != len(self.edges) - 1:
+            raise ValueError(f"{len(self.edges)} edges need {len(self.edges) - 1} counts, not {len(self.counts)}")
+        if any(not (0.0 <= e <= 1.0) for e in self.edges) or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError("edges must rise strictly within [0, 1]")
+        if any(c < 0 for c in self.counts):
+            raise ValueError("counts must not be negative")
+        return self
+
+
 class RouterPolicy(_Model):
     """The hybrid router's escalation policy, written by ``edgekit router calibrate``.
 
@@ -225,6 +246,9 @@ class RouterPolicy(_Model):
     threshold_samples: int = Field(ge=1)
     ece_before: float | None = None
     ece_after: float | None = None
+    confidence_histogram: ConfidenceHistogram | None = Field(
+        default=None, description="The calibrated confidence score of the threshold data, binned as device telemetry bins it; "
+                                  "the fleet server's drift reference.")
     created_at: str = ""
 
 

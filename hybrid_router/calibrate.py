@@ -19,12 +19,14 @@ import numpy as np
 from edgekit import signing
 from edgekit.bundle import open_bundle, write_bundle
 from edgekit.errors import CalibrationDataError, IncompatibleError, OutputError, UsageError
-from edgekit.manifest import RouterPolicy, RouterTarget
+from edgekit.manifest import ConfidenceHistogram, RouterPolicy, RouterTarget
 from hybrid_router.calibration import (choose_for_budget, choose_for_max_loss, escalation_curve, expected_calibration_error,
                                        fit_temperature, reliability_bins)
 from hybrid_router.policy import SCORES, calibrated_probs, score
 
-__all__ = ["CalibrationResult", "calibrate_router", "choose_score", "load_labelled", "output_kind"]
+__all__ = ["CalibrationResult", "calibrate_router", "choose_score", "confidence_histogram", "load_labelled", "output_kind"]
+
+TELEMETRY_BINS = 10  # device telemetry's confidence histogram: bin min(9, int(confidence * 10)) (device_agents.telemetry.Recorder)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class CalibrationResult:
     report_dir: Path
     policy: RouterPolicy | None
     summary: dict = field(default_factory=dict)
+
+
+def confidence_histogram(conf: np.ndarray) -> ConfidenceHistogram:
+    """The confidence scores binned exactly as device telemetry bins them: 10 equal bins over [0, 1], bin
+    ``min(9, max(0, int(c * 10)))``, so the fleet server can compare field histograms with it bin for bin."""
+    which = np.clip((np.asarray(conf, dtype=np.float64) * TELEMETRY_BINS).astype(np.int64), 0, TELEMETRY_BINS - 1)
+    counts = np.bincount(which, minlength=TELEMETRY_BINS)
+    return ConfidenceHistogram(edges=[round(i / TELEMETRY_BINS, 10) for i in range(TELEMETRY_BINS + 1)], counts=[int(c) for c in counts])
 
 
 def load_labelled(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -276,7 +286,7 @@ def calibrate_router(device: Path, cloud: Path, data: Path, out: Path, *, max_lo
         point_estimate_escalation_rate=summary.get("point_estimate", {}).get("escalation_rate"),
         bound=summary["bound"], cloud_model=Path(cloud).name, cloud_model_sha256=cloud_model.sha256, data_sha256=data_sha,
         temperature_samples=int(n_t), threshold_samples=int(len(s_idx)), ece_before=ece_before, ece_after=ece_after,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        confidence_histogram=confidence_histogram(conf), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     step("writing the calibrated bundle")
     dest = out / bundle.root.name
