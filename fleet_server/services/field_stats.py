@@ -13,7 +13,10 @@ the points and what does not:
 - latency p50/p95/p99 over a bucket: the request-weighted mean of the per-minute percentiles
   (devices send percentiles, not samples; exact for one minute of one device), max: exact.
 - drift: the population stability index (PSI) of the confidence histogram against a reference
-  histogram, bins floored at 1e-4; above ``PSI_DRIFT_THRESHOLD`` (0.2) it reads as drifted.
+  histogram, bins floored at 1e-4; above ``PSI_DRIFT_THRESHOLD`` (0.2) it reads as drifted. The reference is the
+  confidence histogram the router was calibrated on (``router_policy.confidence_histogram`` in the version's
+  manifests, binned as telemetry bins: :func:`calibration_reference`) when every artifact with field requests has
+  one, else the previous version's field histogram; the output says which.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from edgekit.protocol import PSI_DRIFT_THRESHOLD
 from fleet_server.db import utc
 from fleet_server.tables import RolloutDevice, TelemetryPoint, TelemetryRollup
 
-__all__ = ["BINS", "FieldSums", "minute_sums", "psi", "wave_sums"]
+__all__ = ["BINS", "FieldSums", "calibration_hist", "calibration_reference", "minute_sums", "psi", "wave_sums"]
 
 BINS = 10
 _EPS = 1e-4
@@ -51,6 +54,9 @@ class FieldSums:
     latency_max: float = 0.0
     hist: list[int] = field(default_factory=lambda: [0] * BINS)
     points: int = 0
+    # the confidence distribution these points' artifacts were calibrated on, and what it is (set by the field gates'
+    # reader; not summed by add/minus)
+    calibration: tuple[list[float], str] | None = None
 
     def add(self, other: FieldSums) -> None:
         """Add another set's sums to this one."""
@@ -102,7 +108,7 @@ class FieldSums:
                 "error_rate": self.error_rate, "latency_ms": self.latency(), "confidence_hist": list(self.hist)}
 
 
-def psi(actual: Iterable[int], reference: Iterable[int]) -> float | None:
+def psi(actual: Iterable[float], reference: Iterable[float]) -> float | None:
     """Population stability index of two histograms (None when either is empty)."""
     a, r = list(actual), list(reference)
     ta, tr = sum(a), sum(r)
@@ -115,9 +121,46 @@ def psi(actual: Iterable[int], reference: Iterable[int]) -> float | None:
     return total
 
 
-def drift(actual: FieldSums, reference: FieldSums | None, label: str) -> dict[str, Any]:
-    """The PSI of ``actual``'s confidence histogram against ``reference``'s, with the threshold it is read against."""
-    value = psi(actual.hist, reference.hist) if reference is not None else None
+def calibration_hist(manifest: dict[str, Any] | None) -> list[int] | None:
+    """The router policy's calibration confidence histogram in a stored manifest, when it has one whose bins are the
+    telemetry's (``BINS`` equal bins over [0, 1]) and holds any counts; else None."""
+    from edgekit.manifest import ConfidenceHistogram
+
+    raw = ((manifest or {}).get("router_policy") or {}).get("confidence_histogram")
+    if not raw:
+        return None
+    try:
+        h = ConfidenceHistogram.model_validate(raw)
+    except ValueError:
+        return None
+    if len(h.counts) != BINS or any(abs(e - i / BINS) > 1e-9 for i, e in enumerate(h.edges)) or not sum(h.counts):
+        return None
+    return list(h.counts)
+
+
+def calibration_reference(manifests: dict[str, dict[str, Any]], requests: dict[str, int]) -> tuple[list[float] | None, str]:
+    """The calibration histograms of the artifacts (sha256 → manifest) that served requests (sha256 → count), mixed in
+    proportion to those requests, and what it is; (None, why not) when any of them lacks one."""
+    served = {sha: n for sha, n in requests.items() if n > 0}
+    if not served:
+        return None, "no field requests"
+    mix = [0.0] * BINS
+    examples = 0
+    for sha, n in served.items():
+        counts = calibration_hist(manifests.get(sha))
+        if counts is None:
+            return None, "no calibration histogram (router_policy.confidence_histogram) in the manifest of every artifact"
+        total = sum(counts)
+        examples += total
+        mix = [m + n * c / total for m, c in zip(mix, counts)]
+    return mix, f"calibration: the router policy's confidence histogram ({examples} calibration examples)"
+
+
+def drift(actual: FieldSums, reference: FieldSums | list[float] | None, label: str) -> dict[str, Any]:
+    """The PSI of ``actual``'s confidence histogram against ``reference``'s (or a reference histogram), with the threshold
+    it is read against."""
+    ref_hist = reference.hist if isinstance(reference, FieldSums) else reference
+    value = psi(actual.hist, ref_hist) if ref_hist is not None else None
     return {"statistic": "psi", "value": value, "threshold": PSI_DRIFT_THRESHOLD, "reference": label,
             "drifted": None if value is None else value > PSI_DRIFT_THRESHOLD}
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from edgekit.protocol import FIELD_GATES
-from fleet_server.services.field_stats import FieldSums, minute_sums, psi, wave_sums
+from fleet_server.services.field_stats import FieldSums, calibration_reference, minute_sums, psi, wave_sums
 from fleet_server.tables import RolloutDevice, VersionArtifact
 
 __all__ = ["bake_progress", "evaluate_device_gates", "evaluate_field_gates", "field_gates_of", "result"]
@@ -118,6 +118,7 @@ def wave_field_sums(s: Session, rollout_id: str, wave_index: int, rds: list[Roll
     new_shas = sorted({arts[rd.artifact_id][0] for rd in rds if rd.artifact_id in arts})
     old_shas = sorted({arts[rd.previous_artifact_id][0] for rd in rds if rd.previous_artifact_id in arts})
     new = wave_sums(s, rollout_id, wave_index, new_shas, since, until)
+    new.calibration = _calibration(s, {rd.artifact_id for rd in rds}, rollout_id, wave_index, new_shas, new, since, until)
     total_old = FieldSums()
     for _, _, sums in minute_sums(s, old_shas, since, until):
         total_old.add(sums)
@@ -127,6 +128,20 @@ def wave_field_sums(s: Session, rollout_id: str, wave_index: int, rds: list[Roll
     before = since - max(until - since, dt.timedelta(minutes=10))
     return new, wave_sums(s, rollout_id, wave_index, old_shas, before, since), \
         "the replaced version on the wave's own devices, the window before the wave"
+
+
+def _calibration(s: Session, artifact_ids: set[int | None], rollout_id: str, wave_index: int, shas: list[str], new: FieldSums,
+                 since: dt.datetime, until: dt.datetime) -> tuple[list[float], str] | None:
+    """The confidence histogram the wave's new artifacts were calibrated on (their manifests' router policies), mixed by
+    each artifact's requests in the wave, with its label; None when any artifact that served requests has none."""
+    ids = {i for i in artifact_ids if i is not None}
+    if not ids or not new.requests:
+        return None
+    manifests = {sha: m for sha, m in s.query(VersionArtifact.artifact_sha256, VersionArtifact.manifest).filter(VersionArtifact.id.in_(ids))}
+    requests = ({shas[0]: new.requests} if len(shas) == 1
+                else {sha: wave_sums(s, rollout_id, wave_index, [sha], since, until).requests for sha in shas})
+    mix, label = calibration_reference(manifests, requests)
+    return (mix, label) if mix is not None else None
 
 
 def bake_progress(gates: dict[str, Any], started: dt.datetime, now: dt.datetime, requests: int) -> bool:
@@ -165,9 +180,13 @@ def evaluate_field_gates(gates: dict[str, Any], new: FieldSums, ref: FieldSums, 
         else:
             out.append(result("max_field_p95_ratio", limit, None, None, None, ref_note))
     if (limit := fg.get("max_drift")) is not None:
-        v = psi(new.hist, ref.hist) if ref.requests else None
-        if v is None:
-            out.append(result("max_drift", limit, None, None, None, f"PSI needs confidence histograms on both sides; {ref_note}"))
+        if new.calibration is not None:  # the distribution the router was calibrated on: the reference the threshold assumes
+            v, drift_note = psi(new.hist, new.calibration[0]), f"reference: {new.calibration[1]}"
         else:
-            out.append(result("max_drift", limit, v, v <= limit + _EPS, None, f"PSI of the confidence histogram; {ref_note}"))
+            v = psi(new.hist, ref.hist) if ref.requests else None
+            drift_note = f"{ref_note} (no calibration histogram in the new version's manifests)"
+        if v is None:
+            out.append(result("max_drift", limit, None, None, None, f"PSI needs confidence histograms on both sides; {drift_note}"))
+        else:
+            out.append(result("max_drift", limit, v, v <= limit + _EPS, None, f"PSI of the confidence histogram; {drift_note}"))
     return out

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from fleet_server.context import AppContext
 from fleet_server.db import utcnow
 from fleet_server.errors import BadRequest, NotFound
-from fleet_server.services.field_stats import FieldSums, drift, minute_sums
+from fleet_server.services.field_stats import FieldSums, calibration_reference, drift, minute_sums
 from fleet_server.tables import Model, ModelVersion, VersionArtifact
 
 __all__ = ["MAX_BUCKETS", "MAX_RANGE", "MIN_BUCKET_S", "StatsQuery", "model_stats", "version_stats"]
@@ -107,6 +107,8 @@ def version_stats(ctx: AppContext, name: str, version: str, q: StatsQuery, *, pr
             ref = earlier[-1] if earlier else None
         rows = minute_sums(s, list(shas), q.since, q.until)
         ref_total = _total(s, list(_artifacts(s, ref.id, profile)), q) if ref is not None else None
+        manifests = dict(s.execute(select(VersionArtifact.artifact_sha256, VersionArtifact.manifest)
+                                   .where(VersionArtifact.version_id == mv.id, VersionArtifact.artifact_sha256.in_(list(shas)))).all())
     total, per_profile, buckets = FieldSums(), {}, {}
     for minute, sha, sums in rows:
         total.add(sums)
@@ -119,10 +121,19 @@ def version_stats(ctx: AppContext, name: str, version: str, q: StatsQuery, *, pr
         label = "none: no earlier version to compare with"
     else:
         label = f"version {ref.version}, same window and profiles" + ("" if ref_ok else " (no telemetry in this window)")
+    requests: dict[str, int] = {}
+    for _, sha, sums in rows:
+        requests[sha] = requests.get(sha, 0) + sums.requests
+    calibration, why = calibration_reference(manifests, requests) if reference_version is None else (None, "reference_version given")
+    if calibration is not None:
+        label = why
+    else:
+        label += f"; not the calibration histogram: {why}"
     return {
         "model": name, "version": version, "profile": profile,
         "window": {"since": _iso(q.since), "until": _iso(q.until), "bucket_s": q.bucket_s},
-        "totals": {**total.public(), "drift": drift(total, ref_total if ref_ok else None, label)},
+        "totals": {**total.public(), "drift": drift(total, calibration if calibration is not None else ref_total if ref_ok else None,
+                                                    label)},
         "profiles": {p: v.public() for p, v in sorted(per_profile.items())},
         "buckets": [{"start": _iso(t), **b.public()} for t, b in sorted(buckets.items())],
         "notes": ["latency percentiles over many minutes are the request-weighted mean of per-minute percentiles",
