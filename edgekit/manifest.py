@@ -135,6 +135,7 @@ class OpPlacement(_Model):
     count: int
     placement: str = Field(description="Accelerator id, or 'cpu' for a fallback.")
     reason: str = ""
+    dtype: str = Field(default="", description="The op's input dtype as the runtime saw it: int8, float32, int16x8, ...")
 
 
 class Coverage(_Model):
@@ -147,6 +148,8 @@ class Coverage(_Model):
     ops: tuple[OpPlacement, ...]
     fallbacks: tuple[str, ...]
     dtype_violations: tuple[str, ...] = ()
+    basis: str = Field(default="", description="'measured on host (...)' when the runtime reported the placement, else 'estimated (...)'.")
+    note: str = Field(default="", description="What is still needed before the placement holds, e.g. a model the Edge TPU compiler has not compiled.")
 
 
 class GoldenSet(_Model):

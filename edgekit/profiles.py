@@ -79,6 +79,10 @@ class Accelerator(_Frozen):
         description="'prefix': only ops before the first unsupported op run here (the Edge TPU compiler's rule).",
     )
     memory_mb: float | None = Field(default=None, description="On-chip memory for weights, if any.")
+    int16x8_kernels: bool = Field(
+        default=False, description="The unit has kernels for int16 activations with int8 weights (16x8); default none."
+    )
+    int16x8_source: str = Field(default="", description="Where the int16x8 fact comes from (source file or host check).")
     source: str = Field(description="Where the supported-op list comes from (vendor documentation URL).")
 
 
