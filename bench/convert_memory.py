@@ -182,7 +182,8 @@ def _run_full(model: Path, calib: Path, scratch: Path, label: str) -> dict:
     out = scratch / f"full-{label}"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "import resource, sys; from edgekit.cli import main; rc = main(sys.argv[1:]); "
-                           "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)",
+                           "print('PEAK', max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024); "
+                           "sys.exit(rc)",
                            "convert", str(model), "--profile", PROFILE, "--calibration", str(calib), "--out", str(out), "--task", "generic",
                            "--latency-runs", "5", "--json"], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
