@@ -125,7 +125,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
     opts = ctx.opts
     facts = conv.inspect(cand.path, prof)
     warnings = [*warnings, *facts.warnings]
-    coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations)
+    coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations, model_path=cand.path)
     if facts.dtype_violations:
         raise IncompatibleError(f"{prof.id}/{conv.format}: ops outside full-integer: {'; '.join(facts.dtype_violations[:5])}",
                                 "The profile requires full-integer models; this model has ops without int8 kernels.")
