@@ -13,6 +13,7 @@ import numpy as np
 
 from converters.base import ConversionResult, Converter, ModelFacts
 from converters.coverage import op_coverage
+from converters.precision import precision_label
 from converters.evaluate import Evaluation, latency_ms
 from converters.search import Candidate, align
 from edgekit import signing
@@ -187,6 +188,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
         "preprocessing": (embedded_preprocessing(ctx, conv) or opts.preprocessing).model_dump(),
         "quantization": {
             "recipe": recipe.name,
+            "precision": precision_label(recipe.weights, recipe.activations, int(recipe.option("exclude_sensitive", 0) or 0)),
             "weights": recipe.weights,
             "activations": recipe.activations,
             "io_dtype": facts.inputs[0].dtype,

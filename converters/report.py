@@ -31,7 +31,7 @@ def rows(report: RunReport) -> list[tuple[str, ...]]:
         out.append((
             r.profile,
             r.format,
-            r.manifest.quantization.recipe,
+            r.manifest.quantization.recipe + (f" ({r.manifest.quantization.precision})" if r.manifest.quantization.precision not in ("", "INT8") else ""),
             f"{r.manifest.size_bytes / 1024:.1f} KiB",
             _fmt(val("size_ratio"), ".2f", "x"),
             f"{r.coverage.ops_on_target}/{r.coverage.total_ops} on {r.coverage.target}",

@@ -117,6 +117,7 @@ class Quantization(_Model):
     """The recipe that produced the model and every recipe tried."""
 
     recipe: str
+    precision: str = Field(default="", description="What the model really is: 'INT8', 'INT16x8 (... not INT8)', mixed, ...")
     weights: str
     activations: str
     io_dtype: str

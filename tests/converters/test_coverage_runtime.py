@@ -198,3 +198,26 @@ def test_litert_reads_node_dtypes_without_delegates(models: dict[str, Path]) -> 
     nodes = litert_nodes(models["int8_hs"])
     assert nodes[0].op == "QUANTIZE" and nodes[0].dtype == "float32" and {n.placement for n in nodes} == {"cpu"}
     assert os.path.getsize(models["int8_hs"]) > 0
+
+
+def test_int16x8_is_never_labelled_int8() -> None:
+    from converters.precision import precision_label
+
+    assert precision_label("int8", "int8") == "INT8"
+    label = precision_label("int8", "int16")
+    assert label.startswith("INT16x8") and "not INT8" in label
+    assert "mixed" in precision_label("int8", "int8", kept_in_float=2)
+
+
+def test_bundles_carry_the_coverage_basis_precision_and_the_coral_note(digits_bundles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signed manifests: XNNPACK profiles measured here, Coral not compiled (no edgetpu_compiler here)."""
+    from converters.edgetpu_compiler import NOT_COMPILED_NOTE, compiler_path
+    from edgekit.bundle import open_bundle
+
+    for r in digits_bundles.results:
+        m = open_bundle(r.bundle_dir).manifest
+        assert m.quantization.precision == "INT8" and m.coverage is not None and all(p.dtype for p in m.coverage.ops)
+        if r.profile == "raspberry-pi-5":
+            assert m.coverage.basis.startswith("measured on host (")
+        if r.profile == "coral-edgetpu" and compiler_path() is None:
+            assert m.coverage.note == NOT_COMPILED_NOTE and m.coverage.basis.startswith("estimated")
