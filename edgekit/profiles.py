@@ -33,6 +33,7 @@ __all__ = [
     "list_profiles",
     "load_profile_file",
     "profile_json_schema",
+    "rule_citations",
 ]
 
 SCHEMA_VERSION = 1
@@ -159,6 +160,24 @@ class HardwareProfile(_Frozen):
             return ()
         by_id = {a.id: a for a in self.accelerators}
         return tuple(by_id[d] for d in constraints.delegates)
+
+
+def rule_citations(profile: HardwareProfile) -> list[dict[str, str]]:
+    """Every placement rule of the profile with the source it comes from (for 'edgekit profiles show')."""
+    general = "; ".join(profile.sources) or "the profile file's header comments (no sources listed)"
+    rules: list[dict[str, str]] = []
+    for acc in profile.accelerators:
+        rules.append({"rule": f"{acc.id}: supported ops ({len(acc.supported_ops)})", "source": acc.source})
+        rules.append({"rule": f"{acc.id}: dtypes {', '.join(acc.dtypes)}", "source": acc.source})
+        if acc.partitioning == "prefix":
+            rules.append({"rule": f"{acc.id}: only ops before the first unsupported op run here", "source": acc.source})
+        rules.append({"rule": f"{acc.id}: int16x8 kernels: {'yes' if acc.int16x8_kernels else 'none'}",
+                      "source": acc.int16x8_source or "default: none (no source in the profile claims int16x8 kernels)"})
+    for fmt in profile.formats.supported():
+        c = getattr(profile.formats, fmt)
+        fields = ", ".join(f"{k}={v}" for k, v in c.model_dump(mode="json").items() if k != "delegates")
+        rules.append({"rule": f"formats.{fmt}: {fields}; delegates {', '.join(c.delegates) or 'none'}", "source": general})
+    return rules
 
 
 def profile_json_schema() -> dict:

@@ -45,10 +45,20 @@ def list_cmd(as_json: bool) -> None:
 @click.argument("profile_id")
 @click.option("--json", "as_json", is_flag=True)
 def show(profile_id: str, as_json: bool) -> None:
-    """Show one profile in full."""
+    """Show one profile in full, then every placement rule with the source it comes from."""
+    from edgekit.profiles import rule_citations
+
     p = find_profile(profile_id)
     data = p.model_dump(mode="json")
-    emit(data, as_json, lambda: click.echo(yaml.safe_dump(data, sort_keys=False, width=120)))
+    rules = rule_citations(p)
+
+    def render() -> None:
+        click.echo(yaml.safe_dump(data, sort_keys=False, width=120))
+        click.echo("# Rules and their sources:")
+        for r in rules:
+            click.echo(f"#   {r['rule']}  <- {r['source']}")
+
+    emit({**data, "rules": rules}, as_json, render)
 
 
 @profiles.command()

@@ -141,3 +141,27 @@ def test_yaml_files_ship_in_the_wheel(tmp_path: Path) -> None:
     for pid in SHIPPED:
         assert f"hardware_profiles/{pid}.yaml" in names
     assert "edgekit/cli/__init__.py" in names and "converters/tflite.py" in names
+
+
+def test_profiles_show_cites_the_source_of_every_rule() -> None:
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    for pid in SHIPPED:
+        res = CliRunner().invoke(cli, ["profiles", "show", pid, "--json"])
+        assert res.exit_code == 0, res.output
+        rules = json.loads(res.output)["rules"]
+        accels = find_profile(pid).accelerators
+        assert len([r for r in rules if "int16x8 kernels" in r["rule"]]) == len(accels)
+        assert all(r["source"] for r in rules), pid
+        text = CliRunner().invoke(cli, ["profiles", "show", pid]).output
+        assert "# Rules and their sources:" in text and text.count("  <- ") == len(rules)
+
+
+def test_int16x8_kernels_default_to_none_and_xnnpack_cites_the_host_check() -> None:
+    for pid in SHIPPED:
+        for acc in find_profile(pid).accelerators:
+            assert not acc.int16x8_kernels, (pid, acc.id)
+            if acc.id == "xnnpack":
+                assert "ai-edge-litert 2.3.0" in acc.int16x8_source
