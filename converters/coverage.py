@@ -107,7 +107,7 @@ def _onnx(ops: list[str] | tuple[str, ...], profile: HardwareProfile, dtype_viol
     wanted = list(profile.formats.onnx.execution_providers) if profile.formats.onnx else ["CPUExecutionProvider"]
     if wanted[0] not in ort.get_available_providers():
         note = f"{wanted[0]} is not available in this ONNX Runtime build; placement estimated"
-        return _with(estimated_coverage(ops, profile, "onnx", dtype_violations), basis=ESTIMATED, note=note)
+        return _estimated_with_dtypes(ops, profile, "onnx", dtype_violations, coverage_runtime.onnx_nodes(model), note=note)
     with tempfile.TemporaryDirectory(prefix="edgekit-ortprof-") as tmp:
         nodes = coverage_runtime.ort_node_providers(model, [p for p in wanted if p in ort.get_available_providers()], Path(tmp))
     nodes = [coverage_runtime.NodePlacement(n.index, n.op, n.dtype, target.id if n.placement == wanted[0] else n.placement)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NodePlacement", "litert_nodes", "litert_xnnpack_placement", "ort_node_providers", "xnnpack_host_label"]
+__all__ = ["NodePlacement", "litert_nodes", "onnx_nodes", "litert_xnnpack_placement", "ort_node_providers", "xnnpack_host_label"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,23 @@ def ort_node_providers(model: Path, providers: list[str], workdir: Path) -> list
         dtype = _PROFILE_TYPES.get(next(iter(first), ""), next(iter(first), ""))
         seen[name] = NodePlacement(len(seen), args.get("op_name", "?"), dtype, args["provider"])
     return list(seen.values())
+
+
+def onnx_nodes(model: Path) -> list[NodePlacement]:
+    """The ONNX graph's nodes with their first input's dtype (after shape inference), placement 'cpu'."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    m = onnx.load(str(model))
+    try:
+        m = shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001 - a graph onnx cannot infer keeps the types it declares
+        pass
+    g = m.graph
+    types = {i.name: i.type.tensor_type.elem_type for i in [*g.input, *g.value_info, *g.output]}
+    types |= {t.name: t.data_type for t in g.initializer}
+
+    def name(elem: int | None) -> str:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name if elem else ""
+
+    return [NodePlacement(i, n.op_type, name(types.get(n.input[0])) if n.input else "", "cpu") for i, n in enumerate(g.node)]

@@ -133,6 +133,32 @@ def test_onnx_ep_not_available_here_stays_estimated(onnx_model: Path) -> None:
         pytest.skip("the iPhone profile names no non-CPU EP")
     cov = op_coverage(("Conv", "Relu"), prof, "onnx", model_path=onnx_model)
     assert cov.basis.startswith("estimated") and "not available" in cov.note
+    assert {p.dtype for p in cov.ops} == {"float32"} and cov.total_ops == 4
+
+
+def test_estimated_onnx_placement_applies_the_eps_dtype_rules(tmp_path: Path) -> None:
+    """An int8 DequantizeLinear is off an EP whose dtypes are float only (the iPhone profile's Core ML EP)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters.coverage import op_coverage
+    from edgekit.profiles import find_profile
+
+    prof = find_profile("iphone-15-pro")
+    target = prof.accelerators_for("onnx")[0]
+    if "int8" in target.dtypes or prof.formats.onnx.execution_providers[0] == "CPUExecutionProvider":
+        pytest.skip("the iPhone profile's ONNX target takes int8")
+    q = numpy_helper.from_array(np.array([1, -2, 3], dtype=np.int8), "q")
+    scale = numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["d"]), helper.make_node("Add", ["d", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [q, scale])
+    path = tmp_path / "dq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    cov = op_coverage((), prof, "onnx", model_path=path)
+    dq = _row(cov, "DequantizeLinear", "int8")[0]
+    assert dq.placement != target.id
+    assert _row(cov, "Add", "float32")[0].placement == target.id
 
 
 def test_coral_without_the_compiler_says_not_compiled_and_applies_dtype_rules(models: dict[str, Path], tmp_path: Path,
