@@ -111,6 +111,7 @@ class Baseline(BaseModel):
 
     sha256: str | None = None
     p95_ms: float | None = Field(default=None, ge=0)
+    p95_rounds_ms: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(default=None, max_length=100)
 
 
 class ProfiledMetrics(BaseModel):
@@ -132,7 +133,7 @@ class ProfiledMetrics(BaseModel):
     delegate: str | None = None
     timing_source: Literal["measured", "emulated"] | None = None  # emulated (e.g. qemu-user) latency is never gated on
     timing_note: str | None = Field(default=None, max_length=500)
-    p95_rounds_ms: list[float] | None = Field(default=None, max_length=100)  # per-round p95s; p95_ms is their median
+    p95_rounds_ms: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(default=None, max_length=100)  # per-round p95s; p95_ms is their median
     baseline: Baseline | None = None
 
 
