@@ -58,6 +58,16 @@ def _tflite_nodes(model: Path) -> list[coverage_runtime.NodePlacement] | None:
         return None
 
 
+def _onnx_nodes(model: Path) -> list[coverage_runtime.NodePlacement] | None:
+    """Node dtypes of an .onnx file; None for an ORT-format file (onnx cannot read it) or a graph it cannot parse."""
+    if model.suffix == ".ort":
+        return None
+    try:
+        return coverage_runtime.onnx_nodes(model)
+    except Exception:  # noqa: BLE001 - onnx raises DecodeError/ValueError/...: fall back to the op list alone
+        return None
+
+
 def _dtype_ok(acc: Accelerator, dtype: str) -> bool:
     if dtype in ("", "int32", "int64", "bool"):
         return True
@@ -107,7 +117,7 @@ def _onnx(ops: list[str] | tuple[str, ...], profile: HardwareProfile, dtype_viol
     wanted = list(profile.formats.onnx.execution_providers) if profile.formats.onnx else ["CPUExecutionProvider"]
     if wanted[0] not in ort.get_available_providers():
         note = f"{wanted[0]} is not available in this ONNX Runtime build; placement estimated"
-        return _estimated_with_dtypes(ops, profile, "onnx", dtype_violations, coverage_runtime.onnx_nodes(model), note=note)
+        return _estimated_with_dtypes(ops, profile, "onnx", dtype_violations, _onnx_nodes(model), note=note)
     with tempfile.TemporaryDirectory(prefix="edgekit-ortprof-") as tmp:
         nodes = coverage_runtime.ort_node_providers(model, [p for p in wanted if p in ort.get_available_providers()], Path(tmp))
     nodes = [coverage_runtime.NodePlacement(n.index, n.op, n.dtype, target.id if n.placement == wanted[0] else n.placement)
