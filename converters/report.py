@@ -89,7 +89,7 @@ def _markdown(report: RunReport) -> str:
                 lines.append(f"| {a.recipe} | {a.size_bytes} B | {_fmt(a.accuracy, '.2f', '%')} | {_fmt(a.accuracy_drop, '+.2f')} | "
                              f"{_fmt(a.agreement, '.2f', '%')} | {_fmt(a.min_sqnr_db, '.1f', ' dB')} | {'yes' if a.within_budget else 'no'} | "
                              f"{'**yes**' if a.chosen else ''} |")
-        lines += ["", "Op placement" + (f" ({r.coverage.basis})" if r.coverage.basis else "") + ":", ""]
+        lines += ["", "Op placement" + (f", {r.coverage.basis}" if r.coverage.basis else "") + ":", ""]
         lines += [f"- {p.op}" + (f" [{p.dtype}]" if p.dtype else "") + f" x{p.count}: {p.placement}" + (f" ({p.reason})" if p.reason else "")
                   for p in r.coverage.ops]
         if r.coverage.note:
