@@ -248,3 +248,15 @@ def test_bundles_carry_the_coverage_basis_precision_and_the_coral_note(digits_bu
             assert m.coverage.basis.startswith("measured on host (")
         if r.profile == "coral-edgetpu" and compiler_path() is None:
             assert m.coverage.note == NOT_COMPILED_NOTE and m.coverage.basis.startswith("estimated")
+
+
+
+def test_report_shows_the_basis_dtype_and_note(digits_bundles, tmp_path: Path) -> None:
+    from converters.edgetpu_compiler import NOT_COMPILED_NOTE, compiler_path
+    from converters.report import write_reports
+
+    write_reports(digits_bundles, tmp_path)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Op placement, measured on host (" in text and "SOFTMAX [int8] x1: cpu (LiteRT's XNNPACK delegate did not take" in text
+    if compiler_path() is None:
+        assert f"Note: {NOT_COMPILED_NOTE}" in text
