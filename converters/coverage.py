@@ -12,7 +12,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from converters import coverage_runtime, edgetpu_compiler
+from converters import coverage_rules, coverage_runtime, edgetpu_compiler
 from edgekit.manifest import Coverage, OpPlacement
 from edgekit.profiles import Accelerator, HardwareProfile
 
@@ -68,27 +68,16 @@ def _onnx_nodes(model: Path) -> list[coverage_runtime.NodePlacement] | None:
         return None
 
 
-def _dtype_ok(acc: Accelerator, dtype: str) -> bool:
-    if dtype in ("", "int32", "int64", "bool"):
-        return True
-    if dtype == "int16x8":
-        return acc.int16x8_kernels
-    return dtype in acc.dtypes
-
-
 def _estimated_with_dtypes(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt: str, dtype_violations: tuple[str, ...],
                            nodes: list[coverage_runtime.NodePlacement] | None, note: str = "") -> Coverage:
-    """The static estimate, with each node's dtype checked against the target's dtypes when LiteRT can read them."""
+    """The static estimate, with each node's dtype and attributes checked (coverage_rules) when they can be read."""
     base = estimated_coverage(ops if nodes is None else [n.op for n in nodes], profile, fmt, dtype_violations)
     if nodes is None:
         return _with(base, basis=ESTIMATED, note=note)
     target = profile.accelerators_for(fmt)[0]
-    order = [n.op for n in nodes]
-    est = estimated_placements(order, profile, fmt)
+    est = estimated_placements([n.op for n in nodes], profile, fmt, nodes)
     placed: Counter[tuple[str, str, str, str]] = Counter()
     for n, (where, reason) in zip(nodes, est):
-        if where == target.id and not _dtype_ok(target, n.dtype):
-            where, reason = "cpu", f"{target.name} has no {n.dtype} kernels for {n.op} (profile dtypes: {', '.join(target.dtypes)})"
         placed[(n.op, n.dtype, where, reason)] += 1
     return _table(placed, target.id, len(nodes), dtype_violations, ESTIMATED, note)
 
@@ -141,24 +130,35 @@ def _edgetpu(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt: st
                   note="compiled here for the check; the bundle carries the uncompiled model: compile it with edgetpu_compiler before deploying")
 
 
-def estimated_placements(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt: str) -> list[tuple[str, str]]:
-    """(placement, reason) per op, in order, from the profile's supported-op lists."""
+def estimated_placements(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt: str,
+                         nodes: list[coverage_runtime.NodePlacement] | None = None) -> list[tuple[str, str]]:
+    """(placement, reason) per op, in order, from the profile's supported-op lists.
+
+    With ``nodes`` (the same ops with dtypes and shapes) an accelerator also refuses a node its
+    dtype or attribute rules exclude (coverage_rules); for a ``prefix`` accelerator that closes it.
+    """
     accels = profile.accelerators_for(fmt)
     target = accels[0]
     closed: set[str] = set()
     out: list[tuple[str, str]] = []
-    for op in ops:
+    for i, op in enumerate(ops):
         where, reason = "cpu", "no accelerator in the profile supports it"
+        refused: dict[str, str] = {}
         for acc in accels:
             if acc.id in closed:
                 continue
             if op in acc.supported_ops:
-                where, reason = acc.id, ""
-                break
+                why = coverage_rules.refusal(acc, nodes[i]) if nodes is not None else ""
+                if not why:
+                    where, reason = acc.id, ""
+                    break
+                refused[acc.id] = why
             if acc.partitioning == "prefix":
                 closed.add(acc.id)
         if where != target.id:
-            if target.id in closed and op in target.supported_ops:
+            if target.id in refused:
+                reason = refused[target.id] + (f"; runs on {where}" if where != "cpu" else "")
+            elif target.id in closed and op in target.supported_ops:
                 reason = f"after the first op {target.name} cannot run, the rest of the graph stays off it"
             elif op not in target.supported_ops:
                 reason = f"not on {target.name}'s supported-op list" + (f"; runs on {where}" if where != "cpu" else "")

@@ -27,6 +27,8 @@ class NodePlacement:
     op: str
     dtype: str
     placement: str  # the runtime's unit: "xnnpack", "CPUExecutionProvider", or "cpu" (built-in kernels)
+    shape: tuple[int, ...] = ()  # the first input's shape, where the reader knows it
+    axes: tuple[int, ...] | None = None  # reduction axes (constant second input of MEAN/SUM/REDUCE_*)
 
 
 def _dtype_label(types: list) -> str:
@@ -58,7 +60,18 @@ def xnnpack_host_label() -> str:
 def litert_nodes(model: Path) -> list[NodePlacement]:
     """The model's nodes with their dtypes, read by LiteRT without any delegate (placement 'cpu')."""
     it = _interpreter(model, delegates=False)
-    return [NodePlacement(d["index"], d["op_name"], _dtype_label(d["operand_types"]), "cpu") for d in it._get_ops_details()]
+    out = []
+    for d in it._get_ops_details():
+        ins = [int(t) for t in d["inputs"] if t >= 0]
+        shape = tuple(int(x) for x in it._get_tensor_details(ins[0], 0)["shape"]) if ins else ()
+        axes = None
+        if d["op_name"] in ("MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN", "REDUCE_PROD") and len(ins) > 1:
+            try:
+                axes = tuple(int(a) for a in np.atleast_1d(it.get_tensor(ins[1])))
+            except ValueError:  # not a constant LiteRT can read: leave the axes unknown
+                axes = None
+        out.append(NodePlacement(d["index"], d["op_name"], _dtype_label(d["operand_types"]), "cpu", shape, axes))
+    return out
 
 
 def litert_xnnpack_placement(model: Path) -> list[NodePlacement]:

@@ -173,7 +173,7 @@ def test_coral_without_the_compiler_says_not_compiled_and_applies_dtype_rules(mo
     cov = op_coverage((), prof, "tflite", model_path=models["float_hs"])
     assert cov.note == NOT_COMPILED_NOTE and cov.basis.startswith("estimated")
     conv = _row(cov, "CONV_2D", "float32")[0]
-    assert conv.placement == "cpu" and "no float32 kernels" in conv.reason
+    assert conv.placement == "xnnpack" and "no float32 kernels" in conv.reason and "runs on xnnpack" in conv.reason
     int8 = op_coverage((), prof, "tflite", model_path=models["int8_hs"])
     assert _row(int8, "CONV_2D", "int8")[0].placement == "edgetpu" and int8.note == NOT_COMPILED_NOTE
 
@@ -260,3 +260,32 @@ def test_report_shows_the_basis_dtype_and_note(digits_bundles, tmp_path: Path) -
     assert "Op placement, measured on host (" in text and "SOFTMAX [int8] x1: cpu (LiteRT's XNNPACK delegate did not take" in text
     if compiler_path() is None:
         assert f"Note: {NOT_COMPILED_NOTE}" in text
+
+
+def test_edgetpu_attribute_rule_refuses_a_2d_softmax_and_closes_the_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """coral.ai: the Edge TPU's SOFTMAX takes only a 1-D input; after it nothing else maps (prefix)."""
+    import keras
+    import tensorflow as tf
+
+    from converters.coverage import op_coverage
+    from edgekit.profiles import find_profile
+
+    path = CACHE / "softmax2d_int8.tflite"
+    if not path.exists():
+        inp = keras.Input((16,), batch_size=1)  # static shapes: no SHAPE op (not on the Edge TPU) before the softmax
+        x = keras.layers.Reshape((4, 4))(keras.layers.Dense(16)(inp))
+        x = keras.layers.Softmax(axis=-1)(x)
+        model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        rng = np.random.default_rng(0)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([rng.random((1, 16), dtype=np.float32)] for _ in range(8))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        CACHE.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(conv.convert())
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cov = op_coverage((), find_profile("coral-edgetpu"), "tflite", model_path=path)
+    sm = _row(cov, "SOFTMAX", "int8")[0]
+    assert sm.placement != "edgetpu" and "only a 1-D input" in sm.reason and "coral.ai" in sm.reason
+    fcs = _row(cov, "FULLY_CONNECTED", "int8")
+    assert any(p.placement == "edgetpu" for p in fcs) and any("stays off" in p.reason for p in fcs)
