@@ -33,6 +33,7 @@ def op_coverage(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt:
     target = accels[0]
     if fmt == "tflite" and target.id == "edgetpu":
         return _edgetpu(ops, profile, fmt, dtype_violations, Path(model_path), target)
+    note = ""
     try:
         if fmt == "tflite" and target.id == "xnnpack":
             nodes = coverage_runtime.litert_xnnpack_placement(Path(model_path))
@@ -41,10 +42,12 @@ def op_coverage(ops: list[str] | tuple[str, ...], profile: HardwareProfile, fmt:
                                        "it runs on LiteRT's built-in (reference/optimized) CPU kernels")
         if fmt == "onnx":
             return _onnx(ops, profile, dtype_violations, Path(model_path), target)
-    except ImportError:
-        pass
-    nodes = _tflite_nodes(Path(model_path)) if fmt == "tflite" else None
-    return _estimated_with_dtypes(ops, profile, fmt, dtype_violations, nodes)
+    except ImportError as e:
+        note = f"the runtime is not installed here ({e.name}): placement estimated"
+    except Exception as e:  # noqa: BLE001 - a runtime that cannot run the model here must not fail the conversion
+        note = f"the runtime could not report the placement here ({type(e).__name__}: {str(e)[:200]}): placement estimated"
+    nodes = _tflite_nodes(Path(model_path)) if fmt == "tflite" else _onnx_nodes(Path(model_path)) if fmt == "onnx" else None
+    return _estimated_with_dtypes(ops, profile, fmt, dtype_violations, nodes, note=note)
 
 
 def _with(c: Coverage, **changes: str) -> Coverage:

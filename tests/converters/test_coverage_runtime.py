@@ -289,3 +289,13 @@ def test_edgetpu_attribute_rule_refuses_a_2d_softmax_and_closes_the_prefix(tmp_p
     assert sm.placement != "edgetpu" and "only a 1-D input" in sm.reason and "coral.ai" in sm.reason
     fcs = _row(cov, "FULLY_CONNECTED", "int8")
     assert any(p.placement == "edgetpu" for p in fcs) and any("stays off" in p.reason for p in fcs)
+
+
+def test_a_model_the_runtime_cannot_run_falls_back_to_an_estimate_that_says_why(tmp_path: Path) -> None:
+    from converters.coverage import op_coverage
+    from edgekit.profiles import find_profile
+
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a flatbuffer")
+    cov = op_coverage(("CONV_2D",), find_profile("x86-64-avx512-server"), "tflite", model_path=broken)
+    assert cov.basis.startswith("estimated") and "could not report the placement" in cov.note
