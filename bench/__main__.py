@@ -18,6 +18,7 @@ BENCHMARKS = ("convert_tflite", "mobilenet_tflite", "runtime_overhead", "convert
 BENCHMARKS += ("router",)  # hybrid router overhead and breaker-open cost
 BENCHMARKS += ("cloud_batching",)  # cloud server: dynamic batching vs request-by-request
 BENCHMARKS += ("field_stats",)  # field statistics over a 10,000-device hour of telemetry, and writes while they run
+BENCHMARKS += ("convert_memory",)  # peak RSS and wall time per recipe vs the plain converter scripts (issue 10)
 
 
 def main(argv: list[str] | None = None) -> int:
