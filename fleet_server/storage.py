@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["ArtifactStore", "DirectoryArtifactStore", "SHA256_RE", "is_sha256"]
+__all__ = ["ArtifactStore", "DirectoryArtifactStore", "SHA256_RE", "fsync_dir", "is_sha256"]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -90,7 +90,7 @@ class DirectoryArtifactStore(ArtifactStore):
             if h.hexdigest() != sha256:
                 raise ValueError(f"{source}: content does not hash to {sha256}")
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return True
@@ -119,7 +119,8 @@ class DirectoryArtifactStore(ArtifactStore):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

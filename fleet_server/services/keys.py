@@ -30,6 +30,7 @@ from fleet_server.context import AppContext
 from fleet_server.db import utcnow
 from fleet_server.replicas import record_signing_key
 from fleet_server.signer import ServerKey
+from fleet_server.storage import fsync_dir
 from fleet_server.tables import Device
 from fleet_server.trust_tables import ServerKeyRotation
 
@@ -59,14 +60,6 @@ def _write_private_key(path: Path, key: signing.Ed25519PrivateKey) -> None:
         f.write(pem)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _resign_desired(session: Session, key: ServerKey, *, only_key_id: str | None = None) -> int:
@@ -110,7 +103,7 @@ def rotate_server_key(ctx: AppContext) -> dict[str, Any]:
             resigned = _resign_desired(s, new)
             record_signing_key(s, new.key_id)  # every replica sees the change (fleet_server.replicas)
         os.replace(_next_path(key_path), key_path)
-        _fsync_dir(key_path.parent)
+        fsync_dir(key_path.parent)
         ctx.key = new
         # an assignment the engine issued with the old key while the rotation committed: sign it again
         with ctx.db.write() as s:
@@ -130,7 +123,7 @@ def finish_pending_rotation(ctx: AppContext) -> None:
         committed = s.execute(select(ServerKeyRotation.sequence).where(ServerKeyRotation.new_key_id == key.key_id)).first() is not None
     if committed:
         os.replace(pending, ctx.settings.key_path)
-        _fsync_dir(pending.parent)
+        fsync_dir(pending.parent)
         ctx.key = key
         log.warning("finished an interrupted server key rotation: now signing with %s", key.key_id)
     else:
