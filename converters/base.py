@@ -9,26 +9,31 @@ from typing import ClassVar
 
 from converters.source import Feeds, SourceModel
 from edgekit.errors import IncompatibleError
-from edgekit.manifest import Attempt, Coverage, Manifest, Metric, TensorSpec
+from edgekit.manifest import Attempt, Coverage, Manifest, Metric, Preprocessing, TensorSpec
 from edgekit.profiles import HardwareProfile
 
-__all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe", "check_weight_budget"]
+__all__ = ["ConversionResult", "Converter", "ModelFacts", "Recipe", "RecipeOptions", "check_weight_budget"]
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """What every converter's recipe can ask for; each converter subclasses it with its own typed fields."""
+
+    calibration_all: bool = False  # calibrate on every calibration sample, not the first --calibration-samples
+    keep_sensitive: int = 0  # this many most quantization-sensitive nodes stay in higher precision
+    embed: Preprocessing | None = None  # preprocessing baked into the graph (set by the search, not by recipes)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One way to quantize: a name for reports and the options the converter reads."""
+    """One way to quantize: a name for reports and the converter's typed options."""
 
     name: str
     description: str
     weights: str = "int8"
     activations: str = "int8"
     per_channel: bool = True
-    options: tuple[tuple[str, object], ...] = ()
-
-    def option(self, key: str, default: object = None) -> object:
-        """The value of one option."""
-        return dict(self.options).get(key, default)
+    options: RecipeOptions = field(default_factory=RecipeOptions)
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class CoreMLConverter(Converter):
         granularity = "per_channel" if recipe.per_channel else "per_tensor"
         weights = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity=granularity,
-            weight_threshold=int(recipe.option("weight_threshold", WEIGHT_THRESHOLD))))
+            weight_threshold=WEIGHT_THRESHOLD))
         with captured_output() as log:
             try:
                 if recipe.activations == "int8":

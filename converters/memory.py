@@ -110,7 +110,7 @@ class MemoryPlan:
         if act <= 0:
             return None
         per_example = 3 * act  # the chunk's intermediate outputs, the calibrator's copy, the running model
-        if recipe.option("exclude_sensitive"):
+        if recipe.options.keep_sensitive:
             per_example = 4 * act  # the float and the QDQ graph's activations, side by side
         need = current_rss_bytes() + per_example + ctx.source.param_count * 8
         if need > self.max_memory_mb * 1e6:

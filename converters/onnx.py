@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
+from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
 from converters.onnx_export import compact_names, embed_preprocessing, export_float_onnx
 from converters.onnx_graph import peak_live_bytes, sensitive_nodes
 from converters.source import Feeds, SourceModel
@@ -16,7 +18,7 @@ from edgekit.manifest import Metric, Preprocessing, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 
-__all__ = ["ONNXConverter", "compact_names", "embed_preprocessing", "export_float_onnx", "peak_live_bytes", "sensitive_nodes"]
+__all__ = ["ONNXConverter", "ONNXOptions", "compact_names", "embed_preprocessing", "export_float_onnx", "peak_live_bytes", "sensitive_nodes"]
 
 # Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
 HISTOGRAM_SAMPLES = 200
@@ -94,6 +96,18 @@ def _stride(n: int, source: SourceModel) -> dict[str, int]:
     return {"CalibStridedMinMax": stride}
 
 
+@dataclass(frozen=True)
+class ONNXOptions(RecipeOptions):
+    """ONNX recipe options: how ONNX Runtime's calibrator picks each tensor's range."""
+
+    method: Literal["MinMax", "Percentile", "Entropy"] = "MinMax"
+
+
+def _options(recipe: Recipe) -> ONNXOptions:
+    o = recipe.options
+    return o if isinstance(o, ONNXOptions) else ONNXOptions(calibration_all=o.calibration_all, keep_sensitive=o.keep_sensitive, embed=o.embed)
+
+
 class ONNXConverter(Converter):
     """Static QDQ INT8 with quant_pre_process + quantize_static, then the ORT format."""
 
@@ -114,20 +128,20 @@ class ONNXConverter(Converter):
         layout = "per-channel" if pc else "per-tensor"
         out = [
             Recipe(f"qdq-minmax-{layout}", f"QDQ, MinMax calibration, {layout} int8 weights, {act} activations",
-                   activations=act, per_channel=pc, options=(("method", "MinMax"),)),
+                   activations=act, per_channel=pc, options=ONNXOptions(method="MinMax")),
         ]
         if pc:
             out.append(Recipe("qdq-minmax-per-tensor", f"QDQ, MinMax, per-tensor weights, {act} activations", activations=act, per_channel=False,
-                              options=(("method", "MinMax"),)))
+                              options=ONNXOptions(method="MinMax")))
         out += [
             Recipe(f"qdq-percentile-{layout}", f"QDQ, 99.999th-percentile ranges, {layout}, {act} activations", activations=act, per_channel=pc,
-                   options=(("method", "Percentile"),)),
+                   options=ONNXOptions(method="Percentile")),
             Recipe(f"qdq-entropy-{layout}", f"QDQ, entropy (KL) ranges, {layout}, {act} activations", activations=act, per_channel=pc,
-                   options=(("method", "Entropy"),)),
+                   options=ONNXOptions(method="Entropy")),
         ]
         out += [
             Recipe(f"qdq-minmax-per-tensor-keep{k}", f"QDQ, MinMax, per-tensor; the {k} node(s) whose outputs have the worst quantization SQNR kept in float",
-                   activations=act, per_channel=False, options=(("method", "MinMax"), ("exclude_sensitive", k)))
+                   activations=act, per_channel=False, options=ONNXOptions(method="MinMax", keep_sensitive=k))
             for k in (1, 2, 3)
         ]
         return out
@@ -150,12 +164,12 @@ class ONNXConverter(Converter):
                 quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre), load_external_data=False)
         dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in model.graph.input}
-        method = str(recipe.option("method"))
+        method = _options(recipe).method
         data = {k: v[:HISTOGRAM_SAMPLES] for k, v in calibration.items()} if method != "MinMax" else calibration
         qdq = out / "model.onnx"
         act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
         exclude: list[str] = []
-        k = int(recipe.option("exclude_sensitive", 0) or 0)
+        k = recipe.options.keep_sensitive
         if k:
             try:
                 exclude = self._sensitive(source, pre, _Reader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
@@ -179,8 +193,8 @@ class ONNXConverter(Converter):
         except Exception as e:
             raise ConversionError(f"ONNX Runtime's quantizer produced a graph ONNX Runtime cannot load ({recipe.name}): "
                                   f"{str(e).strip().splitlines()[-1][:200]}", "Another recipe may work; see the attempts.") from e
-        embed = recipe.option("embed")
-        if isinstance(embed, Preprocessing):
+        embed = recipe.options.embed
+        if embed is not None:
             embed_preprocessing(qdq, embed)
         if not c.ort_format:
             return qdq

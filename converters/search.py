@@ -107,9 +107,9 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
         ctx.progress(f"{prof.id}/{conv.format}: {recipe.name}")
         d = ctx.work / f"{prof.id}-{conv.format}-{i}"
         d.mkdir()
-        calib = ctx.calib if recipe.option("calibration_all") else ctx.calib.take(slice(0, cap))
+        calib = ctx.calib if recipe.options.calibration_all else ctx.calib.take(slice(0, cap))
         if embedded is not None:
-            recipe = replace(recipe, options=(*recipe.options, ("embed", embedded)))
+            recipe = replace(recipe, options=replace(recipe.options, embed=embedded))
         try:
             path = conv.convert(ctx.source, prof, recipe, calib.x, d)
             if not conv.runs_here()[0]:  # cannot run here: the first recipe that builds is kept, unmeasured

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
+from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
 from converters.source import Feeds, SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
@@ -15,7 +17,7 @@ from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, TFLiteConstraints
 from edgekit.runtime.tflite import arena_span_bytes, signature_names
 
-__all__ = ["TFLiteConverter"]
+__all__ = ["TFLiteConverter", "TFLiteOptions"]
 
 _INT_TYPES = {"int8", "uint8", "int16", "int32", "int64", "bool"}
 
@@ -28,6 +30,11 @@ def _constraints(profile: HardwareProfile) -> TFLiteConstraints:
             f"Use --format {profile.formats.supported()[0]} for this profile." if profile.formats.supported() else "Pick another profile.",
         )
     return c
+
+
+def _options(recipe: Recipe) -> TFLiteOptions:
+    o = recipe.options
+    return o if isinstance(o, TFLiteOptions) else TFLiteOptions(calibration_all=o.calibration_all, keep_sensitive=o.keep_sensitive, embed=o.embed)
 
 
 def _batch1_clone(source: SourceModel):
@@ -63,6 +70,15 @@ def _integer_input_entry_ops(interp, ops: list[dict]) -> set[int]:
     return entry
 
 
+@dataclass(frozen=True)
+class TFLiteOptions(RecipeOptions):
+    """TFLite recipe options: the I/O dtype, 16x8 mode, and which of TensorFlow's quantizers runs."""
+
+    io: Literal["int8", "uint8", "int16", "float32"] = "int8"
+    int16x8: bool = False  # int16 activations, int8 weights (EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)
+    legacy_quantizer: bool = False  # TensorFlow's older quantizer and its range estimation
+
+
 class TFLiteConverter(Converter):
     """Post-training full-integer quantization (TFLITE_BUILTINS_INT8) with a representative dataset."""
 
@@ -96,17 +112,17 @@ class TFLiteConverter(Converter):
         c = _constraints(profile)
         io = c.io_dtype
         out = [
-            Recipe("int8-per-channel", "full int8, per-channel weights (TFLite default)", options=(("io", io),)),
-            Recipe("int8-per-tensor", "full int8, per-tensor weights", per_channel=False, options=(("io", io),)),
+            Recipe("int8-per-channel", "full int8, per-channel weights (TFLite default)", options=TFLiteOptions(io=io)),
+            Recipe("int8-per-tensor", "full int8, per-tensor weights", per_channel=False, options=TFLiteOptions(io=io)),
         ]
         if calibration_count > calibration_cap:
             out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
-                              options=(("io", io), ("calibration_all", True))))
+                              options=TFLiteOptions(io=io, calibration_all=True)))
         out.append(Recipe("int8-legacy-calibrator", "full int8, per-channel, TFLite's legacy quantizer and its range estimation",
-                          options=(("io", io), ("legacy_quantizer", True))))
+                          options=TFLiteOptions(io=io, legacy_quantizer=True)))
         if c.activations_int16:
             out.append(Recipe("int16x8", "int8 weights with int16 activations (16x8 mode)", activations="int16",
-                              options=(("io", "int16"), ("int16x8", True))))
+                              options=TFLiteOptions(io="int16", int16x8=True)))
         return out
 
     def _converter(self, tf, source: SourceModel) -> tuple[object, bool]:
@@ -141,8 +157,8 @@ class TFLiteConverter(Converter):
                     yield [data[k][i : i + 1] for k in names]
 
         conv.representative_dataset = representative
-        io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[str(recipe.option("io", "int8"))]
-        if recipe.option("int16x8"):
+        io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[_options(recipe).io]
+        if _options(recipe).int16x8:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         else:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -150,7 +166,7 @@ class TFLiteConverter(Converter):
         conv.inference_output_type = io
         if not recipe.per_channel:
             conv._experimental_disable_per_channel = True  # documented private switch; no public equivalent
-        if recipe.option("legacy_quantizer"):
+        if _options(recipe).legacy_quantizer:
             conv.experimental_new_quantizer = False
         with captured_output() as log, warnings.catch_warnings():
             # "Statistics for quantized inputs were expected": the representative dataset provides them.
