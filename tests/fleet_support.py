@@ -502,15 +502,15 @@ class SimDevice:
             assert self.report(serial, "activated").status_code == 200
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition", *, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds, naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met after {timeout}s")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 

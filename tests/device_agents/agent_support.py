@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgekit import signing
+from fleet_support import wait_for as _wait_for
 from edgekit.bundle import GOLDEN_FILE, MANIFEST_FILE, SIGNATURE_FILE, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,11 +51,5 @@ def agent_cmd(*args: str) -> list[str]:
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
-    """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """fleet_support.wait_for with the agents' longer default (an agent installs and profiles before it answers)."""
+    return _wait_for(cond, timeout, what)

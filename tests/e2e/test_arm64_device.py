@@ -30,7 +30,7 @@ from device_agents.store import DataDir
 from edgekit.bundle import pack
 from edgekit.cpuinfo import EMULATED_TIMING_NOTE
 from edgekit.runtime import read_active_pointer
-from fleet_support import free_port, upload
+from fleet_support import free_port, upload, wait_for
 
 pytestmark = pytest.mark.timeout(1800)  # a fresh machine builds the root first (about 4 min here)
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,16 +94,6 @@ def cloud_server(model: Path) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait(10)
-
-
-def wait(pred, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
 IN_ROOT_CHECKS = r'''
@@ -196,7 +186,7 @@ def _rollout(admin: httpx.Client, version: str, gates: dict) -> dict:
         body = admin.get(f"/v1/rollouts/{rid}").json()
         return body if body["state"] in ("completed", "failed", "rolled_back") else None
 
-    return wait(done, 600, f"rollout {version} decided")
+    return wait_for(done, 600, f"rollout {version} decided")
 
 
 def _profiled(rollout: dict) -> list[dict]:
@@ -216,7 +206,7 @@ def test_arm64_agents_roll_out_two_waves_and_roll_back_a_version_that_fails_its_
 
     agents = [_agent(arm64_root, server, f"arm{i}") for i in range(2)]
     try:
-        wait(lambda: len(admin.get("/v1/devices", params={"tag": "arm64"}).json()) == 2, 180, "two arm64 agents enrolled")
+        wait_for(lambda: len(admin.get("/v1/devices", params={"tag": "arm64"}).json()) == 2, 180, "two arm64 agents enrolled")
         ids = {d["name"]: d["id"] for d in admin.get("/v1/devices").json()}
 
         # 1.2.3 in two waves: download, verify, profile (aarch64 LiteRT + XNNPACK), golden set, activate
@@ -227,7 +217,7 @@ def test_arm64_agents_roll_out_two_waves_and_roll_back_a_version_that_fails_its_
             assert (m["runtime"], m["delegate"]) == ("litert", "xnnpack") and m["golden_passed"] is True
             assert m["timing_source"] == "emulated" and m["timing_note"] == EMULATED_TIMING_NOTE
         for _, data in agents:
-            wait(lambda d=data: (p := read_active_pointer(d)) is not None and p.sha256 == sha["1.2.3"], 60, "1.2.3 active")
+            wait_for(lambda d=data: (p := read_active_pointer(d)) is not None and p.sha256 == sha["1.2.3"], 60, "1.2.3 active")
 
         # 1.3.0 on ONNX Runtime; a p95 gate that every measured device would fail is not read under emulation
         r2 = _rollout(admin, "1.3.0", {"max_failure_rate": 0.0, "require_golden": True, "max_p95_ratio": 0.001})
@@ -237,13 +227,13 @@ def test_arm64_agents_roll_out_two_waves_and_roll_back_a_version_that_fails_its_
         p95_gates = [g for w in r2["waves"] for g in w.get("gate_results", []) if g["gate"] == "max_p95_ratio"]
         assert p95_gates and all(g["passed"] is None for g in p95_gates), p95_gates
         for _, data in agents:
-            wait(lambda d=data: (p := read_active_pointer(d)) is not None and p.sha256 == sha["1.3.0"], 60, "1.3.0 active")
+            wait_for(lambda d=data: (p := read_active_pointer(d)) is not None and p.sha256 == sha["1.3.0"], 60, "1.3.0 active")
 
         # the app on the device: the active model through a HybridClassifier, telemetry through the agent's Recorder
         app = arm64_root.work / "app.py"
         app.write_text(TELEMETRY_APP)
         arm64_root.run("python", arm64_root.inside(app), arm64_root.inside(agents[0][1]), timeout=300)
-        points = wait(lambda: admin.get("/v1/telemetry", params={"device_id": ids["arm0"]}).json().get("points"), 120,
+        points = wait_for(lambda: admin.get("/v1/telemetry", params={"device_id": ids["arm0"]}).json().get("points"), 120,
                       "telemetry from arm0 on the server")
         assert sum(p.get("count", 0) for p in points) >= 20, points
 
@@ -256,8 +246,8 @@ def test_arm64_agents_roll_out_two_waves_and_roll_back_a_version_that_fails_its_
         assert gate["passed"] is False and gate["value"] > 0.001
         victim = first["devices"][0]["device_id"]
         k = 0 if ids["arm0"] == victim else 1
-        wait(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.3.0", 120, "victim back on 1.3.0 (server)")
-        wait(lambda: (p := read_active_pointer(agents[k][1])) is not None and p.sha256 == sha["1.3.0"], 60, "victim back on 1.3.0")
+        wait_for(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.3.0", 120, "victim back on 1.3.0 (server)")
+        wait_for(lambda: (p := read_active_pointer(agents[k][1])) is not None and p.sha256 == sha["1.3.0"], 60, "victim back on 1.3.0")
         other = agents[1 - k][1]
         assert read_active_pointer(other).sha256 == sha["1.3.0"]
         assert not Slots(DataDir(other)).has(sha["1.4.0"])

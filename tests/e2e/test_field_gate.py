@@ -27,7 +27,7 @@ import pytest
 
 from edgekit.bundle import pack
 from edgekit.runtime import load, read_active_pointer
-from fleet_support import upload
+from fleet_support import upload, wait_for
 
 pytestmark = pytest.mark.timeout(480)
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,16 +40,6 @@ AGENT_ENV = {"EDGEKIT_AGENT_POLL_INTERVAL_S": "0.3", "EDGEKIT_AGENT_PROFILE_RUNS
 def fleet_db(tmp_path: Path) -> str:
     """SQLite only: this test is about the agents and the field; the server's suite covers PostgreSQL."""
     return f"sqlite:///{tmp_path / 'fleet.db'}"
-
-
-def wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
 def _escalation_rate(bundle: Path, x: np.ndarray) -> float:
@@ -135,16 +125,16 @@ def test_a_version_that_escalates_twice_as_often_fails_its_first_wave_on_the_fie
                    "--tag", "field", "-v"]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
             dirs.append(data)
-        wait(lambda: len(admin.get("/v1/devices", params={"tag": "field"}).json()) == N_AGENTS, 90, "four devices enrolled")
+        wait_for(lambda: len(admin.get("/v1/devices", params={"tag": "field"}).json()) == N_AGENTS, 90, "four devices enrolled")
         ids = {d["name"]: d["id"] for d in admin.get("/v1/devices").json()}
 
         r = admin.post("/v1/rollouts", json={"model": "digits", "version": "1.2.3", "selector": {"tags": ["field"]}, "waves": [100]})
         assert r.status_code == 201, r.text
         rid1 = r.json()["id"]
-        done = wait(lambda: (x_ := admin.get(f"/v1/rollouts/{rid1}").json())["state"] in ("completed", "failed") and x_, 240, "1.2.3 out")
+        done = wait_for(lambda: (x_ := admin.get(f"/v1/rollouts/{rid1}").json())["state"] in ("completed", "failed") and x_, 240, "1.2.3 out")
         assert done["state"] == "completed", json.dumps(done, indent=1)[:3000]
         for data in dirs:
-            wait(lambda: (p := read_active_pointer(data)) is not None and p.sha256 == sha_v1, 30, "agent on 1.2.3")
+            wait_for(lambda: (p := read_active_pointer(data)) is not None and p.sha256 == sha_v1, 30, "agent on 1.2.3")
 
         for data in dirs:
             apps.append(FieldApp(data, x))
@@ -159,7 +149,7 @@ def test_a_version_that_escalates_twice_as_often_fails_its_first_wave_on_the_fie
         rid2 = ro["id"]
         (victim,) = [d["device_id"] for d in ro["waves"][0]["devices"]]
         k = next(i for i in range(N_AGENTS) if ids[f"field{i}"] == victim)
-        r2 = wait(lambda: (x_ := admin.get(f"/v1/rollouts/{rid2}").json())["state"] in ("completed", "failed") and x_, 300, "2.0.0 decided")
+        r2 = wait_for(lambda: (x_ := admin.get(f"/v1/rollouts/{rid2}").json())["state"] in ("completed", "failed") and x_, 300, "2.0.0 decided")
         assert r2["state"] == "failed", json.dumps(r2, indent=1)[:4000]
         first = r2["waves"][0]
         gates = {g["gate"]: g for g in first["gate_results"]}
@@ -171,8 +161,8 @@ def test_a_version_that_escalates_twice_as_often_fails_its_first_wave_on_the_fie
         assert "max_escalation_increase" in r2["reason"] and r2["waves"][1]["state"] == "pending"
 
         # the wave's device returns to 1.2.3; the others never left it
-        wait(lambda: (p := read_active_pointer(dirs[k])) is not None and p.sha256 == sha_v1, 60, "victim back on 1.2.3")
-        wait(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.2.3", 60, "server sees the victim on 1.2.3")
+        wait_for(lambda: (p := read_active_pointer(dirs[k])) is not None and p.sha256 == sha_v1, 60, "victim back on 1.2.3")
+        wait_for(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.2.3", 60, "server sees the victim on 1.2.3")
         for i, data in enumerate(dirs):
             assert read_active_pointer(data).sha256 == sha_v1
         # what the field saw, by registry version: 2.0.0 escalated at least twice as often as 1.2.3

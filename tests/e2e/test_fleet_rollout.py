@@ -25,7 +25,7 @@ from device_agents.store import DataDir
 from device_agents.telemetry import Recorder
 from edgekit.bundle import pack
 from edgekit.runtime import read_active_pointer
-from fleet_support import upload
+from fleet_support import upload, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +38,6 @@ AGENT_ENV = {"EDGEKIT_AGENT_POLL_INTERVAL_S": "0.3", "EDGEKIT_AGENT_PROFILE_RUNS
 def fleet_db(tmp_path: Path) -> str:
     """SQLite only: this test is about the agents; the server's own suite covers PostgreSQL."""
     return f"sqlite:///{tmp_path / 'fleet.db'}"
-
-
-def wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
 def start_agents(server, tmp_path: Path) -> tuple[list[subprocess.Popen], list[Path]]:
@@ -90,16 +80,16 @@ def test_rollout_converges_and_a_regressed_version_is_stopped_after_its_first_wa
 
     procs, dirs = start_agents(server, tmp_path)
     try:
-        wait(lambda: len(admin.get("/v1/devices", params={"tag": "e2e"}).json()) == 5, 60, "five devices enrolled")
+        wait_for(lambda: len(admin.get("/v1/devices", params={"tag": "e2e"}).json()) == 5, 60, "five devices enrolled")
         ids = {d["name"]: d["id"] for d in admin.get("/v1/devices").json()}
 
         # 1.2.3 to everyone, waves 20,100
         rid1 = rollout(admin, "1.2.3", {"max_failure_rate": 0.0})
-        r1 = wait(lambda: finished(admin, rid1), 240, "rollout 1.2.3 finished")
+        r1 = wait_for(lambda: finished(admin, rid1), 240, "rollout 1.2.3 finished")
         assert r1["state"] == "completed", json.dumps(r1, indent=1)[:3000]
         assert [len(w["devices"]) for w in r1["waves"]] == [1, 4]
         for i, data in enumerate(dirs):
-            ptr = wait(lambda: (p := read_active_pointer(data)) is not None and p.sha256 == sha_v1[PROFILES[i]] and p, 30, f"agent{i} on 1.2.3")
+            ptr = wait_for(lambda: (p := read_active_pointer(data)) is not None and p.sha256 == sha_v1[PROFILES[i]] and p, 30, f"agent{i} on 1.2.3")
             Slots(DataDir(data)).verify(ptr.sha256)
         devices = admin.get("/v1/devices", params={"tag": "e2e"}).json()
         assert {d["active"]["version"] for d in devices} == {"1.2.3"}
@@ -107,7 +97,7 @@ def test_rollout_converges_and_a_regressed_version_is_stopped_after_its_first_wa
 
         # 2.0.0 is ~30x slower per prediction: the first wave's gate fails and the rollout stops there
         rid2 = rollout(admin, "2.0.0", {"max_p95_ratio": 1.5})
-        r2 = wait(lambda: finished(admin, rid2), 240, "rollout 2.0.0 decided")
+        r2 = wait_for(lambda: finished(admin, rid2), 240, "rollout 2.0.0 decided")
         assert r2["state"] == "failed", json.dumps(r2, indent=1)[:3000]
         first = r2["waves"][0]
         assert first["state"] == "failed" and len(first["devices"]) == 1
@@ -119,8 +109,8 @@ def test_rollout_converges_and_a_regressed_version_is_stopped_after_its_first_wa
         assert profiled["baseline"]["sha256"] == sha_v1[PROFILES[k]] and profiled["p95_ms"] > 1.5 * profiled["baseline"]["p95_ms"]
 
         # the first wave's device returns to 1.2.3 and keeps 2.0.0 out of use
-        wait(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.2.3", 60, "victim reverted on the server")
-        ptr = wait(lambda: (p := read_active_pointer(dirs[k])) is not None and p.sha256 == sha_v1[PROFILES[k]] and p, 30, "victim reverted")
+        wait_for(lambda: admin.get(f"/v1/devices/{victim}").json()["active"]["version"] == "1.2.3", 60, "victim reverted on the server")
+        ptr = wait_for(lambda: (p := read_active_pointer(dirs[k])) is not None and p.sha256 == sha_v1[PROFILES[k]] and p, 30, "victim reverted")
         Slots(DataDir(dirs[k])).verify(ptr.sha256)
         assert Slots(DataDir(dirs[k])).info(sha_v2[PROFILES[k]])["blocked"] == "reverted"
         status = json.loads(subprocess.run([sys.executable, "-c", "import sys; from edgekit.cli import main; sys.exit(main())", "agent",
@@ -143,7 +133,7 @@ def test_rollout_converges_and_a_regressed_version_is_stopped_after_its_first_wa
         for i in range(25):
             rec.record(latency_ms=0.5 + i / 100, confidence=0.95, source="device", error=None, escalated=False, degraded=False)
         rec.close()
-        tel = wait(lambda: (t := admin.get("/v1/telemetry", params={"device_id": ids["dev0"]}).json())["points"] and t, 30, "telemetry")
+        tel = wait_for(lambda: (t := admin.get("/v1/telemetry", params={"device_id": ids["dev0"]}).json())["points"] and t, 30, "telemetry")
         assert sum(p["count"] for p in tel["points"]) == 25 and tel["points"][0]["model_sha256"] == sha_v1[PROFILES[0]]
         for p in procs:  # SIGTERM: every agent stops cleanly
             p.terminate()
