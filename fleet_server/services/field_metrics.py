@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.db import utcnow
-from fleet_server.services.field_stats import FieldSums, minute_sums
+from fleet_server.services.field_stats import FieldSums, range_sums
 from fleet_server.tables import Device, Model, ModelVersion, VersionArtifact
 
 __all__ = ["MAX_SERIES", "WINDOW", "field_series"]
@@ -31,8 +31,5 @@ def field_series(s: Session) -> list[tuple[str, str, FieldSums]]:
     out = []
     for version_id, name, version, _ in active:
         shas = list(s.execute(select(VersionArtifact.artifact_sha256).where(VersionArtifact.version_id == version_id)).scalars())
-        total = FieldSums()
-        for _, _, sums in minute_sums(s, shas, now - WINDOW, now + dt.timedelta(minutes=1)):
-            total.add(sums)
-        out.append((name, version, total))
+        out.append((name, version, range_sums(s, shas, now - WINDOW, now + dt.timedelta(minutes=1))))
     return out

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from fleet_server.context import AppContext
 from fleet_server.db import utcnow
 from fleet_server.errors import BadRequest, NotFound
-from fleet_server.services.field_stats import FieldSums, calibration_reference, drift, minute_sums
+from fleet_server.services.field_stats import FieldSums, calibration_reference, drift, minute_sums, range_sums
 from fleet_server.tables import Model, ModelVersion, VersionArtifact
 
 __all__ = ["MAX_BUCKETS", "MAX_RANGE", "MIN_BUCKET_S", "StatsQuery", "model_stats", "version_stats"]
@@ -78,10 +78,7 @@ def _artifacts(s: Session, version_id: int, profile: str | None) -> dict[str, st
 
 
 def _total(s: Session, shas: list[str], q: StatsQuery) -> FieldSums:
-    total = FieldSums()
-    for _, _, sums in minute_sums(s, shas, q.since, q.until):
-        total.add(sums)
-    return total
+    return range_sums(s, shas, q.since, q.until)  # summed by the database: one row back
 
 
 def version_stats(ctx: AppContext, name: str, version: str, q: StatsQuery, *, profile: str | None = None,
