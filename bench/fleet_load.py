@@ -8,6 +8,13 @@ Phases per database:
 1. enroll: all N devices, ``--enroll-concurrency`` requests in flight (one transaction each);
 2. first poll: every device fetches its desired state once and keeps the ETag;
 3. steady: ``--duration`` seconds at the real interval (10,000 devices, 60 s: ~333 req/s);
+3b. stats (``--stats``, on by default): the steady rate again, this time with operators' stats queries running
+   (``StatsLoad``: ``--operators`` dashboards showing the field-statistics view, each refreshed ``--refresh-s``
+   after the previous refresh, and Prometheus scraping ``/metrics`` every ``--scrape-s``), side by side with
+   the steady phase without them (``--stats-reps`` from 2: A B B A ...). For it the database is seeded first
+   with ``digits`` 0.9.0 and 1.0.0 and ``--history-hours`` of per-minute rollups (what the telemetry writer
+   leaves after that long), every device is marked as running 1.0.0 and its telemetry names 1.0.0's
+   artifact, so each post also updates the rollups the stats read;
 4. ramp: the rate is stepped by ``--ramp-factor`` every ``--step-duration`` seconds (the poll
    interval compressed when the steady phase held, stretched when it did not) until the outcome
    flips: p99 over ``--p99-goal-ms``, a failed request, or under 90% of the offered rate reached.
@@ -22,6 +29,7 @@ client is not mistaken for a slow server. The simulated devices share one pool o
 connections (``--connections``), as behind a reverse proxy.
 
     python bench/fleet_load.py [--devices 10000] [--duration 60] [--db sqlite|postgresql|both]
+    python bench/fleet_load.py --no-ramp --stats-reps 2 --duration 30   # with/without stats queries, A B B A
     python bench/fleet_load.py --replicas 1,2   # PostgreSQL, N replicas behind nginx terminating TLS
 
 ``--replicas N[,M...]``: instead of one server on each database, N ``edgekit server start`` replicas
@@ -41,10 +49,15 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
+import json
 import os
+import random
 import re
 import shutil
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -94,6 +107,138 @@ def cluster_cpu_seconds(data_dir: Path | None) -> float:
     return total
 
 
+MODEL = "digits"
+VERSIONS = ("0.9.0", "1.0.0")  # the fleet ran 0.9.0, then 1.0.0 (what the simulated devices run and report)
+_CALIBRATION = {"edges": [i / 10 for i in range(11)], "counts": [0, 0, 0, 1, 2, 4, 8, 14, 25, 46]}
+
+
+def seed_fleet_history(db_url: str, devices: int, hours: float) -> dict[str, dict]:
+    """Register ``digits`` 0.9.0 and 1.0.0 (one raspberry-pi-5 artifact each) and ``hours`` of per-minute rollups, as the
+    telemetry writer leaves them after that long with this fleet: 0.9.0 until half-way, 1.0.0 since. Written straight into
+    the server's database (as bench/field_stats.py does); returns version -> {"sha256", "artifact_id"}."""
+    from sqlalchemy import insert
+
+    from fleet_server.db import Database, utcnow
+    from fleet_server.tables import Artifact, Model, ModelVersion, TelemetryRollup, VersionArtifact
+
+    db = Database(db_url)
+    now = utcnow().replace(second=0, microsecond=0)
+    out: dict[str, dict] = {}
+    try:
+        with db.write() as s:
+            model = Model(name=MODEL, created_at=now - dt.timedelta(hours=hours))
+            s.add(model)
+            s.flush()
+            for i, version in enumerate(VERSIONS):
+                sha = f"{i + 1:x}" * 64
+                mv = ModelVersion(model_id=model.id, version=version, created_at=now - dt.timedelta(hours=hours * (1 - i / 2)))
+                s.add_all([mv, Artifact(sha256=sha, size_bytes=14_000, created_at=now)])
+                s.flush()
+                va = VersionArtifact(version_id=mv.id, artifact_sha256=sha, profile="raspberry-pi-5", format="tflite", file="model.tflite",
+                                     manifest={"name": MODEL, "version": version, "router_policy": {"confidence_histogram": _CALIBRATION}},
+                                     manifest_sha256=f"{i + 7:x}" * 64, validation={})
+                s.add(va)
+                s.flush()
+                out[version] = {"sha256": sha, "artifact_id": va.id}
+        minutes = int(hours * 60)
+        n = 60.0 * devices  # requests a minute: every device answers 60
+        rows = [{"model_sha256": out[VERSIONS[0] if m < minutes // 2 else VERSIONS[1]]["sha256"], "minute": now - dt.timedelta(minutes=minutes - m),
+                 "requests": n, "errors": 0.0, "escalations": n * (0.05 + 0.01 * (m % 7) / 7), "degraded": n * 0.002 * (m % 3),
+                 "p50_w": n * 4.1, "p95_w": n * (6.0 + (m % 5) / 10), "p99_w": n * 7.5, "latency_max": 9.0, "points": float(devices),
+                 **{f"h{b}": n * c / 100 for b, c in enumerate(_CALIBRATION["counts"])}} for m in range(minutes)]
+        with db.write() as s:
+            if rows:
+                s.execute(insert(TelemetryRollup), rows)
+    finally:
+        db.dispose()
+    return out
+
+
+def mark_devices_running(db_url: str, artifact_id: int) -> int:
+    """Every enrolled device runs the artifact, as a completed rollout leaves them (bench/rollout.py times rollouts);
+    the /metrics field gauges count the devices that run each version. Returns how many devices."""
+    from sqlalchemy import update
+
+    from fleet_server.db import Database
+    from fleet_server.tables import Device
+
+    db = Database(db_url)
+    try:
+        with db.write() as s:
+            return s.execute(update(Device).values(active_artifact_id=artifact_id, phase="activated")).rowcount
+    finally:
+        db.dispose()
+
+
+class StatsLoad:
+    """Operators watching the fleet while it runs, on connections of their own: each one's browser shows the dashboard's
+    field-statistics view (fleet_server/dashboard/app.js ``versions``: the model list, every version side by side over
+    6 h, then each version with requests in 5-minute buckets over 6 h), refreshed ``refresh_s`` after the previous
+    refresh finished (the dashboard's REFRESH_MS, 2 s); and one Prometheus scraping ``/metrics`` every ``scrape_s``."""
+
+    def __init__(self, pool, token: str, operators: int, refresh_s: float, scrape_s: float) -> None:  # noqa: ANN001 - a RawPool
+        self.pool, self.token, self.operators, self.refresh_s, self.scrape_s = pool, token, operators, refresh_s, scrape_s
+        self.rec = Recorder()
+        self.refreshes: list[float] = []
+
+    async def _get(self, kind: str, path: str) -> bytes | None:
+        t0 = time.perf_counter()
+        try:
+            status, _, body = await self.pool.request("GET", path, {"Authorization": f"Bearer {self.token}"})
+        except (asyncio.TimeoutError, TimeoutError):
+            self.rec.add(kind, time.perf_counter() - t0, None, "timeout")
+            return None
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            self.rec.add(kind, time.perf_counter() - t0, None, type(e).__name__)
+            return None
+        self.rec.add(kind, time.perf_counter() - t0, status)
+        return body if status == 200 else None
+
+    async def _refresh(self) -> None:
+        since = urllib.parse.quote((dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+        models = await self._get("models", "/v1/models")
+        if models is None:
+            return
+        for m in json.loads(models)[:1]:  # the dashboard shows one selected model (the first)
+            name = urllib.parse.quote(m["name"], safe="")
+            side = await self._get("model stats 6 h", f"/v1/models/{name}/stats?since={since}")
+            if side is None:
+                return
+            for v in json.loads(side)["versions"]:
+                if v["requests"] > 0:
+                    await self._get("version stats 6 h/5 min", f"/v1/models/{name}/versions/{urllib.parse.quote(v['version'], safe='')}"
+                                    f"/stats?since={since}&bucket_s=300")
+
+    async def _operator(self, stop_at: float) -> None:
+        await asyncio.sleep(random.uniform(0, self.refresh_s))
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await self._refresh()
+            self.refreshes.append(time.perf_counter() - t0)
+            await asyncio.sleep(self.refresh_s)
+
+    async def _prometheus(self, stop_at: float) -> None:
+        await asyncio.sleep(random.uniform(0, self.scrape_s))
+        while time.perf_counter() < stop_at:
+            await self._get("/metrics", "/metrics")
+            await asyncio.sleep(self.scrape_s)
+
+    async def run(self, seconds: float) -> None:
+        """Load for ``seconds``, recording into a fresh recorder (what started in the window is recorded)."""
+        self.rec, self.refreshes = Recorder(), []
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(self._operator(stop_at) for _ in range(self.operators)), self._prometheus(stop_at))
+
+    def summary(self, seconds: float) -> dict:
+        """Requests, rate and latency per kind, errors, and whole dashboard refreshes."""
+        kinds = {k: {"requests": len(v), "per_s": round(len(v) / seconds, 2), "p50_ms": round(_pct(sorted(v), 0.5), 1),
+                     "p99_ms": round(_pct(sorted(v), 0.99), 1), "max_ms": round(max(v) * 1000, 1)} for k, v in self.rec.by_kind.items()}
+        r = sorted(self.refreshes)
+        return {"operators": self.operators, "refresh_s": self.refresh_s, "scrape_s": self.scrape_s, "by_kind": kinds,
+                "requests": len(self.rec.latencies), "errors": sum(self.rec.errors.values()), "error_kinds": dict(self.rec.errors),
+                "refreshes": len(r), "refresh_p50_ms": round(_pct(r, 0.5), 1), "refresh_p99_ms": round(_pct(r, 0.99), 1)}
+
+
 @dataclass(frozen=True)
 class PhaseResult:
     """One measured phase: offered vs achieved rate, latency percentiles, failures, CPU."""
@@ -118,6 +263,7 @@ class PhaseResult:
     db_cores: float
     client_cores: float
     seconds: float
+    stats: dict | None = None  # the operators' stats load in this phase (StatsLoad.summary), None when there was none
 
     def held(self, p99_goal_ms: float) -> bool:
         """p99 within the goal, no errors, and at least 90% of the offered requests done (less three
@@ -183,18 +329,29 @@ def _phase_result(db: str, phase: str, n: int, interval: float, rec: Recorder, t
 
 
 async def _measure(fleet: Fleet, server: FleetServerProcess, pg_data: Path | None, db: str, phase: str, interval: float,
-                   seconds: float, args: argparse.Namespace) -> PhaseResult:
+                   seconds: float, args: argparse.Namespace, stats: StatsLoad | None = None) -> PhaseResult:
     h0 = server_buckets(_metrics_urls(server))
     s0, d0, c0 = server_cpu_seconds(server), cluster_cpu_seconds(pg_data), time.process_time()
-    rec, took, lags = await fleet.run(interval, seconds, telemetry=args.telemetry)
+    if stats is None:
+        rec, took, lags = await fleet.run(interval, seconds, telemetry=args.telemetry)
+    else:  # the operators' dashboards and Prometheus run in the same window, on connections of their own
+        (rec, took, lags), _ = await asyncio.gather(fleet.run(interval, seconds, telemetry=args.telemetry), stats.run(seconds))
     s1, d1, c1 = server_cpu_seconds(server), cluster_cpu_seconds(pg_data), time.process_time()
     p99 = server_p99_ms(h0, server_buckets(_metrics_urls(server)), ("GET /v1/device/desired", "POST /v1/device/telemetry"))
     r = _phase_result(db, phase, len(fleet.devices), interval, rec, took, lags, p99, s1 - s0, d1 - d0, c1 - c0, 2 if args.telemetry else 1)
+    if stats is not None:
+        r = dataclasses.replace(r, stats=stats.summary(took))
     kinds = ", ".join(f"{k} {v['p99_ms']:g}" for k, v in r.by_kind.items())
     print(f"  {phase:>8}: interval {r.interval_s:g} s, offered {r.offered_rps:g} req/s, achieved {r.achieved_rps:g}, "
           f"p50 {r.p50_ms:g} ms, p99 {r.p99_ms:g} ms ({kinds}; server's own histogram: p99 <= {r.server_p99_le_ms} ms), "
           f"errors {r.errors}, client loop lag p99 {r.loop_lag_p99_ms:g} ms, "
           f"CPU cores: server {r.server_cores:g}, postgres {r.db_cores:g}, client {r.client_cores:g}", flush=True)
+    if r.stats is not None:
+        st = r.stats
+        kinds = ", ".join(f"{k}: {v['requests']} ({v['per_s']:g}/s) p50 {v['p50_ms']:g} / p99 {v['p99_ms']:g} ms" for k, v in st["by_kind"].items())
+        print(f"            stats load, {st['operators']} dashboards every {st['refresh_s']:g} s + /metrics every {st['scrape_s']:g} s: "
+              f"{kinds}; whole refresh p50 {st['refresh_p50_ms']:g} / p99 {st['refresh_p99_ms']:g} ms; errors {st['errors']} "
+              f"{st['error_kinds'] or ''}", flush=True)
     return r
 
 
@@ -241,8 +398,14 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path, replicas: int
         front = (ReplicaFront(scratch / f"replicas-{replicas}", url, replicas, poll_interval_s=int(args.interval)) if replicas
                  else FleetServerProcess(scratch / f"server-{db}", url, poll_interval_s=int(args.interval)))
         with front as server:
+            db_url = url or f"sqlite:///{(scratch / f'server-{db}' / 'fleet.db').resolve()}"
             db = label
             token = server.token("enroll")
+            stats = seeded = None
+            if args.stats:
+                seeded = seed_fleet_history(db_url, args.devices, args.history_hours)
+                stats = StatsLoad(RawPool("127.0.0.1", server.port, args.operators + 1, args.timeout, ssl_context=getattr(server, "ssl_context", None)),
+                                  server.token("admin"), args.operators, args.refresh_s, args.scrape_s)
             if replicas:
                 if args.client != "raw":
                     raise SystemExit("--replicas needs --client raw (TLS through nginx)")
@@ -250,6 +413,8 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path, replicas: int
             else:
                 pool = (RawPool if args.client == "raw" else HttpxPool)("127.0.0.1", server.port, args.connections, args.timeout)
             fleet = Fleet(pool, args.devices)
+            if seeded is not None:
+                fleet.model_sha256, fleet.model_version = seeded[VERSIONS[-1]]["sha256"], VERSIONS[-1]
             try:
                 fleet.recording = True
                 cpu0 = server_cpu_seconds(server)
@@ -259,17 +424,62 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path, replicas: int
                 print(f"  enrolled {args.devices - enroll_failures:,} devices in {enroll_s:.1f} s "
                       f"({(args.devices - enroll_failures) / enroll_s:.0f}/s, {args.enroll_concurrency} in flight, server CPU {enroll_cores:.2f} cores), "
                       f"{enroll_failures} failures {dict(enroll_rec.errors) or ''}", flush=True)
+                if seeded is not None:
+                    n = mark_devices_running(db_url, seeded[VERSIONS[-1]]["artifact_id"])
+                    print(f"  seeded {MODEL} {', '.join(VERSIONS)} with {args.history_hours:g} h of per-minute rollups; {n:,} devices run "
+                          f"{VERSIONS[-1]} and report its sha256 in their telemetry", flush=True)
                 await fleet.first_poll(args.enroll_concurrency)
                 phases = [await _measure(fleet, server, pg_data, db, "steady", args.interval, args.duration, args)]
+                if stats is not None:  # side by side at the steady rate: A B (B A ...), so drift of the machine's load evens out
+                    for rep in range(args.stats_reps):
+                        tag = "" if rep == 0 else f" {rep + 1}"
+                        order = [True] if rep == 0 else [True, False] if rep % 2 else [False, True]  # rep 0's "without" is "steady"
+                        for with_stats in order:
+                            name = f"steady+stats{tag}" if with_stats else f"steady{tag}"
+                            phases.append(await _measure(fleet, server, pg_data, db, name, args.interval, args.duration, args,
+                                                         stats if with_stats else None))
                 best, failed = await _search(fleet, server, pg_data, db, args, phases)
             finally:
                 await pool.close()
+                if stats is not None:
+                    await stats.pool.close()
     lat = sorted(enroll_rec.latencies)
     return {"db": db, "enroll": {"devices": args.devices, "seconds": round(enroll_s, 2), "per_s": round((args.devices - enroll_failures) / enroll_s, 1),
                                  "failures": enroll_failures, "p50_ms": round(_pct(lat, 0.5), 2), "p99_ms": round(_pct(lat, 0.99), 2),
                                  "server_cores": round(enroll_cores, 2)},
             "phases": [asdict(p) for p in phases], "max_sustainable_rps": best.achieved_rps if best else None,
             "max_sustainable_phase": best.phase if best else None}
+
+
+def stats_comparison(phases: list[dict]) -> dict | None:
+    """The steady-rate phases without and with stats queries, side by side (medians over the phases of each kind)."""
+    import statistics
+
+    steady = [p for p in phases if p["phase"] == "steady" or p["phase"].startswith(("steady ", "steady+stats"))]
+    without = [p for p in steady if p["stats"] is None]
+    with_ = [p for p in steady if p["stats"] is not None]
+    if not without or not with_:
+        return None
+
+    def med(ps: list[dict]) -> dict:
+        kind = lambda p, k: p["by_kind"].get(k, {}).get("p99_ms", float("nan"))  # noqa: E731
+        return {"phases": [p["phase"] for p in ps], "achieved_rps": round(statistics.median(p["achieved_rps"] for p in ps), 1),
+                "p50_ms": round(statistics.median(p["p50_ms"] for p in ps), 2), "p99_ms": round(statistics.median(p["p99_ms"] for p in ps), 2),
+                "desired_p99_ms": round(statistics.median(kind(p, "desired") for p in ps), 2),
+                "telemetry_p99_ms": round(statistics.median(kind(p, "telemetry") for p in ps), 2),
+                "errors": sum(p["errors"] for p in ps), "server_cores": round(statistics.median(p["server_cores"] for p in ps), 2),
+                "db_cores": round(statistics.median(p["db_cores"] for p in ps), 2)}
+
+    w, s = med(without), med(with_)
+    kinds: dict[str, dict] = {}
+    for k in {k for p in with_ for k in p["stats"]["by_kind"]}:
+        vals = [p["stats"]["by_kind"][k] for p in with_ if k in p["stats"]["by_kind"]]
+        kinds[k] = {"requests": sum(v["requests"] for v in vals), "p50_ms": round(statistics.median(v["p50_ms"] for v in vals), 1),
+                    "p99_ms": round(statistics.median(v["p99_ms"] for v in vals), 1), "max_ms": max(v["max_ms"] for v in vals)}
+    return {"without": w, "with": s, "throughput_ratio": round(s["achieved_rps"] / w["achieved_rps"], 3) if w["achieved_rps"] else None,
+            "p99_ratio": round(s["p99_ms"] / w["p99_ms"], 3) if w["p99_ms"] else None, "stats_by_kind": dict(sorted(kinds.items())),
+            "stats_errors": sum(p["stats"]["errors"] for p in with_),
+            "refresh_p99_ms": round(statistics.median(p["stats"]["refresh_p99_ms"] for p in with_), 1)}
 
 
 def _print_wide(title: str, headers: list[str], rows: list[list[str]]) -> None:
@@ -306,7 +516,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="Post telemetry (writes) besides polling; --no-telemetry isolates the read path.")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="HTTP client of the simulated devices: raw asyncio HTTP/1.1 (~0.05 ms CPU/request) or httpx (~2 ms).")
+    p.add_argument("--stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also run the steady rate with operators' stats queries running (field-statistics dashboards and a "
+                        "Prometheus scrape), side by side with the steady phase without them.")
+    p.add_argument("--operators", type=int, default=5, help="Operators with the dashboard's field-statistics view open.")
+    p.add_argument("--refresh-s", type=float, default=2.0, help="Dashboard refresh: this long after the previous one finished (app.js REFRESH_MS).")
+    p.add_argument("--scrape-s", type=float, default=15.0, help="Prometheus scrape interval of /metrics.")
+    p.add_argument("--history-hours", type=float, default=24.0, help="Per-minute rollups seeded before the run (0.9.0, then 1.0.0).")
+    p.add_argument("--stats-reps", type=int, default=1,
+                   help="Phases with stats (each --duration s); from 2 on, each adds one phase without stats as well, in A B B A order.")
     args = p.parse_args(argv)
+    if args.stats and (args.operators < 1 or args.refresh_s <= 0 or args.scrape_s <= 0 or args.stats_reps < 1):
+        raise SystemExit("--operators and --stats-reps need 1 or more, --refresh-s and --scrape-s more than 0")
     scratch = prepare_process()
     host = host_facts()
     dbs = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
@@ -338,6 +559,24 @@ def main(argv: list[str] | None = None) -> int:
     _print_wide(f"Fleet load ({args.devices:,} devices; latency measured by the client; goal p99 <= {args.p99_goal_ms:g} ms, no errors)",
                 ["db", "phase", "interval s", "offered req/s", "req/s", "p50 ms", "p99 ms", "server p99 ms", "errors", "loop lag p99 ms",
                  "CPU srv/pg/cli", "held"], rows)
+    stats_rows, comparisons = [], {}
+    for res in results:
+        c = stats_comparison(res["phases"])
+        if c is None:
+            continue
+        comparisons[res["db"]] = c
+        res["stats_comparison"] = c
+        w, s_ = c["without"], c["with"]
+        stats_rows.append([res["db"], f"{w['achieved_rps']:g} / {s_['achieved_rps']:g}", f"{c['throughput_ratio']:.3f}",
+                           f"{w['p99_ms']:g} / {s_['p99_ms']:g}", f"{c['p99_ratio']:.2f}",
+                           f"{w['desired_p99_ms']:g} / {s_['desired_p99_ms']:g}", f"{w['telemetry_p99_ms']:g} / {s_['telemetry_p99_ms']:g}",
+                           str(s_["errors"]), "; ".join(f"{k} {v['p50_ms']:g}/{v['p99_ms']:g}" for k, v in c["stats_by_kind"].items()),
+                           str(c["stats_errors"])])
+    if stats_rows:
+        _print_wide(f"Device check-in without / with stats queries ({args.operators} dashboards refreshed {args.refresh_s:g} s apart, "
+                    f"/metrics every {args.scrape_s:g} s; medians over the phases)",
+                    ["db", "req/s", "ratio", "p99 ms", "ratio", "desired p99", "telemetry p99", "errors", "stats p50/p99 ms", "stats errors"],
+                    stats_rows)
     for res in results:
         e = res["enroll"]
         print(f"{res['db']}: enrolled {e['devices']:,} in {e['seconds']:g} s ({e['per_s']:g}/s, p99 {e['p99_ms']:g} ms, "
@@ -353,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.devices:,} devices, {steady['achieved_rps']:g} req/s"),
                    Ratio(f"{res['db']}: steady errors", float(steady["errors"]), 0.0),
                    Ratio(f"{res['db']}: max sustainable req/s", float(res["max_sustainable_rps"] or 0), None, "p99 within the goal, no errors")]
+        c = comparisons.get(res["db"])
+        if c is not None:
+            ratios += [Ratio(f"{res['db']}: steady+stats p99 / {args.p99_goal_ms:g} ms", c["with"]["p99_ms"] / args.p99_goal_ms, 1.0,
+                             f"{args.operators} dashboards + /metrics while {args.devices:,} devices check in"),
+                       Ratio(f"{res['db']}: steady+stats errors (devices and stats)", float(c["with"]["errors"] + c["stats_errors"]), 0.0),
+                       Ratio(f"{res['db']}: device p99 with stats / without", c["p99_ratio"], None),
+                       Ratio(f"{res['db']}: device req/s without stats / with", 1 / c["throughput_ratio"] if c["throughput_ratio"] else float("inf"), None)]
     path = write_result(f"{NAME}_replicas" if replica_counts else NAME, host, {"config": vars(args), "note": note, "other_load_cores": load.cores,
                                      "ratios": [r.to_dict() for r in ratios], "results": results})
     print(f"wrote {path}")

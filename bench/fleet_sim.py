@@ -139,8 +139,8 @@ class Device:
     etag: str | None = None
 
 
-def _telemetry_body() -> bytes:
-    point = {"minute": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime()), "model_sha256": None, "model_version": None, "count": 60,
+def _telemetry_body(model_sha256: str | None = None, model_version: str | None = None) -> bytes:
+    point = {"minute": time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime()), "model_sha256": model_sha256, "model_version": model_version, "count": 60,
              "errors": 0, "escalations": 3, "degraded": 0, "latency_ms": {"p50": 4.1, "p95": 6.0, "p99": 7.5, "max": 9.0},
              "confidence_hist": [0, 0, 0, 0, 1, 2, 4, 8, 15, 30], "sources": {"device": 57, "cloud": 3}}
     return json.dumps({"points": [point], "dropped": 0}).encode()
@@ -154,6 +154,9 @@ class Fleet:
         self.devices = [Device(f"bench-{i:06d}") for i in range(n)]
         self.rec = Recorder()
         self.recording = False
+        # what the devices' telemetry says they run (None: no model; the server then keeps no rollup for it)
+        self.model_sha256: str | None = None
+        self.model_version: str | None = None
 
     async def _call(self, kind: str, method: str, path: str, token: str, body: bytes = b"", etag: str | None = None) -> Response | None:
         headers = {"Authorization": f"Bearer {token}"}
@@ -197,7 +200,7 @@ class Fleet:
             d.etag = r[1].get("etag")
 
     async def post_telemetry(self, d: Device) -> None:
-        await self._call("telemetry", "POST", "/v1/device/telemetry", d.token, _telemetry_body())
+        await self._call("telemetry", "POST", "/v1/device/telemetry", d.token, _telemetry_body(self.model_sha256, self.model_version))
 
     async def first_poll(self, concurrency: int) -> None:
         """Every device fetches its desired state once and keeps the ETag, as a freshly enrolled agent does."""
