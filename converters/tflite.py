@@ -77,6 +77,13 @@ class TFLiteOptions(RecipeOptions):
     io: Literal["int8", "uint8", "int16", "float32"] = "int8"
     int16x8: bool = False  # int16 activations, int8 weights (EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)
     legacy_quantizer: bool = False  # TensorFlow's older quantizer and its range estimation
+    # Applied to a clone of the Keras source before TensorFlow quantizes it (converters/keras_transforms.py):
+    cle: bool = False  # cross-layer equalization (Nagel et al. 2019): same float function, even per-channel ranges
+    bias_correction: bool = False  # empirical bias correction for the int8 error, layer by layer on the calibration data
+
+    @property
+    def transforms(self) -> bool:
+        return self.cle or self.bias_correction
 
 
 class TFLiteConverter(Converter):
@@ -109,21 +116,52 @@ class TFLiteConverter(Converter):
         return warnings
 
     def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:
+        """Cheap and usually good first: TFLite's default, cross-layer equalization (weights only), bias
+        correction (one extra pass over the calibration data), both, the per-tensor and calibration variants, and 16x8 only
+        where an accelerator of the profile has int16x8 kernels (elsewhere it falls to slow reference kernels).
+        """
         c = _constraints(profile)
         io = c.io_dtype
         out = [
             Recipe("int8-per-channel", "full int8, per-channel weights (TFLite default)", options=TFLiteOptions(io=io)),
+            Recipe("int8-cle", "full int8, per-channel, cross-layer equalization (no data needed)", options=TFLiteOptions(io=io, cle=True)),
+            Recipe("int8-bias-corrected", "full int8, per-channel, biases corrected for the int8 error on the calibration data",
+                   options=TFLiteOptions(io=io, bias_correction=True)),
+            Recipe("int8-cle-bias-corrected", "full int8, per-channel, cross-layer equalization then bias correction",
+                   options=TFLiteOptions(io=io, cle=True, bias_correction=True)),
             Recipe("int8-per-tensor", "full int8, per-tensor weights", per_channel=False, options=TFLiteOptions(io=io)),
+            Recipe("int8-per-tensor-cle-bias-corrected", "full int8, per-tensor weights, cross-layer equalization then bias correction",
+                   per_channel=False, options=TFLiteOptions(io=io, cle=True, bias_correction=True)),
         ]
         if calibration_count > calibration_cap:
             out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
                               options=TFLiteOptions(io=io, calibration_all=True)))
         out.append(Recipe("int8-legacy-calibrator", "full int8, per-channel, TFLite's legacy quantizer and its range estimation",
                           options=TFLiteOptions(io=io, legacy_quantizer=True)))
-        if c.activations_int16:
+        if c.activations_int16 and any(a.int16x8_kernels for a in profile.accelerators_for("tflite")):
             out.append(Recipe("int16x8", "int8 weights with int16 activations (16x8 mode)", activations="int16",
                               options=TFLiteOptions(io="int16", int16x8=True)))
         return out
+
+    def _transformed(self, tf, source: SourceModel, recipe: Recipe, calibration: Feeds) -> object:
+        """A TFLite converter over a clone of the Keras source with the recipe's CLE / bias correction applied."""
+        from converters.keras_transforms import transform_clone
+
+        o = _options(recipe)
+        if source.keras_model is None:
+            raise ConversionError(f"recipe {recipe.name} transforms the Keras model, and this source is a SavedModel",
+                                  "Pass the .keras file to use it; the other recipes work on SavedModels.")
+        if "tflite_batch1_clone" not in source.cache:
+            source.cache["tflite_batch1_clone"] = _batch1_clone(source)
+        base = source.cache["tflite_batch1_clone"] or source.keras_model
+        try:
+            clone, _ = transform_clone(base, cle=o.cle, bias_correction=o.bias_correction,
+                                       calibration=[np.asarray(calibration[k], dtype=np.float32) for k in source.input_names],
+                                       per_channel=recipe.per_channel)
+        except Exception as e:  # a layer pattern the transforms cannot walk: this recipe fails, the others still run
+            raise ConversionError(f"recipe {recipe.name}: the Keras transforms failed: {type(e).__name__}: {str(e)[:200]}",
+                                  "The other recipes do not transform the model; run with --debug for details.") from e
+        return tf.lite.TFLiteConverter.from_keras_model(clone)
 
     def _converter(self, tf, source: SourceModel) -> tuple[object, bool]:
         """A TFLite converter over a static batch-1 graph of the source.
@@ -142,7 +180,10 @@ class TFLiteConverter(Converter):
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         tf = import_tensorflow()
-        conv, by_signature = self._converter(tf, source)
+        if _options(recipe).transforms:
+            conv, by_signature = self._transformed(tf, source, recipe, calibration), False
+        else:
+            conv, by_signature = self._converter(tf, source)
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         data = calibration
         names = source.input_names
