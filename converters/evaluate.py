@@ -13,10 +13,11 @@ import importlib
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from converters.selection import paired_drop_interval, wilson_interval
 from edgekit.errors import IncompatibleError, InputError, UsageError
 from edgekit.manifest import TensorSpec
 from edgekit.runtime import LocalModel
@@ -128,6 +129,11 @@ class Evaluation:
     within_budget: bool = False
     drop: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    examples: int = 0
+    # 95% intervals (see converters.selection): Wilson on accuracy and agreement, Agresti-Min (paired) on the drop.
+    accuracy_ci95: tuple[float, float] | None = None
+    agreement_ci95: tuple[float, float] | None = None
+    drop_ci95: tuple[float, float] | None = None
 
     @property
     def min_sqnr_db(self) -> float:
@@ -166,6 +172,20 @@ class Judge:
     data: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def examples(self) -> int:
+        return len(self.float_out[self.outputs[0]])
+
+    def subset(self, index: np.ndarray, what: str) -> Judge:
+        """This judge on the examples at ``index`` (a split): float outputs, labels, data and the float scores re-taken there."""
+        n = self.examples
+        float_out = {k: np.asarray(v)[index] for k, v in self.float_out.items()}
+        labels = None if self.labels is None else self.labels[index]
+        data = {k: (np.asarray(v)[index] if np.ndim(v) and len(v) == n else v) for k, v in self.data.items()}
+        float_acc = accuracy(float_out[self.outputs[0]], labels, self.class_axis) if self.class_axis is not None else None
+        float_metric = score_metric(self.metric, float_out, data, f"the float model's outputs ({what})") if self.metric is not None else None
+        return replace(self, float_out=float_out, labels=labels, float_accuracy=float_acc, float_metric=float_metric, data=data)
+
+    @property
     def budget_text(self) -> str:
         if self.metric is not None:
             return f"metric drop <= {self.max_accuracy_drop:g}"
@@ -178,10 +198,21 @@ def evaluate(judge: Judge, outputs: Mapping[str, np.ndarray], what: str) -> Eval
     """Score one candidate's outputs (keyed like the float outputs) against the float model and the budget."""
     fid = {name: fidelity(outputs[name], judge.float_out[name]) for name in judge.outputs}
     acc = agree = score = None
+    acc_ci = agree_ci = drop_ci = None
+    n = judge.examples
     if judge.task == "classification" and judge.class_axis is not None:
         name = judge.outputs[0]
         acc = accuracy(outputs[name], judge.labels, judge.class_axis)
-        agree = float((_top1(outputs[name], judge.class_axis) == _top1(judge.float_out[name], judge.class_axis)).mean() * 100.0)
+        q_top, f_top = _top1(outputs[name], judge.class_axis), _top1(judge.float_out[name], judge.class_axis)
+        same = q_top == f_top
+        agree = float(same.mean() * 100.0)
+        agree_ci = wilson_interval(int(same.sum()), n)
+        if judge.labels is not None:
+            q_ok, f_ok = q_top == judge.labels, f_top == judge.labels
+            acc_ci = wilson_interval(int(q_ok.sum()), n)
+            drop_ci = paired_drop_interval(f_ok, q_ok)
+        elif agree_ci is not None:  # no labels: the drop is the disagreement with the float model
+            drop_ci = (100.0 - agree_ci[1], 100.0 - agree_ci[0])
     if judge.metric is not None:
         score = score_metric(judge.metric, outputs, judge.data, what)
         drop = float(judge.float_metric) - score
@@ -193,7 +224,9 @@ def evaluate(judge: Judge, outputs: Mapping[str, np.ndarray], what: str) -> Eval
         worst = min(f.sqnr_db for f in fid.values())
         drop = max(0.0, judge.min_sqnr_db - worst)
         ok = worst >= judge.min_sqnr_db
-    return Evaluation(judge.task, acc, agree, fid, score, ok, drop)
+    if judge.metric is not None:
+        drop_ci = None  # a metric hook scores the whole set, not each example: no interval
+    return Evaluation(judge.task, acc, agree, fid, score, ok, drop, examples=n, accuracy_ci95=acc_ci, agreement_ci95=agree_ci, drop_ci95=drop_ci)
 
 
 def input_independence_warnings(judge: Judge) -> list[str]:

@@ -26,12 +26,12 @@ def ort_dtype(ort_type: str) -> str:
 
 
 class ONNXModel(LocalModel):
-    """An .onnx or .ort model run by ONNX Runtime on the CPU execution provider."""
+    """An .onnx or .ort model run by ONNX Runtime on the CPU execution provider (or the ``providers`` given, in order)."""
 
     runtime = "onnxruntime"
     embedded: Preprocessing | None = None  # set when the graph takes raw input (--embed-preprocessing)
 
-    def __init__(self, path: Path, *, num_threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, num_threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -52,18 +52,18 @@ class ONNXModel(LocalModel):
         self.runtime_optimizations_replayed = path.suffix == ".ort"
         try:
             try:
-                self._session = ort.InferenceSession(str(path), sess_options=options(path.suffix == ".ort"), providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(path), sess_options=options(path.suffix == ".ort"), providers=list(providers))
             except Exception as e:
                 if path.suffix != ".ort" or "runtime optimization" not in str(e):
                     raise
                 # Seen on ORT 1.32: a record saved for NNAPI/XNNPACK partitioning that the CPU provider cannot replay
                 # ("Not enough produced nodes in the runtime optimization record"). The record is optional: run the
                 # model as stored.
-                self._session = ort.InferenceSession(str(path), sess_options=options(False), providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(path), sess_options=options(False), providers=list(providers))
                 self.runtime_optimizations_replayed = False
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: ONNX Runtime cannot load this model ({str(e)[:200]})", "Rebuild it with 'edgekit convert'.") from None
-        self.delegate = "cpu"
+        self.delegate = "cpu" if tuple(providers) == ("CPUExecutionProvider",) else self._session.get_providers()[0]
         ins, outs = self._session.get_inputs(), self._session.get_outputs()
 
         def spec(v) -> TensorSpec:
