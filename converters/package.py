@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from converters.base import ConversionResult, Converter, ModelFacts
+from converters.confidence import app_output_first, confidence_metrics
 from converters.coverage import op_coverage
 from converters.precision import precision_label
 from converters.evaluate import Evaluation, latency_ms
@@ -124,6 +125,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
                       cand: Candidate, attempts: list, warnings: list[str]) -> ConversionResult:
     """Write the bundle of the chosen candidate with its metrics, golden set and attempts."""
     opts = ctx.opts
+    app_output_first(ctx, conv.format, cand.path)  # apps read output 0: the logits output goes after it
     facts = conv.inspect(cand.path, prof)
     warnings = [*warnings, *facts.warnings]
     coverage = op_coverage(facts.ops, prof, conv.format, facts.dtype_violations, model_path=cand.path)
@@ -173,6 +175,9 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
         verification = ()
     source_notes = tuple(ctx.source.cache.get("source_notes", ())) if conv.format == "onnx" else ()  # how the ONNX graph was normalised
     verification += source_notes + facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
+    confidence, confidence_notes = confidence_metrics(ctx, conv, cand, facts, on_host)  # the logits output's marker and cost
+    metrics |= confidence
+    verification += confidence_notes
     task = ctx.judge.task
     labels = opts.labels or (tuple(str(i) for i in range(ctx.source.num_classes)) if task == "classification" else ())
     recipe = cand.recipe

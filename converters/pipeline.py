@@ -26,6 +26,7 @@ import numpy as np
 
 from converters import FORMATS, get_converter
 from converters.base import ConversionResult, Converter
+from converters.confidence import CONFIDENCE_MODES, with_confidence_output
 from converters.dataset import Dataset, load_dataset, split_holdout
 from converters.evaluate import DEFAULT_MIN_SQNR_DB, TASKS, Judge, MetricHook, accuracy, check_task, class_axis, infer_task, input_independence_warnings, latency_ms, load_metric, score_metric
 from converters.memory import MemoryPlan, default_max_memory_mb
@@ -72,6 +73,7 @@ class ConvertOptions:
     metric: str | MetricHook | None = None  # "module:function" or a callable(outputs, data) -> float
     max_memory_mb: float | None = None  # None: half this machine's RAM
     source_model: Any = field(default=None, compare=False, repr=False)  # a prepared SourceModel (Python API, e.g. a torch module)
+    confidence_output: str = "auto"  # auto | logits | none: keep a classifier's pre-softmax logits as a second output (converters.confidence)
 
     @property
     def metric_name(self) -> str:
@@ -96,6 +98,7 @@ class RunReport:
     task_reason: str = ""
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     warnings: tuple[str, ...] = ()
+    confidence_output: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready report (report.json and --json)."""
@@ -111,6 +114,7 @@ class RunReport:
             "min_sqnr_db": self.min_sqnr_db,
             "float_baselines": self.baselines,
             "warnings": list(self.warnings),
+            "confidence_output": self.confidence_output,
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -169,6 +173,9 @@ def _check_options(opts: ConvertOptions) -> None:
         raise UsageError(f"--min-sqnr-db must be a finite number of dB, not {opts.min_sqnr_db}", f"The default is {DEFAULT_MIN_SQNR_DB:g} dB.")
     if opts.max_memory_mb is not None and not (math.isfinite(opts.max_memory_mb) and opts.max_memory_mb > 0):
         raise UsageError(f"--max-memory must be a finite number of MB > 0, not {opts.max_memory_mb}", "Example: --max-memory 4000")
+    if opts.confidence_output not in CONFIDENCE_MODES:
+        raise UsageError(f"--confidence-output '{opts.confidence_output}' is not one of {', '.join(CONFIDENCE_MODES)}",
+                         "auto keeps a classifier's logits beside its softmax when edgekit finds the softmax; none keeps the outputs as they are.")
     if opts.task is not None and opts.task not in TASKS:
         raise UsageError(f"--task '{opts.task}' is not one of {', '.join(TASKS)}", "Omit --task to let edgekit infer it from the outputs.")
     if opts.embed_preprocessing and opts.preprocessing.raw_dtype == "float32" and opts.preprocessing.scale == 1.0:
@@ -229,9 +236,7 @@ def _input_shapes(opts: ConvertOptions) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _judge(opts: ConvertOptions, source: SourceModel, evalset: Dataset, progress: Progress) -> tuple[Judge, str, list[str]]:
-    task, why = (opts.task, "given with --task") if opts.task else infer_task(source.outputs)
-    check_task(task, source.outputs)
+def _judge(opts: ConvertOptions, source: SourceModel, evalset: Dataset, progress: Progress, task: str, why: str) -> tuple[Judge, str, list[str]]:
     hook = load_metric(opts.metric) if isinstance(opts.metric, str) else opts.metric
     progress("running the float model on the evaluation data")
     float_out = source.run(evalset.x)
@@ -371,6 +376,12 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     source = opts.source_model if opts.source_model is not None else load_source(opts.model, work, _input_shapes(opts))
     if opts.source_model is not None:
         source.workdir = work
+    task, why = (opts.task, "given with --task") if opts.task else infer_task(source.outputs)
+    check_task(task, source.outputs)  # on the model's own outputs, before the confidence output joins them
+    source, confidence = with_confidence_output(source, opts.confidence_output, task)
+    source.cache["confidence_plan"] = confidence
+    if confidence.added:
+        progress(f"confidence output: {confidence.note}")
     kept = _jobs_for_source(jobs, source, opts)
     dropped = _dropped_formats(jobs, kept, source)
     jobs = kept
@@ -380,14 +391,14 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     if opts.labels and len(opts.labels) != source.num_classes:
         raise UsageError(f"--labels gives {len(opts.labels)} names but the model has {source.num_classes} outputs", "Give one label per line, one per class.")
     if opts.eval is not None:
-        is_cls = (opts.task or infer_task(source.outputs)[0]) == "classification" and opts.metric is None
+        is_cls = task == "classification" and opts.metric is None
         evalset = load_dataset(opts.eval, role="eval", inputs=source.inputs, num_classes=source.num_classes if is_cls else None, need_labels=is_cls)
     else:
         calib, evalset = split_holdout(calib)
     convs = {f: get_converter(f) for f in dict.fromkeys(f for _, f in jobs)}
     for prof, f in jobs:  # incompatibilities surface before the slow part
         convs[f].check(source, prof)
-    judge, why, run_warnings = _judge(opts, source, evalset, progress)
+    judge, why, run_warnings = _judge(opts, source, evalset, progress, task, why)
     run_warnings = [*dropped, *run_warnings]
     memory = MemoryPlan(opts.max_memory_mb or default_max_memory_mb())
     source.cache["calibration_chunk"] = memory.chunk(source)
@@ -414,7 +425,8 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
                               + "\n  ".join(m for m, _ in failures),
                               "Fix or drop the failing profiles/formats; a run installs every bundle or none.")
     report = RunReport(ctx.name, opts.version, opts.out, judge.float_accuracy, evalset.source if opts.eval else f"{calib.source} (held-out 20%)",
-                       len(evalset), judge.max_accuracy_drop, tuple(results), ctx.baselines, judge.task, why, judge.min_sqnr_db, tuple(run_warnings))
+                       len(evalset), judge.max_accuracy_drop, tuple(results), ctx.baselines, judge.task, why, judge.min_sqnr_db, tuple(run_warnings),
+                       confidence.to_dict())
     write_reports(report, stage)
     _install(stage, opts.out, work / "trash")
     return report

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "CONFIDENCE_OUTPUT_METRIC",
     "Attempt",
     "ConfidenceHistogram",
     "Coverage",
@@ -26,6 +27,9 @@ __all__ = [
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
+CONFIDENCE_OUTPUT_METRIC = "confidence_output"
+"""``metrics[CONFIDENCE_OUTPUT_METRIC].value`` is the index of the output holding the pre-softmax logits (the router's
+confidence signal); output 0 stays the app's. A metric, not a new key: agents older than it refuse unknown keys."""
 
 
 class _Model(BaseModel):
@@ -280,3 +284,11 @@ class Manifest(_Model):
     verification: tuple[str, ...] = Field(default=(), description="What was and was not verified on the conversion host.")
     router_policy: RouterPolicy | None = None
     provenance: Provenance
+
+    @property
+    def confidence_output(self) -> TensorSpec | None:
+        """The output kept for the router's confidence (the logits before the app's softmax), or None."""
+        m = self.metrics.get(CONFIDENCE_OUTPUT_METRIC)
+        if m is None or m.value is None or m.value != int(m.value) or not 0 < int(m.value) < len(self.outputs):
+            return None
+        return self.outputs[int(m.value)]

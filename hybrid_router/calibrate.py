@@ -104,11 +104,16 @@ def _check_classes(dev: np.ndarray, cloud: np.ndarray, y: np.ndarray, labels: tu
 
 
 def _score_output(model) -> str | None:
-    """The device output calibration reads: a float or int16 output beside the app's first one (logits kept at full
-    resolution), else None (the first output, dequantized)."""
+    """The device output calibration reads: the bundle's confidence output (the logits its converter kept before the app's
+    softmax, ``Manifest.confidence_output``, any dtype: the runtime dequantizes it); else a float or int16 output of the
+    first one's shape beside it; else None (the first output, dequantized)."""
     outs = tuple(getattr(model, "outputs", ()))
     if len(outs) < 2:
         return None
+    manifest = getattr(model, "manifest", None)
+    marked = manifest.confidence_output if manifest is not None else None
+    if marked is not None and any(o.name == marked.name for o in outs):
+        return marked.name
     first = outs[0].shape
     for o in outs[1:]:
         if o.dtype in ("float32", "float16", "int16") and tuple(o.shape) == tuple(first):
@@ -316,7 +321,9 @@ def render_markdown(s: dict) -> str:
              f"hybrid {s['hybrid_accuracy'] * 100:.2f}%",
              f"- Threshold {s['threshold']:.6f}: escalates {s['escalation_rate'] * 100:.1f}% of traffic; "
              f"loss vs cloud-only {s['loss_points']:.2f} points (upper bound {s['loss_bound_points']:.2f} at {s['confidence']:.0%})",
-             f"- Score: {s['score']} (" + ", ".join(f"{m}: escalates {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items()) + ")",
+             f"- Score: {s['score']} (" + ", ".join(f"{m}: escalates {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items()) + ")"
+             + (f", read from output `{s['score_output']}` (the logits kept beside the app's softmax)" if s.get("score_output")
+                else ", read from the app's output (no confidence output in the bundle)"),
              f"- Bound: {s['bound']}"]
     if "point_estimate" in s:
         pe = s["point_estimate"]

@@ -94,11 +94,14 @@ def _shapes(specs: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
               help="Fidelity budget for non-classification tasks: the lowest per-output SQNR against the float model.")
 @click.option("--metric", "metric", help="Score outputs with module:function(outputs, data) -> float (higher is better); drives the budget.")
 @click.option("--max-memory", "max_memory", type=float, help="MB the conversion may use; recipes that would exceed it are skipped (default: half the RAM).")
+@click.option("--confidence-output", "confidence_output", type=click.Choice(["auto", "logits", "none"]), default="auto", show_default=True,
+              help="Keep a classifier's pre-softmax logits as a second output for the hybrid router (auto: when the softmax is found).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], calibration: Path, eval_: Path | None, out: Path,
             name: str | None, version: str, max_accuracy_drop: float | None, allow_over_budget: bool, calibration_samples: int,
             latency_runs: int, labels_file: Path | None, preprocessing: str | None, embed_preprocessing: bool, input_shapes: tuple[str, ...],
-            task: str | None, min_sqnr_db: float, metric: str | None, max_memory: float | None, as_json: bool) -> None:
+            task: str | None, min_sqnr_db: float, metric: str | None, max_memory: float | None, confidence_output: str,
+            as_json: bool) -> None:
     """Convert MODEL (.keras/.h5/.onnx/.pt2 or a SavedModel dir) to INT8 bundles, checked against each profile."""
     from converters.pipeline import ConvertOptions, run_convert
     from converters.report import fallback_lines, render_table
@@ -116,6 +119,7 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         calibration_samples=calibration_samples, latency_runs=latency_runs, labels=_labels(labels_file),
         preprocessing=_preprocessing(preprocessing), input_shapes=_shapes(input_shapes),
         embed_preprocessing=embed_preprocessing, task=task, min_sqnr_db=min_sqnr_db, metric=metric, max_memory_mb=max_memory,
+        confidence_output=confidence_output,
     )
     with progress(enabled=not as_json) as step:
         report = run_convert(opts, step)
@@ -125,6 +129,9 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         for w in report.warnings:
             stdout.print(f"[yellow]warning[/] {w}", highlight=False)
         stdout.print(render_table(report))
+        if report.confidence_output:
+            c = report.confidence_output
+            stdout.print(f"[cyan]confidence output[/] {c['note'] if c['output'] else 'none: ' + c['note']}", highlight=False)
         for line in fallback_lines(report):
             stdout.print(f"[cyan]fallback[/] {line}", highlight=False)
         for r in report.results:

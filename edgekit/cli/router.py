@@ -48,7 +48,8 @@ def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, esc
         stdout.print(f"threshold [bold]{s['threshold']:.6f}[/]: escalates [bold]{s['escalation_rate'] * 100:.1f}%[/]; loss "
                      f"{s['loss_points']:.2f} pt, upper bound {s['loss_bound_points']:.2f} pt at {s['confidence']:.0%}")
         stdout.print(f"score [bold]{s['score']}[/] (" + ", ".join(f"{m} {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items())
-                     + " escalated)")
+                     + " escalated), read from " + (f"output '{s['score_output']}' (the logits kept beside the app's softmax)"
+                                                     if s.get("score_output") else "the app's output (the bundle has no confidence output)"))
         if "point_estimate" in s:
             pe = s["point_estimate"]
             stdout.print(f"point-estimate threshold would escalate {pe['escalation_rate'] * 100:.1f}%: the guarantee costs "
