@@ -19,6 +19,7 @@ BENCHMARKS += ("router",)  # hybrid router overhead and breaker-open cost
 BENCHMARKS += ("cloud_batching",)  # cloud server: dynamic batching vs request-by-request
 BENCHMARKS += ("field_stats",)  # field statistics over a 10,000-device hour of telemetry, and writes while they run
 BENCHMARKS += ("convert_memory",)  # peak RSS and wall time per recipe vs the plain converter scripts (issue 10)
+BENCHMARKS += ("quantization_peers",)  # INT8 vs LiteRT/ORT PTQ, ai-edge-quantizer, NNCF, AIMET, INC; writes docs/benchmarks.md (issue 11)
 
 
 def main(argv: list[str] | None = None) -> int:
