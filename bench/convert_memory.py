@@ -167,29 +167,72 @@ def _child(argv: list[str]) -> int:
     return 0
 
 
+def _run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` to completion; also the largest sum of RSS over it and every process under it, sampled every 50 ms
+    (a parent waiting on a tf2onnx export still holds its own memory while the export runs)."""
+    import threading
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not done.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak[0] = max(peak[0], total)
+            done.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    t.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), peak[0] / 2**20
+
+
 def _run_child(args: list[str], scratch: Path, label: str) -> dict:
     out = scratch / f"run-{label}".replace(" ", "_").replace("/", "_")
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *args[:3], str(out), *args[3:]], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc, tree = _run_sampled([sys.executable, str(Path(__file__).resolve()), "--child", *args[:3], str(out), *args[3:]])
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
-        return {"wall_s": None, "peak_rss_mb": None, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"}
-    return json.loads(line[len("RESULT "):])
+        return {"wall_s": None, "peak_rss_mb": None, "tree_peak_rss_mb": tree, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}"}
+    return json.loads(line[len("RESULT "):]) | {"tree_peak_rss_mb": tree}
 
 
-def _run_full(model: Path, calib: Path, scratch: Path, label: str) -> dict:
+def _run_full(model: Path, calib: Path, scratch: Path, label: str, generic: bool = False) -> dict:
     out = scratch / f"full-{label}"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "import resource, sys; from edgekit.cli import main; rc = main(sys.argv[1:]); "
-                           "print('PEAK', max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024); "
-                           "sys.exit(rc)",
-                           "convert", str(model), "--profile", PROFILE, "--calibration", str(calib), "--out", str(out), "--task", "generic",
-                           "--latency-runs", "5", "--json"], cwd=ROOT, capture_output=True, text=True)
+    proc, tree = _run_sampled([sys.executable, "-c", "import resource, sys; from edgekit.cli import main; rc = main(sys.argv[1:]); "
+                               "print('PEAK', *(resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))); "
+                               "sys.exit(rc)",
+                               "convert", str(model), "--profile", PROFILE, "--calibration", str(calib), "--out", str(out),
+                               *(["--task", "generic"] if generic else []), "--latency-runs", "5", "--json"])
     wall = time.perf_counter() - t0
-    peak = next((float(ln.split()[1]) for ln in proc.stdout.splitlines() if ln.startswith("PEAK")), None)
+    own, sub = next(((float(ln.split()[1]), float(ln.split()[2])) for ln in proc.stdout.splitlines() if ln.startswith("PEAK")), (None, None))
     err = None if proc.returncode == 0 else proc.stderr.strip().splitlines()[0][:200] if proc.stderr.strip() else f"exit {proc.returncode}"
-    return {"wall_s": wall, "peak_rss_mb": peak, "error": err}
+    return {"wall_s": wall, "peak_rss_mb": max(own, sub) if own is not None else None, "own_peak_rss_mb": own, "subprocess_peak_rss_mb": sub,
+            "tree_peak_rss_mb": tree, "error": err}
+
+
+def _worst(r: dict) -> float:
+    """The figure the goal is judged on: the larger of the biggest single process's peak and the sampled peak of all at once."""
+    return max(r["peak_rss_mb"] or 0.0, r.get("tree_peak_rss_mb") or 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  -> {results[-1]}", flush=True)
             write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results, "complete": False})
     for r in results:
-        ok = r["peak_rss_mb"] is not None and r["peak_rss_mb"] <= GOAL_MB
-        rows.append([r["model"], r["side"], f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-", f"{r['wall_s']:.1f}" if r["wall_s"] else "-",
+        ok = r["peak_rss_mb"] is not None and _worst(r) <= GOAL_MB
+        rows.append([r["model"], r["side"], f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-",
+                     f"{r['tree_peak_rss_mb']:.0f}" if r.get("tree_peak_rss_mb") else "-", f"{r['wall_s']:.1f}" if r["wall_s"] else "-",
                      "yes" if ok else "NO", r["error"] or ""])
     print_table(f"Peak RSS per recipe (fresh process each), {a.samples} calibration images, goal <= {GOAL_MB} MB",
-                ["model", "side", "peak RSS MB", "wall s", "<= 4 GB", "error"], rows, text_columns=2)
-    worst = max((r["peak_rss_mb"] for r in results if r["side"].startswith("edgekit") and r["peak_rss_mb"]), default=0.0)
-    ratios = [Ratio("worst edgekit peak RSS / 4 GB", worst / GOAL_MB, 1.0, "any recipe or whole run, any model")]
+                ["model", "side", "peak RSS MB (largest process)", "all processes at once MB (sampled)", "wall s", "<= 4 GB", "error"], rows,
+                text_columns=2)
+    worst = max((_worst(r) for r in results if r["side"].startswith("edgekit") and r["peak_rss_mb"]), default=0.0)
+    ratios = [Ratio("worst edgekit peak RSS / 4 GB", worst / GOAL_MB, 1.0, "any recipe or whole run, any model, all its processes at once")]
     print_table("Goal", ["ratio", "value", "goal", "met"], ratio_rows(ratios))
     write_result(NAME, host, {"samples": a.samples, "goal_mb": GOAL_MB, "results": results, "complete": True,
                               "ratios": [r.to_dict() for r in ratios]})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.memory import release_freed_memory
 from converters.source import SourceModel, import_tensorflow
 from edgekit.errors import ConversionError
 from edgekit.manifest import Preprocessing
@@ -27,6 +28,8 @@ def export_float_onnx(source: SourceModel, opset: int, out: Path) -> Path:
         return path
     # tf2onnx runs in a child process: its graph freezing needs 1-1.5 GB on EfficientNetB0 that the
     # conversion process would otherwise keep for the rest of the run (its heap does not shrink).
+    # This process stays alive meanwhile, so hand its freed pages back first (the two add up).
+    release_freed_memory()
     try:
         _export_saved_model_cli(source, opset, path)
     except ConversionError:
@@ -62,7 +65,7 @@ def _export_in_process(source: SourceModel, opset: int, path: Path) -> None:
 
 
 def _export_saved_model_cli(source: SourceModel, opset: int, path: Path) -> None:
-    """``python -m tf2onnx.convert --saved-model`` in a child process (variables frozen by tf2onnx's loader, which also
+    """tf2onnx's ``--saved-model`` command line (with :func:`tf2onnx_main`'s memory fixes) in a child process (variables frozen by tf2onnx's loader, which also
     folds constants that ``from_function`` leaves as inputs, e.g. Keras 3 EfficientNet's Normalization), I/O renamed to the
     source's names."""
     import subprocess
@@ -70,7 +73,7 @@ def _export_saved_model_cli(source: SourceModel, opset: int, path: Path) -> None
 
     import onnx
 
-    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(source.saved_model_dir), "--output", str(path),
+    cmd = [sys.executable, "-m", "converters.onnx_export", "--saved-model", str(source.saved_model_dir), "--output", str(path),
            "--opset", str(opset), "--signature_def", "serving_default"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if proc.returncode != 0:
@@ -174,3 +177,91 @@ def compact_names(path: Path) -> None:
         node.input[:] = [short(n, "t") for n in node.input]
         node.output[:] = [short(n, "t") for n in node.output]
     onnx.save(model, str(path))
+
+
+def _patch_tf2onnx_memory() -> None:
+    """Two fixes to tf2onnx 1.17's ONNX optimizer loop, which otherwise peaks at 7.7 GB on Keras ResNet50 (98 MB of weights).
+
+    - Each of its ~24 optimizer passes ends in ``Node.update_proto``, which deletes a node's attributes and
+      appends them again. Under protobuf's upb backend a deleted sub-message stays in the parent message's
+      arena until the parent is freed, so every pass kept one more copy of every weight tensor (+97 MB per
+      pass on ResNet50). Rebuilding each node's proto from its live fields lets the old arena go.
+    - With ``catch_errors`` (its default), each pass works on ``copy.deepcopy(graph)``; the previous graph is a
+      reference cycle, so without a collection several copies were alive at once.
+
+    Both leave tf2onnx's output unchanged (the ONNX file is byte-identical; tests/converters/test_export_memory.py).
+    """
+    import copy
+    import gc
+    import types
+
+    from tf2onnx import graph, optimizer, tf_loader
+
+    if getattr(graph.Node.update_proto, "_edgekit", False):
+        return
+    update_proto = graph.Node.update_proto
+
+    def fresh_update_proto(self, external_tensor_storage=None):  # noqa: ANN001, ANN202
+        self._op.ClearField("attribute")
+        fresh = type(self._op)()
+        fresh.CopyFrom(self._op)
+        self._op = fresh
+        return update_proto(self, external_tensor_storage)
+
+    fresh_update_proto._edgekit = True  # type: ignore[attr-defined]
+    graph.Node.update_proto = fresh_update_proto
+
+    def deepcopy(x, memo=None):  # noqa: ANN001, ANN202
+        if isinstance(x, graph.Graph):
+            gc.collect()  # the graph the previous pass replaced, before copying the next one
+        return copy.deepcopy(x, memo)
+
+    optimizer.copy = types.SimpleNamespace(deepcopy=deepcopy)
+    tf_loader.from_function = _lean_from_function(tf_loader.from_function)
+
+
+def _lean_from_function(from_function):  # noqa: ANN001, ANN202
+    """tf2onnx's ``tf_loader.from_function`` (freeze, then grappler), without the frozen ConcreteFunction and the session graph
+    it keeps alive during grappler (two more copies of every weight: about 0.7 GB on ResNet50)."""
+    import gc
+
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+
+    def lean(func, input_names, output_names, large_model=False):  # noqa: ANN001, ANN202
+        if large_model:
+            return from_function(func, input_names, output_names, large_model)
+        try:
+            frozen = tf_loader.convert_variables_to_constants_v2(func, lower_control_flow=False, aggressive_inlining=True)
+        except ValueError:  # tf2onnx's own fallback for freezing errors
+            return from_function(func, input_names, output_names, large_model)
+        graph_def = frozen.graph.as_graph_def(add_shapes=True)
+        del frozen
+        graph_def = tf_loader.fix_freezing_errors_part2(graph_def)
+        with tf.Graph().as_default() as tf_graph, tf_loader.tf_session(graph=tf_graph) as sess:
+            tf.import_graph_def(graph_def, name="")
+            input_names = tf_loader.inputs_without_resource(sess, input_names)
+        del tf_graph, sess
+        gc.collect()
+        with tf.Graph().as_default():
+            return tf_loader.tf_optimize(input_names, output_names, graph_def)
+
+    return lean
+
+
+def tf2onnx_main(argv: list[str]) -> int:
+    """``python -m tf2onnx.convert ARGS`` with :func:`_patch_tf2onnx_memory` applied (the child process's entry point)."""
+    import sys
+
+    from tf2onnx import convert
+
+    _patch_tf2onnx_memory()
+    sys.argv = ["tf2onnx.convert", *argv]
+    convert.main()
+    return 0
+
+
+if __name__ == "__main__":  # python -m converters.onnx_export ARGS: tf2onnx's command line, memory-fixed
+    import sys
+
+    sys.exit(tf2onnx_main(sys.argv[1:]))
