@@ -15,8 +15,9 @@ from converters.base import ConversionResult, Converter, ModelFacts
 from converters.confidence import app_output_first, confidence_metrics
 from converters.coverage import op_coverage
 from converters.precision import precision_label
-from converters.evaluate import Evaluation, latency_ms
+from converters.evaluate import Evaluation
 from converters.search import Candidate, align
+from converters.selection import MIN_SPLIT_EXAMPLES
 from edgekit import signing
 from edgekit.bundle import _size, write_bundle
 from edgekit.errors import IncompatibleError
@@ -55,24 +56,58 @@ def embedded_preprocessing(ctx: RunContext, conv: Converter) -> Preprocessing | 
     return None
 
 
-def _evaluation_metrics(ctx: RunContext, ev: Evaluation, on_host: str) -> dict[str, Metric]:
-    j = ctx.judge
-    out: dict[str, Metric] = {"float_accuracy": measured(j.float_accuracy, "%", "float source model")}
+def _split_note(ctx: RunContext) -> str:
+    split = ctx.split
+    if split is None or split.optimistic:
+        return f"on the same {len(ctx.evalset)} examples the recipe was chosen on (optimistic)"
+    return f"on the test split ({len(split.test)} examples the choice never saw)"
+
+
+def _interval_metrics(ev: Evaluation, prefix: str, note: str) -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    for key, ci, what in (("int8_accuracy", ev.accuracy_ci95, "Wilson score"), ("accuracy_drop", ev.drop_ci95, "Agresti-Min paired"),
+                          ("agreement", ev.agreement_ci95, "Wilson score")):
+        if ci is None or (key == "int8_accuracy" and ev.accuracy is None):
+            continue
+        unit = "pt" if key == "accuracy_drop" else "%"
+        if key == "accuracy_drop" and ev.accuracy is None:
+            what = "Wilson score on the disagreement"
+        out[f"{prefix}{key}_ci95_low"] = measured(ci[0], unit, f"95% {what} interval, {note}")
+        out[f"{prefix}{key}_ci95_high"] = measured(ci[1], unit, f"95% {what} interval, {note}")
+    return out
+
+
+def _evaluation_metrics(ctx: RunContext, cand: Candidate, on_host: str) -> dict[str, Metric]:
+    j = ctx.test_judge or ctx.judge
+    ev = cand.evaluation
+    assert ev is not None
+    where = _split_note(ctx)
+    out: dict[str, Metric] = {"float_accuracy": measured(j.float_accuracy, "%", f"float source model, {where}")}
     if ev.task == "classification":
         out |= {
-            "int8_accuracy": measured(ev.accuracy, "%", "this model, " + on_host),
+            "int8_accuracy": measured(ev.accuracy, "%", f"this model, {on_host}, {where}"),
             "accuracy_drop": Metric(value=ev.drop if j.metric is None else None, unit="pt", status="measured" if j.metric is None else "not_measurable",
-                                    note="float minus int8 accuracy" if ev.accuracy is not None else "disagreement with float (bounds the drop; no labels)"),
-            "agreement": measured(ev.agreement, "%", "top-1 (over the class axis) equal to the float model's"),
+                                    note=("float minus int8 accuracy" if ev.accuracy is not None else "disagreement with float (bounds the drop; no labels)")
+                                    + f", {where}"),
+            "agreement": measured(ev.agreement, "%", f"top-1 (over the class axis) equal to the float model's, {where}"),
         }
+        if j.metric is None:
+            out |= _interval_metrics(ev, "", where)
+        sel = cand.selection
+        if sel is not None and ctx.split is not None and not ctx.split.optimistic:
+            out["selection_examples"] = measured(float(len(ctx.split.selection)), "examples", "the split the recipe was chosen on")
+            out["test_examples"] = measured(float(len(ctx.split.test)), "examples", "the split the reported figures come from")
+            out["selection_int8_accuracy"] = measured(sel.accuracy, "%", "this model on the selection split (the search's decision)")
+            out["selection_accuracy_drop"] = measured(sel.drop if j.metric is None else None, "pt",
+                                                      "float minus int8 on the selection split (the search's decision)")
     else:
         out |= {"int8_accuracy": measured(None, "%", f"task {ev.task}: see the per-output fidelity"),
                 "accuracy_drop": measured(None, "pt", f"task {ev.task}: the budget is SQNR >= {j.min_sqnr_db:g} dB" if j.metric is None else "see metric"),
                 "agreement": measured(None, "%", f"task {ev.task}: no top-1")}
     if j.metric is not None:
-        out["metric"] = measured(ev.metric, "", f"--metric {ctx.opts.metric_name}, {on_host}")
-        out["float_metric"] = measured(j.float_metric, "", "float source model")
-        out["metric_drop"] = measured(ev.drop, "", "float minus this model")
+        out["metric"] = measured(ev.metric, "", f"--metric {ctx.opts.metric_name}, {on_host}, {where}")
+        out["float_metric"] = measured(j.float_metric, "", f"float source model, {where}")
+        out["metric_drop"] = measured(ev.drop, "", f"float minus this model, {where}")
     out["min_sqnr_db"] = measured(ev.min_sqnr_db, "dB", "lowest per-output SQNR against the float model")
     for name, f in ev.fidelity.items():
         out[f"sqnr_db.{name}"] = measured(f.sqnr_db, "dB", f"output '{name}' vs float, {on_host}")
@@ -108,6 +143,11 @@ def _atol(facts: ModelFacts, golden: dict[str, np.ndarray]) -> float:
             peak = float(np.abs(ref).max()) if ref is not None and ref.size else 0.0
             steps.append(max(1e-3, 1e-3 * peak))
     return float(3 * max(steps))
+
+
+def recipe_is_int16(cand: Candidate) -> bool:
+    """The candidate carries int16 activations (16x8): never INT8, always reported with its measured slowdown."""
+    return cand.recipe.activations == "int16"
 
 
 def check_memory(ctx: RunContext, prof: HardwareProfile, conv: Converter, facts: ModelFacts, path: Path) -> float:
@@ -147,24 +187,40 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
                    "size_ratio": measured(size / base["size_bytes"], "x", "quantized / float"), "host_latency_ms_p50": na("ms"), "latency_ratio": na("x")}
         verification: tuple[str, ...] = (f"numerics unverified on this host: {why_not}",)
     else:
-        feeds_one = {name: v for name, v in ctx.model_feeds(cand.model, ctx.evalset.first).items()}
-        p50 = float(np.percentile(latency_ms(model, feeds_one, opts.latency_runs), 50))
-        metrics = _evaluation_metrics(ctx, cand.evaluation, on_host)
+        sp = cand.speed
+        assert sp is not None  # every candidate that ran here was timed by the search
+        metrics = _evaluation_metrics(ctx, cand, on_host)
         metrics |= {
             "size_bytes": measured(float(size), "B"),
             "float_size_bytes": measured(base["size_bytes"], "B", "float model in the same format"),
             "size_ratio": measured(size / base["size_bytes"], "x", "int8 / float"),
-            "host_latency_ms_p50": measured(p50, "ms", f"batch 1, {opts.latency_runs} runs, {on_host}"),
-            "float_host_latency_ms_p50": measured(base["latency_ms_p50"], "ms", "float model, same conditions"),
-            "latency_ratio": measured(p50 / base["latency_ms_p50"], "x", "int8 / float on this host"),
+            "host_latency_ms_p50": measured(sp.p50_ms, "ms", sp.how),
+            "float_host_latency_ms_p50": measured(sp.float_p50_ms, "ms", "float model in the same format, timed in the same rounds"),
+            "latency_ratio": measured(sp.ratio, "x", "quantized / float on this host (median of the per-round ratios)"),
         }
         if metrics["size_ratio"].value > 1:
             warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size (quantization "
                             "parameters dominate on very small models)")
-        if metrics["latency_ratio"].value > 1:
-            warnings.append(f"on this host the quantized model is {metrics['latency_ratio'].value:.2f}x slower than float "
-                            "(per-call overhead dominates on very small models; the device may differ)")
-        verification = (f"{ctx.judge.budget_text} checked {on_host} on {len(ctx.evalset)} examples; latency measured there too",)
+        chosen = attempts[cand.attempt_index]
+        if sp.slower_than_float:
+            warnings.append(f"on this host the quantized model is slower than float: {chosen.slower_than_float or f'{sp.ratio:.2f}x'} "
+                            "(the device's own accelerator may differ)")
+        if recipe_is_int16(cand):
+            warnings.append(f"precision INT16x8, not INT8: measured {sp.ratio:.2f}x the float model's latency on this host "
+                            f"({sp.p50_ms:.3f} vs {sp.float_p50_ms:.3f} ms, {sp.host.label})")
+        split = ctx.split
+        if split is None or split.optimistic:
+            verification = (f"{ctx.judge.budget_text}: recipe chosen and measured {on_host} on the same {len(ctx.evalset)} examples "
+                            f"(optimistic: fewer than {MIN_SPLIT_EXAMPLES} to split); latency measured there too ({sp.how})",)
+        else:
+            verification = (f"{ctx.judge.budget_text}: recipe chosen {on_host} on a selection split of {len(split.selection)} examples; the "
+                            f"reported figures are on a test split of {len(split.test)} examples the choice never saw; latency measured "
+                            f"there too ({sp.how})",)
+            if cand.evaluation is not None and not cand.evaluation.within_budget:
+                warnings.append(f"within the budget ({ctx.judge.budget_text}) on the selection split, not on the test split "
+                                f"(drop {cand.evaluation.drop:.2f} there)")
+        if sp.host.note:
+            verification += (f"latency: {sp.host.note}",)
     metrics |= {
         "activation_bytes": Metric(value=float(facts.activation_bytes), unit="B", status=facts.activation_status, note=facts.activation_note),
         "peak_memory_mb": Metric(value=peak_mb, unit="MB", status="estimated", note="model file + activation arena"),
@@ -203,6 +259,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
             "max_accuracy_drop": ctx.judge.max_accuracy_drop if (task == "classification" or ctx.judge.metric is not None) else None,
             "min_sqnr_db": ctx.judge.min_sqnr_db,
             "attempts": [a.model_dump() for a in attempts],
+            "evaluation_split": ctx.split.to_dict() if ctx.split is not None else None,
         },
         "metrics": {k: v.model_dump() for k, v in metrics.items()},
         "coverage": coverage.model_dump(),

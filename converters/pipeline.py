@@ -32,7 +32,9 @@ from converters.evaluate import DEFAULT_MIN_SQNR_DB, TASKS, Judge, MetricHook, a
 from converters.memory import MemoryPlan, default_max_memory_mb
 from converters.package import embedded_preprocessing, package_candidate
 from converters.report import write_reports
-from converters.search import align, search_recipes
+from converters.search import align, search_recipes, split_judges
+from converters.selection import EvalSplit
+from converters.speed import TIMING_THREADS
 from converters.source import Feeds, SourceModel, load_source
 from edgekit import signing
 from edgekit.bundle import _size
@@ -99,6 +101,7 @@ class RunReport:
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     warnings: tuple[str, ...] = ()
     confidence_output: dict = field(default_factory=dict)
+    evaluation_split: dict[str, Any] = field(default_factory=dict)  # converters.selection.EvalSplit.to_dict()
 
     def to_dict(self) -> dict:
         """JSON-ready report (report.json and --json)."""
@@ -110,6 +113,7 @@ class RunReport:
             "task_inferred": self.task_reason,
             "float_accuracy": self.float_accuracy,
             "evaluated_on": {"source": self.eval_source, "count": self.eval_count},
+            "evaluation_split": self.evaluation_split,
             "max_accuracy_drop": self.max_accuracy_drop,
             "min_sqnr_db": self.min_sqnr_db,
             "float_baselines": self.baselines,
@@ -134,6 +138,11 @@ class RunContext:
     name: str
     batch_size: int = 32
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    split: EvalSplit | None = None  # selection vs test examples (converters.selection); set by _run
+    selection_judge: Judge | None = None  # the judge on the selection split (decides the recipe)
+    test_judge: Judge | None = None  # the judge on the test split (the reported figures)
+    float_paths: dict[str, Path] = field(default_factory=dict)  # format -> the float baseline model file
+    timing_models: dict[tuple, LocalModel] = field(default_factory=dict)  # float models loaded for timing (converters.speed)
 
     def check_interrupted(self) -> None:
         """Raise KeyboardInterrupt when SIGINT/SIGTERM arrived, even if a native converter swallowed it."""
@@ -151,9 +160,10 @@ class RunContext:
             d = self.work / f"float-{conv.format}"
             d.mkdir()
             path = conv.convert_float(self.source, d)
+            self.float_paths[conv.format] = path
             base = {"size_bytes": float(_size(path))}
             if conv.runs_here()[0]:
-                model = load_model_file(path, conv.format)
+                model = load_model_file(path, conv.format, num_threads=TIMING_THREADS)
                 lat = latency_ms(model, self.model_feeds(model, self.evalset.first), self.opts.latency_runs)
                 base["latency_ms_p50"] = float(np.percentile(lat, 50))
             act = conv.activation_bytes(path)
@@ -403,6 +413,7 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
     memory = MemoryPlan(opts.max_memory_mb or default_max_memory_mb())
     source.cache["calibration_chunk"] = memory.chunk(source)
     ctx = RunContext(opts, source, calib, evalset, judge, work, progress, memory, _name(opts))
+    ctx.split, ctx.selection_judge, ctx.test_judge = split_judges(judge)
     stage = work / "stage"
     stage.mkdir()
     results: list[ConversionResult] = []
@@ -426,7 +437,7 @@ def _run(opts: ConvertOptions, jobs: list[tuple[HardwareProfile, str]], key: sig
                               "Fix or drop the failing profiles/formats; a run installs every bundle or none.")
     report = RunReport(ctx.name, opts.version, opts.out, judge.float_accuracy, evalset.source if opts.eval else f"{calib.source} (held-out 20%)",
                        len(evalset), judge.max_accuracy_drop, tuple(results), ctx.baselines, judge.task, why, judge.min_sqnr_db, tuple(run_warnings),
-                       confidence.to_dict())
+                       confidence.to_dict(), evaluation_split=ctx.split.to_dict())
     write_reports(report, stage)
     _install(stage, opts.out, work / "trash")
     return report

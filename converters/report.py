@@ -10,16 +10,20 @@ if TYPE_CHECKING:
     from converters.pipeline import RunReport
     from rich.table import Table
 
-__all__ = ["fallback_lines", "render_table", "rows", "write_reports"]
+__all__ = ["fallback_lines", "render_table", "rows", "selection_lines", "write_reports"]
 
 COLUMNS = ("profile", "format", "recipe", "size", "int8/float size", "on target", "fallback ops", "accuracy", "drop", "agreement", "latency p50",
-           "int8/float latency", "min SQNR")
+           "int8/float latency", "min SQNR", "accuracy 95% CI", "drop 95% CI")
 # The terminal gets the columns that fit 100 characters; fallbacks are listed under the table.
 TERMINAL = ("profile", "format", "recipe", "size (x float)", "ops on target", "accuracy (drop)", "agreement", "min SQNR", "p50 (x float)")
 
 
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _ci(lo: float | None, hi: float | None, spec: str = ".2f") -> str:
+    return "n/a" if lo is None or hi is None else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
 def rows(report: RunReport) -> list[tuple[str, ...]]:
@@ -42,16 +46,55 @@ def rows(report: RunReport) -> list[tuple[str, ...]]:
             _fmt(val("host_latency_ms_p50"), ".3f", " ms"),
             _fmt(val("latency_ratio"), ".2f", "x"),
             _fmt(val("min_sqnr_db"), ".1f", " dB"),
+            _ci(val("int8_accuracy_ci95_low"), val("int8_accuracy_ci95_high")),
+            _ci(val("accuracy_drop_ci95_low"), val("accuracy_drop_ci95_high")),
         ))
     return out
+
+
+def _split_text(report: RunReport) -> str:
+    s = report.evaluation_split
+    if not s:
+        return ""
+    return s.get("rule", "")
+
+
+def selection_lines(report: RunReport) -> list[str]:
+    """Per bundle: what chose the recipe, what the reported figures are measured on, and their 95% intervals."""
+    out = []
+    for r in report.results:
+        chosen = next((a for a in r.attempts if a.chosen), None)
+        if chosen is None or chosen.test is None:
+            continue
+        t, sel = chosen.test, chosen.selection
+        parts = []
+        if t.accuracy is not None:
+            parts.append(f"accuracy {t.accuracy:.2f}% {_ci(*(t.accuracy_ci95 or (None, None)))}")
+        elif t.agreement is not None:
+            parts.append(f"agreement {t.agreement:.2f}% {_ci(*(t.agreement_ci95 or (None, None)))}")
+        if t.accuracy_drop is not None:
+            parts.append(f"drop {t.accuracy_drop:+.2f} pt {_ci(*(t.accuracy_drop_ci95 or (None, None)))}")
+        if t.min_sqnr_db is not None:
+            parts.append(f"min SQNR {t.min_sqnr_db:.1f} dB")
+        where = "same examples as the choice (optimistic)" if t.split == "same" else f"test split, {t.examples} examples"
+        line = f"{r.profile}/{r.format}: {chosen.recipe} on the {where}: " + ", ".join(parts) + " (95% CI)"
+        if sel is not None and sel.split == "selection":
+            line += f"; chosen on the selection split ({sel.examples} examples" + (
+                f", drop {sel.accuracy_drop:+.2f} pt)" if sel.accuracy_drop is not None else ")")
+        if chosen.speedup_vs_float is not None:
+            line += f"; {1 / chosen.speedup_vs_float:.2f}x float latency"
+        out.append(line)
+    return out
+
 
 
 def _summary(report: RunReport) -> str:
     acc = _fmt(report.float_accuracy, ".2f", "%")
     budget = (f"accuracy budget {report.max_accuracy_drop:g} pt" if report.task == "classification"
               else f"fidelity budget {report.min_sqnr_db:g} dB SQNR per output")
+    split = _split_text(report)
     return (f"{report.name} {report.version} ({report.task}): float accuracy {acc} on {report.eval_count} examples "
-            f"({report.eval_source}); {budget}")
+            f"({report.eval_source}); {budget}" + (f"; {split}" if split else ""))
 
 
 def render_table(report: RunReport) -> Table:
@@ -79,16 +122,29 @@ def _markdown(report: RunReport) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
     for r in report.results:
         lines += ["", f"## {r.profile} / {r.format}", "", f"Bundle: `{r.bundle_dir.name}`, sha256 `{r.manifest.sha256}`", "",
-                  "| recipe | size | accuracy | drop | agreement | min SQNR | within budget | chosen |", "|---|---|---|---|---|---|---|---|"]
+                  "Accuracy, drop and agreement are on the test split (95% intervals in brackets); the budget was decided on the selection "
+                  "split; latency is the host's, against the float model timed in the same rounds.", "",
+                  "| recipe | class | size | selection drop | accuracy | drop | agreement | min SQNR | p50 (x float) | within budget | chosen | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in r.attempts:
             if a.skipped:
-                lines.append(f"| {a.recipe} | - | - | - | - | - | skipped: {a.skipped} | |")
+                lines.append(f"| {a.recipe} | {a.speed_class or ''} | - | - | - | - | - | - | - | - | | skipped: {a.skipped} |")
             elif a.error:
-                lines.append(f"| {a.recipe} | - | - | - | - | - | failed: {a.error} | |")
+                lines.append(f"| {a.recipe} | {a.speed_class or ''} | - | - | - | - | - | - | - | - | | failed: {a.error} |")
             else:
-                lines.append(f"| {a.recipe} | {a.size_bytes} B | {_fmt(a.accuracy, '.2f', '%')} | {_fmt(a.accuracy_drop, '+.2f')} | "
-                             f"{_fmt(a.agreement, '.2f', '%')} | {_fmt(a.min_sqnr_db, '.1f', ' dB')} | {'yes' if a.within_budget else 'no'} | "
-                             f"{'**yes**' if a.chosen else ''} |")
+                t = a.test
+                sel_drop = a.selection.accuracy_drop if a.selection is not None and a.selection.split == "selection" else None
+                acc_ci = _ci(*(t.accuracy_ci95 or (None, None))) if t is not None and t.accuracy_ci95 else ""
+                drop_ci = _ci(*(t.accuracy_drop_ci95 or (None, None))) if t is not None and t.accuracy_drop_ci95 else ""
+                speed = (f"{a.latency_ms_p50:.3f} ms ({1 / a.speedup_vs_float:.2f}x)" if a.latency_ms_p50 is not None and a.speedup_vs_float
+                         else "n/a")
+                lines.append(f"| {a.recipe} | {a.speed_class or ''} | {a.size_bytes} B | {_fmt(sel_drop, '+.2f')} | "
+                             f"{_fmt(a.accuracy, '.2f', '%')} {acc_ci} | {_fmt(a.accuracy_drop, '+.2f')} {drop_ci} | "
+                             f"{_fmt(a.agreement, '.2f', '%')} | {_fmt(a.min_sqnr_db, '.1f', ' dB')} | {speed} | {'yes' if a.within_budget else 'no'} | "
+                             f"{'**yes**' if a.chosen else ''} | {('slower than float: ' + a.slower_than_float) if a.slower_than_float else ''} |")
+        timed = next((a.latency_host for a in r.attempts if a.latency_host), None)
+        if timed:
+            lines += ["", f"Latency: {timed}."]
         lines += ["", "Op placement" + (f", {r.coverage.basis}" if r.coverage.basis else "") + ":", ""]
         lines += [f"- {p.op}" + (f" [{p.dtype}]" if p.dtype else "") + f" x{p.count}: {p.placement}" + (f" ({p.reason})" if p.reason else "")
                   for p in r.coverage.ops]

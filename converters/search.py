@@ -1,4 +1,4 @@
-"""The recipe search for one (profile, format): typed candidates, each measured against the task's budget."""
+"""The recipe search for one (profile, format): typed candidates, each measured against the task's budget and timed on this host."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from converters.base import Converter, Recipe
-from converters.evaluate import Evaluation, evaluate
+from converters.evaluate import Evaluation, Judge, evaluate
 from converters.memory import release_freed_memory
+from converters.selection import EvalSplit, split_evaluation
+from converters.speed import SPEED_CLASSES, HostRuntime, Speed, displaces, early_stop_reason, graph_key, host_runtime, load_for_timing, measure_speed, \
+    slowdown_reason, speed_class
 from edgekit.bundle import _size
 from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError
-from edgekit.manifest import Attempt, TensorSpec
+from edgekit.manifest import Attempt, SplitScore, TensorSpec
 from edgekit.profiles import HardwareProfile
 from edgekit.runtime import LocalModel, load_model_file
 
 if TYPE_CHECKING:
     from converters.pipeline import RunContext
 
-__all__ = ["Candidate", "align", "search_recipes"]
+__all__ = ["Candidate", "align", "search_recipes", "split_judges"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,10 @@ class Candidate:
     path: Path
     model: LocalModel | None
     outputs: dict[str, np.ndarray] | None
-    evaluation: Evaluation | None
+    evaluation: Evaluation | None  # on the test split: the reported figures
     attempt_index: int
+    selection: Evaluation | None = None  # on the selection split: the decision
+    speed: Speed | None = None
 
 
 def _plain(name: str) -> str:
@@ -85,22 +90,73 @@ def _check_budget_early(ctx: RunContext, prof: HardwareProfile, conv: Converter)
 
 
 def _attempt(recipe: Recipe, **kw) -> Attempt:
-    return Attempt(recipe=recipe.name, description=recipe.description, **kw)
+    return Attempt(recipe=recipe.name, description=recipe.description, speed_class=SPEED_CLASSES[speed_class(recipe)], **kw)
+
+
+def split_judges(judge: Judge) -> tuple[EvalSplit, Judge, Judge]:
+    """The evaluation split (converters.selection's rule) and the judge of each side: (split, selection, test)."""
+    split = split_evaluation(judge.examples, judge.labels)
+    if split.optimistic:
+        return split, judge, judge
+    return split, judge.subset(split.selection, "selection split"), judge.subset(split.test, "test split")
+
+
+def _score(ev: Evaluation, split: str, judge: Judge) -> SplitScore:
+    drop = ev.drop if (ev.task == "classification" or judge.metric is not None) else None
+    return SplitScore(split=split, examples=ev.examples, accuracy=ev.accuracy, accuracy_ci95=ev.accuracy_ci95, accuracy_drop=drop,
+                      accuracy_drop_ci95=ev.drop_ci95 if drop is not None else None, agreement=ev.agreement, agreement_ci95=ev.agreement_ci95,
+                      min_sqnr_db=ev.min_sqnr_db, metric=ev.metric, within_budget=ev.within_budget)
+
+
+def _float_for_timing(ctx: RunContext, conv: Converter, host: HostRuntime) -> tuple[LocalModel, Path]:
+    """The float model in this format, loaded once per run the way ``host`` times it."""
+    ctx.baseline(conv)
+    path = ctx.float_paths[conv.format]
+    key = (conv.format, host.providers, host.threads)
+    if key not in ctx.timing_models:
+        ctx.timing_models[key] = load_for_timing(path, host)
+    return ctx.timing_models[key], path
+
+
+def _time(ctx: RunContext, conv: Converter, host: HostRuntime, path: Path, embedded) -> tuple[Speed, str | None]:
+    """The candidate's speed against float on this host, and the measured reason when it is slower."""
+    float_model, float_path = _float_for_timing(ctx, conv, host)
+    model = load_for_timing(path, host)
+    if embedded is not None:
+        model.embedded = embedded  # type: ignore[attr-defined]  # the graph takes raw input
+    feeds, float_feeds = ctx.model_feeds(model, ctx.evalset.first), ctx.model_feeds(float_model, ctx.evalset.first)
+    speed = measure_speed(model, float_model, feeds, float_feeds, ctx.opts.latency_runs, host)
+    reason = slowdown_reason(path, float_path, model, feeds, speed) if speed.slower_than_float else None
+    return speed, reason
 
 
 def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embedded) -> tuple[Candidate, list[Attempt], list[str]]:
-    """Try the converter's recipes in order; the first within budget wins (else the best, with --allow-over-budget)."""
+    """Try the recipes fastest speed class first; among those within budget on the selection split, the fastest wins.
+
+    Each candidate is scored on the selection split (the decision) and the test split (the report),
+    and timed against the float model on this host (converters.speed). A candidate within budget
+    displaces the best so far only when more than DISPLACE_TOLERANCE faster; recipes that cannot be
+    faster than the best are skipped with the reason (``early_stop_reason``). Without any candidate
+    within budget: the lowest selection drop, with --allow-over-budget.
+    """
     opts = ctx.opts
     warnings = conv.check(ctx.source, prof)
     _check_budget_early(ctx, prof, conv)
     cap = opts.calibration_samples
-    recipes = conv.recipes(prof, len(ctx.calib), cap)
+    recipes = sorted(conv.recipes(prof, len(ctx.calib), cap), key=speed_class)  # stable: the converter's order within a class
+    split, sel_judge, test_judge = ctx.split, ctx.selection_judge, ctx.test_judge
+    assert split is not None and sel_judge is not None and test_judge is not None
+    same = split.optimistic
+    host = host_runtime(conv.format, prof) if conv.runs_here()[0] else None
     attempts: list[Attempt] = []
-    best: Candidate | None = None
+    best: Candidate | None = None  # the fastest within budget so far
+    fallback: Candidate | None = None  # the lowest selection drop, for --allow-over-budget
+    timed: dict[tuple, tuple[str, float]] = {}  # graph_key -> the fastest recipe timed with that graph, and its ratio to float
     for i, recipe in enumerate(recipes):
         ctx.check_interrupted()
         release_freed_memory()
-        skip = ctx.memory.skip_reason(ctx, conv, recipe)
+        skip = early_stop_reason(recipe, best.recipe, best.speed.ratio if best.speed else None, timed) if best is not None else None
+        skip = skip or ctx.memory.skip_reason(ctx, conv, recipe)
         if skip:
             attempts.append(_attempt(recipe, skipped=skip))
             continue
@@ -112,13 +168,14 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
             recipe = replace(recipe, options=replace(recipe.options, embed=embedded))
         try:
             path = conv.convert(ctx.source, prof, recipe, calib.x, d)
-            if not conv.runs_here()[0]:  # cannot run here: the first recipe that builds is kept, unmeasured
+            if host is None:  # cannot run here: the first recipe that builds is kept, unmeasured
                 attempts.append(_attempt(recipe, size_bytes=_size(path), chosen=True))
                 return Candidate(recipe, path, None, None, None, len(attempts) - 1), attempts, warnings
             model = load_model_file(path, conv.format)
             if embedded is not None:
                 model.embedded = embedded  # type: ignore[attr-defined]  # the graph takes raw input
             outputs = run_candidate(ctx, model)
+            speed, slower = _time(ctx, conv, host, path, embedded)
         except ConversionError as e:
             attempts.append(_attempt(recipe, error=e.message))
             continue
@@ -126,25 +183,41 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
             attempts.append(_attempt(recipe, error=f"{type(e).__name__}: {e.message}"))
             continue
         ctx.check_interrupted()  # a converter that turned the KeyboardInterrupt into its own error
-        ev = evaluate(ctx.judge, outputs, f"{prof.id}/{conv.format} {recipe.name}")
-        attempts.append(_attempt(recipe, size_bytes=_size(path), accuracy=ev.accuracy, agreement=ev.agreement, min_sqnr_db=ev.min_sqnr_db,
-                                 metric=ev.metric, accuracy_drop=ev.drop if (ev.task == "classification" or ctx.judge.metric) else None,
-                                 within_budget=ev.within_budget))
-        cand = Candidate(recipe, path, model, outputs, ev, len(attempts) - 1)
-        if best is None or ev.drop < best.evaluation.drop:  # type: ignore[union-attr]
+        what = f"{prof.id}/{conv.format} {recipe.name}"
+        if same:
+            ev_sel = ev_test = evaluate(test_judge, outputs, what)
+        else:
+            ev_sel = evaluate(sel_judge, {k: v[split.selection] for k, v in outputs.items()}, what + " (selection split)")
+            ev_test = evaluate(test_judge, {k: v[split.test] for k, v in outputs.items()}, what + " (test split)")
+        key = graph_key(recipe)
+        if key not in timed or speed.ratio < timed[key][1]:
+            timed[key] = (recipe.name, speed.ratio)
+        flat = _score(ev_test, "test", test_judge)
+        attempts.append(_attempt(recipe, size_bytes=_size(path), accuracy=flat.accuracy, agreement=flat.agreement, min_sqnr_db=flat.min_sqnr_db,
+                                 metric=flat.metric, accuracy_drop=flat.accuracy_drop, within_budget=ev_sel.within_budget,
+                                 latency_ms_p50=speed.p50_ms, float_latency_ms_p50=speed.float_p50_ms, speedup_vs_float=speed.speedup,
+                                 latency_host=speed.how, slower_than_float=slower,
+                                 selection=_score(ev_sel, "same" if same else "selection", sel_judge),
+                                 test=flat.model_copy(update={"split": "same"}) if same else flat))
+        cand = Candidate(recipe, path, model, outputs, ev_test, len(attempts) - 1, ev_sel, speed)
+        if fallback is None or ev_sel.drop < fallback.selection.drop:  # type: ignore[union-attr]
+            fallback = cand
+        if ev_sel.within_budget and (best is None or displaces(speed.ratio, best.speed.ratio)):  # type: ignore[union-attr]
             best = cand
-        if ev.within_budget:
-            return cand, attempts, warnings
-    if best is None:
+        del model, outputs, cand
+    if best is not None:
+        return best, attempts, warnings
+    if fallback is None:
         raise ConversionError(f"{prof.id}/{conv.format}: every recipe failed: " + "; ".join(
             f"{a.recipe}: {a.error or 'skipped: ' + str(a.skipped)}" for a in attempts), "Run with --debug for the converter log.")
     if not opts.allow_over_budget:
         lines = "\n  ".join(_attempt_line(a) for a in attempts)
-        raise AccuracyBudgetError(f"{prof.id}/{conv.format}: no recipe met the budget ({ctx.judge.budget_text}):\n  {lines}",
+        raise AccuracyBudgetError(f"{prof.id}/{conv.format}: no recipe met the budget ({ctx.judge.budget_text}) on the "
+                                  f"{'evaluation data' if same else 'selection split'}:\n  {lines}",
                                   "Relax the budget (--max-accuracy-drop / --min-sqnr-db), or --allow-over-budget to keep the best attempt.")
     kind = "fidelity" if (ctx.judge.task != "classification" and ctx.judge.metric is None) else "accuracy"
-    warnings.append(f"over the {kind} budget ({ctx.judge.budget_text}) with --allow-over-budget: kept the best attempt, {best.recipe.name}")
-    return best, attempts, warnings
+    warnings.append(f"over the {kind} budget ({ctx.judge.budget_text}) with --allow-over-budget: kept the best attempt, {fallback.recipe.name}")
+    return fallback, attempts, warnings
 
 
 def _attempt_line(a: Attempt) -> str:
@@ -153,8 +226,10 @@ def _attempt_line(a: Attempt) -> str:
     if a.error is not None:
         return f"{a.recipe}: failed ({a.error})"
     parts = []
+    if a.selection is not None and a.selection.accuracy_drop is not None and a.selection.split == "selection":
+        parts.append(f"selection drop {a.selection.accuracy_drop:.2f}")
     if a.accuracy_drop is not None:
-        parts.append(f"drop {a.accuracy_drop:.2f}")
+        parts.append(f"{'test ' if a.selection is not None and a.selection.split == 'selection' else ''}drop {a.accuracy_drop:.2f}")
     if a.agreement is not None:
         parts.append(f"agreement {a.agreement:.1f}%")
     if a.min_sqnr_db is not None:

@@ -180,8 +180,8 @@ def early_stop_reason(recipe: Recipe, best: Recipe, best_ratio: float | None, ti
     if best_ratio is None:  # nothing timed (the format does not run here): the first within budget stands
         return f"{best.name} already meets the budget (early stop)"
     if cls > best_cls:
-        return (f"early stop: {best.name} meets the budget, and a {SPEED_CLASSES[cls]} graph is never faster than a "
-                f"{SPEED_CLASSES[best_cls]} one")
+        return (f"early stop: {best.name} meets the budget, and {SPEED_CLASSES[cls]} graphs are never faster than "
+                f"{SPEED_CLASSES[best_cls]} ones")
     if cls == best_cls and best_ratio <= 1.0 + DISPLACE_TOLERANCE:
         return (f"early stop: {best.name} meets the budget at {best_ratio:.2f}x float latency, and another "
                 f"{SPEED_CLASSES[cls]} recipe cannot be more than {DISPLACE_TOLERANCE:.0%} faster by construction")

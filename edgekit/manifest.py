@@ -12,6 +12,7 @@ __all__ = [
     "Attempt",
     "ConfidenceHistogram",
     "Coverage",
+    "EvaluationSplit",
     "ExtraFile",
     "GoldenSet",
     "Manifest",
@@ -23,6 +24,7 @@ __all__ = [
     "Quantization",
     "RouterPolicy",
     "RouterTarget",
+    "SplitScore",
     "TensorSpec",
 ]
 
@@ -100,8 +102,29 @@ class Metric(_Model):
     note: str = ""
 
 
+class SplitScore(_Model):
+    """An attempt's figures on one split of the evaluation data (see ``EvaluationSplit``)."""
+
+    split: Literal["selection", "test", "same"] = Field(description="'same': chosen and measured on the same examples (optimistic).")
+    examples: int = Field(ge=0)
+    accuracy: float | None = None
+    accuracy_ci95: tuple[float, float] | None = Field(default=None, description="Wilson 95% interval of the accuracy, %.")
+    accuracy_drop: float | None = None
+    accuracy_drop_ci95: tuple[float, float] | None = Field(default=None, description="Agresti-Min 95% interval of the paired drop vs float, points.")
+    agreement: float | None = None
+    agreement_ci95: tuple[float, float] | None = None
+    min_sqnr_db: float | None = None
+    metric: float | None = None
+    within_budget: bool | None = None
+
+
 class Attempt(_Model):
-    """One quantization recipe tried during conversion."""
+    """One quantization recipe tried during conversion.
+
+    The flat figures (``accuracy``, ``accuracy_drop``, ``agreement``, ``min_sqnr_db``, ``metric``) are the
+    reported ones, on the test split; ``within_budget`` is the search's decision, on the selection split.
+    Fields after ``chosen`` arrived with issue 11 and are absent from older manifests.
+    """
 
     recipe: str
     description: str
@@ -113,8 +136,29 @@ class Attempt(_Model):
     metric: float | None = Field(default=None, description="The --metric hook's score of this attempt.")
     within_budget: bool | None = None
     error: str | None = None
-    skipped: str | None = Field(default=None, description="Why the recipe was not run (e.g. over --max-memory).")
+    skipped: str | None = Field(default=None, description="Why the recipe was not run (e.g. over --max-memory, or the search's early stop).")
     chosen: bool = False
+    speed_class: str | None = Field(default=None, description="'int8', 'mixed' (float islands) or 'int16x8': the search's speed order.")
+    latency_ms_p50: float | None = Field(default=None, description="Host latency, batch 1, median of the timing rounds, ms.")
+    float_latency_ms_p50: float | None = Field(default=None, description="The float model's, timed in the same rounds, ms.")
+    speedup_vs_float: float | None = Field(default=None, description="Float latency / this latency (median of per-round ratios).")
+    latency_host: str | None = Field(default=None, description="Where the latency was measured: runtime, delegate or EP, threads, CPU.")
+    slower_than_float: str | None = Field(default=None, description="Why it is slower than float on that host, from measured facts.")
+    selection: SplitScore | None = None
+    test: SplitScore | None = None
+
+
+class EvaluationSplit(_Model):
+    """How the evaluation data was split between choosing the recipe and reporting on it."""
+
+    total: int = Field(ge=0)
+    selection_examples: int = Field(ge=0)
+    test_examples: int = Field(ge=0)
+    seed: int
+    stratified: bool
+    optimistic: bool = Field(description="True when the recipe was chosen and measured on the same examples.")
+    rule: str
+    intervals: str = ""
 
 
 class Quantization(_Model):
@@ -131,6 +175,7 @@ class Quantization(_Model):
     max_accuracy_drop: float | None = None
     min_sqnr_db: float | None = None
     attempts: tuple[Attempt, ...] = ()
+    evaluation_split: EvaluationSplit | None = None
 
 
 class OpPlacement(_Model):

@@ -104,7 +104,7 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
             as_json: bool) -> None:
     """Convert MODEL (.keras/.h5/.onnx/.pt2 or a SavedModel dir) to INT8 bundles, checked against each profile."""
     from converters.pipeline import ConvertOptions, run_convert
-    from converters.report import fallback_lines, render_table
+    from converters.report import fallback_lines, render_table, selection_lines
 
     for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--min-sqnr-db", min_sqnr_db), ("--max-memory", max_memory)):
         if value is not None and not math.isfinite(value):
@@ -134,6 +134,8 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
             stdout.print(f"[cyan]confidence output[/] {c['note'] if c['output'] else 'none: ' + c['note']}", highlight=False)
         for line in fallback_lines(report):
             stdout.print(f"[cyan]fallback[/] {line}", highlight=False)
+        for line in selection_lines(report):
+            stdout.print(f"[cyan]measured[/] {line}", highlight=False)
         for r in report.results:
             for w in (w for w in r.warnings if w not in report.warnings):
                 stdout.print(f"[yellow]warning[/] {r.profile}/{r.format}: {w}", highlight=False)
