@@ -27,14 +27,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, cast, extract, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from edgekit.protocol import PSI_DRIFT_THRESHOLD
 from fleet_server.db import utc
 from fleet_server.tables import RolloutDevice, TelemetryPoint, TelemetryRollup
 
-__all__ = ["BINS", "FieldSums", "calibration_hist", "calibration_reference", "minute_sums", "psi", "range_sums", "wave_sums"]
+__all__ = ["BINS", "FieldSums", "bucket_sums", "calibration_hist", "calibration_reference", "minute_sums", "psi", "range_sums",
+           "wave_sums"]
 
 BINS = 10
 _EPS = 1e-4
@@ -185,6 +186,8 @@ def _sums(row: Any, offset: int) -> FieldSums:
 _ROLLUP = TelemetryRollup.__table__
 _ROLLUP_SUMS = ("requests", "errors", "escalations", "degraded", "p50_w", "p95_w", "p99_w", "latency_max", "points",
                 *(f"h{i}" for i in range(BINS)))  # the order _sums reads
+# the aggregates of those columns, built once (constructing 19 SQL function objects per query showed in the profile)
+_ROLLUP_AGGS = tuple(func.max(_ROLLUP.c[c]) if c == "latency_max" else func.sum(_ROLLUP.c[c]) for c in _ROLLUP_SUMS)
 
 
 def minute_sums(s: Session, shas: list[str], since: dt.datetime, until: dt.datetime) -> list[tuple[dt.datetime, str, FieldSums]]:
@@ -205,8 +208,38 @@ def range_sums(s: Session, shas: list[str], since: dt.datetime, until: dt.dateti
     if not shas:
         return FieldSums()
     t = _ROLLUP
-    cols = [func.max(t.c[c]) if c == "latency_max" else func.sum(t.c[c]) for c in _ROLLUP_SUMS]
+    cols = _ROLLUP_AGGS
     return _sums(s.execute(select(*cols).where(t.c.model_sha256.in_(shas), t.c.minute >= since, t.c.minute < until)).one(), 0)
+
+
+def _bucket_index(dialect: str, since: dt.datetime, bucket_s: int) -> Any:
+    """SQL for the bucket of each rollup row, ``floor((minute - since) / bucket_s)`` (rows are never before ``since``).
+    The two numbers are written into the SQL, not bound, so the expression reads the same in SELECT and GROUP BY."""
+    t = _ROLLUP
+    origin, width = literal_column(f"{since.timestamp():.6f}"), literal_column(f"{float(bucket_s):.1f}")
+    if dialect == "postgresql":
+        return cast(func.floor((extract("epoch", t.c.minute) - origin) / width), BigInteger)
+    # SQLite keeps UTC timestamps as text; strftime('%s') reads them as whole seconds; a non-negative REAL cast to
+    # INTEGER is its floor
+    return cast((cast(func.strftime("%s", t.c.minute), BigInteger) - origin) / width, BigInteger)
+
+
+def bucket_sums(s: Session, shas: list[str], since: dt.datetime, until: dt.datetime,
+                bucket_s: int | None) -> list[tuple[int | None, str, FieldSums]]:
+    """(bucket index, artifact sha256, sums) for the artifacts in ``[since, until)``, the buckets ``bucket_s`` seconds wide
+    from ``since`` (None: one per artifact, index None), summed by the database: at most buckets x artifacts rows back,
+    however many minutes the window holds (a 31-day window is 44,640 minute rows per artifact)."""
+    if not shas:
+        return []
+    t = _ROLLUP
+    cols = _ROLLUP_AGGS
+    where = (t.c.model_sha256.in_(shas), t.c.minute >= since, t.c.minute < until)
+    if bucket_s is None:
+        q = select(t.c.model_sha256, *cols).where(*where).group_by(t.c.model_sha256)
+        return [(None, row[0], _sums(row, 1)) for row in s.execute(q)]
+    idx = _bucket_index(s.get_bind().dialect.name, since, bucket_s).label("bucket")
+    q = select(idx, t.c.model_sha256, *cols).where(*where).group_by(idx, t.c.model_sha256).order_by(idx)
+    return [(int(row[0]), row[1], _sums(row, 2)) for row in s.execute(q)]
 
 
 def wave_sums(s: Session, rollout_id: str, wave_index: int, shas: list[str], since: dt.datetime, until: dt.datetime) -> FieldSums:

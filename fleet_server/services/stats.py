@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from fleet_server.context import AppContext
 from fleet_server.db import utcnow
 from fleet_server.errors import BadRequest, NotFound
-from fleet_server.services.field_stats import FieldSums, calibration_reference, drift, minute_sums, range_sums
+from fleet_server.services.field_stats import FieldSums, bucket_sums, calibration_reference, drift, range_sums
 from fleet_server.tables import Model, ModelVersion, VersionArtifact
 
 __all__ = ["MAX_BUCKETS", "MAX_RANGE", "MIN_BUCKET_S", "StatsQuery", "model_stats", "version_stats"]
@@ -102,17 +102,16 @@ def version_stats(ctx: AppContext, name: str, version: str, q: StatsQuery, *, pr
         else:
             earlier = versions[:versions.index(mv)]
             ref = earlier[-1] if earlier else None
-        rows = minute_sums(s, list(shas), q.since, q.until)
+        rows = bucket_sums(s, list(shas), q.since, q.until, q.bucket_s)  # grouped by the database: buckets x artifacts rows
         ref_total = _total(s, list(_artifacts(s, ref.id, profile)), q) if ref is not None else None
         manifests = dict(s.execute(select(VersionArtifact.artifact_sha256, VersionArtifact.manifest)
                                    .where(VersionArtifact.version_id == mv.id, VersionArtifact.artifact_sha256.in_(list(shas)))).all())
     total, per_profile, buckets = FieldSums(), {}, {}
-    for minute, sha, sums in rows:
+    for index, sha, sums in rows:
         total.add(sums)
         per_profile.setdefault(shas[sha], FieldSums()).add(sums)
-        if q.bucket_s:
-            start = q.since + dt.timedelta(seconds=q.bucket_s * int((minute - q.since).total_seconds() // q.bucket_s))
-            buckets.setdefault(start, FieldSums()).add(sums)
+        if index is not None:
+            buckets.setdefault(q.since + dt.timedelta(seconds=q.bucket_s * index), FieldSums()).add(sums)
     ref_ok = ref_total is not None and ref_total.requests > 0
     if ref is None:
         label = "none: no earlier version to compare with"

@@ -77,3 +77,27 @@ def test_range_sums_of_nothing_are_zero(rollups) -> None:
         unknown = range_sums(s, ["d" * 64], T0, T0 + dt.timedelta(hours=1))
     for sums in (empty, none, unknown):
         assert sums.public() == FieldSums().public() and sums.points == 0
+
+
+@pytest.mark.parametrize("offset_s, bucket_s", [(0, 120), (-30.25, 120), (-90, 300), (0, 3600)])
+def test_bucket_sums_group_the_minutes_as_the_window_cuts_them(rollups, offset_s: float, bucket_s: int) -> None:
+    """Buckets ``bucket_s`` wide from ``since`` (a minute exactly on a bucket edge opens the next bucket), per artifact,
+    as the per-minute rows fold into them; without a bucket width, one row per artifact."""
+    from fleet_server.services.field_stats import FieldSums, bucket_sums, minute_sums
+
+    since, until = T0 + dt.timedelta(seconds=offset_s), T0 + dt.timedelta(minutes=5)
+    with rollups.read() as s:
+        rows = minute_sums(s, [SHA_A, SHA_B], since, until)
+        got = bucket_sums(s, [SHA_A, SHA_B], since, until, bucket_s)
+        whole = bucket_sums(s, [SHA_A, SHA_B], since, until, None)
+        assert bucket_sums(s, [], since, until, bucket_s) == []
+    want: dict[tuple[int, str], FieldSums] = {}
+    for minute, sha, sums in rows:
+        want.setdefault((int((minute - since).total_seconds() // bucket_s), sha), FieldSums()).add(sums)
+    assert [i for i, _, _ in got] == sorted(i for i, _, _ in got)  # oldest bucket first
+    assert {(i, sha): v.public() for i, sha, v in got} == {k: v.public() for k, v in want.items()}
+    if offset_s == 0 and bucket_s == 120:  # minutes 0-1 | 2-3 | 4: T0 + 2 min sits on the edge and opens bucket 1
+        assert sorted((i, sha) for i, sha, _ in got) == [(0, SHA_A), (0, SHA_B), (1, SHA_A), (1, SHA_B), (2, SHA_A), (2, SHA_B)]
+    per_sha = {sha: _fold([r for r in rows if r[1] == sha]).public() for sha in (SHA_A, SHA_B)}
+    assert sorted(sha for i, sha, _ in whole) == [SHA_A, SHA_B] and all(i is None for i, _, _ in whole)
+    assert {sha: v.public() for _, sha, v in whole} == per_sha
