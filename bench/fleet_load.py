@@ -143,9 +143,9 @@ def seed_fleet_history(db_url: str, devices: int, hours: float) -> dict[str, dic
         minutes = int(hours * 60)
         n = 60.0 * devices  # requests a minute: every device answers 60
         rows = [{"model_sha256": out[VERSIONS[0] if m < minutes // 2 else VERSIONS[1]]["sha256"], "minute": now - dt.timedelta(minutes=minutes - m),
-                 "requests": n, "errors": 0.0, "escalations": n * (0.05 + 0.01 * (m % 7) / 7), "degraded": n * 0.002 * (m % 3),
+                 "requests": n, "errors": 0.0, "escalations": float(round(n * (0.05 + 0.01 * (m % 7) / 7))), "degraded": float(round(n * 0.002 * (m % 3))),
                  "p50_w": n * 4.1, "p95_w": n * (6.0 + (m % 5) / 10), "p99_w": n * 7.5, "latency_max": 9.0, "points": float(devices),
-                 **{f"h{b}": n * c / 100 for b, c in enumerate(_CALIBRATION["counts"])}} for m in range(minutes)]
+                 **{f"h{b}": float(round(n * c / 100)) for b, c in enumerate(_CALIBRATION["counts"])}} for m in range(minutes)]  # counts: whole
         with db.write() as s:
             if rows:
                 s.execute(insert(TelemetryRollup), rows)
