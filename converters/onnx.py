@@ -1,7 +1,15 @@
-"""Static INT8 ONNX (QDQ) with ONNX Runtime's quantizer, packaged in the ORT format for mobile."""
+"""Static INT8 ONNX (QDQ) with ONNX Runtime's quantizer, laid out for the profile's execution provider, packaged in the ORT
+format for mobile.
+
+Recipes: MinMax / percentile / entropy ranges, per-channel or per-tensor weights, cross-layer equalization and empirical
+bias correction (``onnx_transforms``), and the most quantization-sensitive nodes kept in float where the EP runs mixed
+graphs fast. The layout (weight dtype, symmetry, per-channel, float logits, ORT optimization style and target) follows
+``onnx_layout.ep_layout``.
+"""
 
 from __future__ import annotations
 
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +20,7 @@ import numpy as np
 from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
 from converters.onnx_export import compact_names, embed_preprocessing, export_float_onnx
 from converters.onnx_graph import peak_live_bytes, sensitive_nodes
+from converters.onnx_layout import EPLayout, ep_layout
 from converters.source import Feeds, SourceModel
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, Preprocessing, TensorSpec
@@ -20,13 +29,16 @@ from edgekit.profiles import HardwareProfile, ONNXConstraints
 
 __all__ = ["ONNXConverter", "ONNXOptions", "compact_names", "embed_preprocessing", "export_float_onnx", "peak_live_bytes", "sensitive_nodes"]
 
+# Bias correction runs the probe graphs once per corrected layer over at most this many calibration samples.
+BIAS_CORRECTION_SAMPLES = 128
+
 # Histogram calibrators keep every tensor's histogram in memory; cap their samples on small hosts.
 HISTOGRAM_SAMPLES = 200
 # The QDQ debugger keeps every intermediate tensor of both graphs for each sample it ranks on.
 SENSITIVITY_SAMPLES = 16
-# Execution providers that partition QDQ groups themselves need the ORT "Runtime" optimization style.
-_RUNTIME_STYLE_EPS = {"NnapiExecutionProvider", "CoreMLExecutionProvider", "XnnpackExecutionProvider", "QNNExecutionProvider"}
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
+# With float logits the head's Softmax already runs in float: keeping it says nothing new.
+_HEAD_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
 
 
 def _constraints(profile: HardwareProfile) -> ONNXConstraints:
@@ -98,14 +110,26 @@ def _stride(n: int, source: SourceModel) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ONNXOptions(RecipeOptions):
-    """ONNX recipe options: how ONNX Runtime's calibrator picks each tensor's range."""
+    """ONNX recipe options: ranges, graph transforms, and the layout the profile's EP takes."""
 
-    method: Literal["MinMax", "Percentile", "Entropy"] = "MinMax"
+    method: Literal["MinMax", "Percentile", "Entropy"] = "MinMax"  # how ONNX Runtime's calibrator picks each tensor's range
+    cle: bool = False  # cross-layer equalization of the float graph before calibration
+    bias_correction: bool = False  # empirical per-layer bias correction of the QDQ graph on calibration data
+    float_output: bool = False  # graph outputs leave the last layer's accumulator as float (no requantized logits)
+    layout: Literal["qdq", "qoperator"] = "qdq"
+
+    def __post_init__(self) -> None:
+        if self.layout == "qoperator" and (self.bias_correction or self.float_output):
+            raise ValueError("bias_correction and float_output rewrite QDQ graphs; the qoperator layout has none")
 
 
 def _options(recipe: Recipe) -> ONNXOptions:
     o = recipe.options
     return o if isinstance(o, ONNXOptions) else ONNXOptions(calibration_all=o.calibration_all, keep_sensitive=o.keep_sensitive, embed=o.embed)
+
+
+def _layout_words(layout: EPLayout, act: str) -> str:
+    return f"{layout.quant_format.upper()} for {layout.ep.removesuffix('ExecutionProvider')}, {layout.weight_type} weights, {act} activations"
 
 
 class ONNXConverter(Converter):
@@ -123,27 +147,37 @@ class ONNXConverter(Converter):
 
     def recipes(self, profile: HardwareProfile, calibration_count: int, calibration_cap: int) -> list[Recipe]:
         c = _constraints(profile)
+        lay = ep_layout(profile)
         act = c.activation_dtype
-        pc = c.per_channel
-        layout = "per-channel" if pc else "per-tensor"
+        pc = lay.per_channel
+        words = _layout_words(lay, act)
+        wl = "per-channel" if pc else "per-tensor"
+        head = ", float logits" if lay.float_output else ""
+
+        def opts(**kw) -> ONNXOptions:
+            return ONNXOptions(float_output=lay.float_output, layout=lay.quant_format, **kw)
+
+        def recipe(name: str, what: str, per_channel: bool = pc, **kw) -> Recipe:
+            return Recipe(name, f"{what}; {words}{head}", activations=act, per_channel=per_channel, options=opts(**kw))
+
         out = [
-            Recipe(f"qdq-minmax-{layout}", f"QDQ, MinMax calibration, {layout} int8 weights, {act} activations",
-                   activations=act, per_channel=pc, options=ONNXOptions(method="MinMax")),
+            recipe(f"qdq-minmax-{wl}", f"MinMax ranges, {wl} weights", method="MinMax"),
+            recipe(f"qdq-minmax-{wl}-bc", f"MinMax, {wl}, empirical bias correction", bias_correction=True),
+            recipe(f"qdq-minmax-{wl}-cle-bc", f"MinMax, {wl}, cross-layer equalization + empirical bias correction", cle=True,
+                   bias_correction=True),
         ]
         if pc:
-            out.append(Recipe("qdq-minmax-per-tensor", f"QDQ, MinMax, per-tensor weights, {act} activations", activations=act, per_channel=False,
-                              options=ONNXOptions(method="MinMax")))
+            out += [recipe("qdq-minmax-per-tensor", "MinMax, per-tensor weights", per_channel=False),
+                    recipe("qdq-minmax-per-tensor-cle-bc", "MinMax, per-tensor, cross-layer equalization + bias correction",
+                           per_channel=False, cle=True, bias_correction=True)]
         out += [
-            Recipe(f"qdq-percentile-{layout}", f"QDQ, 99.999th-percentile ranges, {layout}, {act} activations", activations=act, per_channel=pc,
-                   options=ONNXOptions(method="Percentile")),
-            Recipe(f"qdq-entropy-{layout}", f"QDQ, entropy (KL) ranges, {layout}, {act} activations", activations=act, per_channel=pc,
-                   options=ONNXOptions(method="Entropy")),
+            recipe(f"qdq-percentile-{wl}-bc", f"99.999th-percentile ranges, {wl}, bias correction", method="Percentile",
+                   bias_correction=True),
+            recipe(f"qdq-entropy-{wl}", f"entropy (KL) ranges, {wl}", method="Entropy"),
         ]
-        out += [
-            Recipe(f"qdq-minmax-per-tensor-keep{k}", f"QDQ, MinMax, per-tensor; the {k} node(s) whose outputs have the worst quantization SQNR kept in float",
-                   activations=act, per_channel=False, options=ONNXOptions(method="MinMax", keep_sensitive=k))
-            for k in (1, 2, 3)
-        ]
+        if lay.mixed_precision:  # float islands cost little on this EP; never on full-integer accelerators
+            out += [recipe(f"qdq-minmax-{wl}-keep{k}", f"MinMax, {wl}; the {k} node(s) whose outputs have the worst quantization "
+                           "SQNR kept in float", keep_sensitive=k) for k in (1, 2, 3)]
         return out
 
     def _float(self, source: SourceModel, profile: HardwareProfile) -> Path:
@@ -157,6 +191,8 @@ class ONNXConverter(Converter):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         c = _constraints(profile)
+        lay = ep_layout(profile)
+        o = _options(recipe)
         float_path = self._float(source, profile)
         pre = source.workdir / "onnx" / f"{float_path.stem}-pre.onnx"
         if not pre.exists():
@@ -164,7 +200,8 @@ class ONNXConverter(Converter):
                 quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre), load_external_data=False)
         dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in model.graph.input}
-        method = _options(recipe).method
+        src = self._equalized(pre) if o.cle else pre
+        method = o.method
         data = {k: v[:HISTOGRAM_SAMPLES] for k, v in calibration.items()} if method != "MinMax" else calibration
         qdq = out / "model.onnx"
         act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
@@ -172,21 +209,26 @@ class ONNXConverter(Converter):
         k = recipe.options.keep_sensitive
         if k:
             try:
-                exclude = self._sensitive(source, pre, _Reader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
-                                          act, recipe.per_channel)[:k]
+                ranked = self._sensitive(source, pre, _Reader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
+                                         act, recipe.per_channel)
             except Exception as e:  # the QDQ debugger is best-effort on unusual graphs
                 raise ConversionError(f"sensitivity analysis failed: {str(e)[:200]}", "The other recipes are unaffected.") from e
-        extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and "TensorrtExecutionProvider" in c.execution_providers,
-                 **_stride(len(next(iter(data.values()))), source)}
+            op_of = {n.name: n.op_type for n in model.graph.node}
+            exclude = [n for n in ranked if not (o.float_output and op_of.get(n) in _HEAD_OPS)][:k]
+        extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and lay.activation_symmetric,
+                 "WeightSymmetric": True, **_stride(len(next(iter(data.values()))), source)}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
         try:
             with captured_output():
-                quantize_static(str(pre), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
-                                activation_type=act, weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                                nodes_to_exclude=exclude, extra_options=extra)
+                quantize_static(str(src), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ if o.layout == "qdq" else QuantFormat.QOperator,
+                                per_channel=recipe.per_channel, activation_type=act,
+                                weight_type=QuantType.QUInt8 if lay.weight_type == "uint8" else QuantType.QInt8,
+                                calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude, extra_options=extra)
         except Exception as e:  # the quantizer raises assorted types on odd graphs
             raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
+        if o.bias_correction or o.float_output:
+            self._rewrite(source, src, qdq, {k: v.astype(dtypes[k], copy=False) if k in dtypes else v for k, v in calibration.items()}, o)
         try:  # the quantizer can emit graphs ORT rejects (seen: Gemm bias DequantizeLinear with uint8 activations)
             with captured_output():
                 ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
@@ -198,7 +240,38 @@ class ONNXConverter(Converter):
             embed_preprocessing(qdq, embed)
         if not c.ort_format:
             return qdq
-        return self._to_ort(qdq, out, c)
+        return self._to_ort(qdq, out, lay)
+
+    def _equalized(self, pre: Path) -> Path:
+        """``pre`` after cross-layer equalization (computed once per run)."""
+        import onnx
+
+        from converters.onnx_transforms import equalize_cross_layer
+
+        path = pre.with_name(f"{pre.stem}-cle.onnx")
+        if not path.exists():
+            m = onnx.load(str(pre), load_external_data=False)
+            equalize_cross_layer(m)
+            onnx.save(m, str(path))
+        return path
+
+    def _rewrite(self, source: SourceModel, float_path: Path, qdq: Path, calibration: Feeds, o: ONNXOptions) -> None:
+        """Bias correction and the float head, on the QDQ file in place."""
+        import onnx
+
+        from converters.onnx_transforms import correct_bias, dequantize_head
+
+        m = onnx.load(str(qdq), load_external_data=False)
+        try:
+            if o.bias_correction:
+                correct_bias(float_path, m, calibration, qdq.parent / "bias-correction", max_samples=BIAS_CORRECTION_SAMPLES)
+            if o.float_output:
+                dequantize_head(m)
+        except Exception as e:  # ORT's own error types from the probe sessions
+            raise ConversionError(f"bias correction failed: {str(e)[:200]}", "The other recipes are unaffected; run with --debug.") from e
+        finally:
+            shutil.rmtree(qdq.parent / "bias-correction", ignore_errors=True)
+        onnx.save(m, str(qdq))
 
     def _sensitive(self, source: SourceModel, pre: Path, reader: _Reader, probe_feeds: Feeds, act, per_channel: bool) -> list[str]:
         """Sensitivity ranking of ``pre``'s nodes, computed once per run and activation type."""
@@ -217,15 +290,22 @@ class ONNXConverter(Converter):
             cache[key] = sensitive_nodes(pre, probe, probe_feeds, work)
         return cache[key]
 
-    def _to_ort(self, qdq: Path, out: Path, c: ONNXConstraints) -> Path:
+    def _to_ort(self, qdq: Path, out: Path, lay: EPLayout) -> Path:
+        """The ORT-format file: 'Runtime' style where the EP claims QDQ node units itself, else 'Fixed' (fusions stored).
+
+        The target platform matters: for 'arm' the converter allows int8-activation QDQ fusions (session.qdqisint8allowed=1,
+        as ONNX Runtime on arm64 does at load); for other targets it applies the x86 rules, under which the Runtime style
+        replays int8-activation Conv groups unfused (measured here: DQ -> float Conv -> Q on the ds-CNN), and 'amd64'
+        stores the x86-only NCHWc layout.
+        """
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-        style = OptimizationStyle.Runtime if _RUNTIME_STYLE_EPS & set(c.execution_providers) else OptimizationStyle.Fixed
+        style = OptimizationStyle.Runtime if lay.ort_style == "runtime" else OptimizationStyle.Fixed
         ort_dir = out / "ort"
         ort_dir.mkdir(exist_ok=True)
         try:
             with captured_output():
-                convert_onnx_models_to_ort(qdq, output_dir=ort_dir, optimization_styles=[style])
+                convert_onnx_models_to_ort(qdq, output_dir=ort_dir, optimization_styles=[style], target_platform=lay.target_platform)
         except Exception as e:
             raise ConversionError(f"conversion to the ORT format failed: {str(e).strip().splitlines()[-1][:200]}",
                                   "Set ort_format: false in the profile to ship plain ONNX.") from e
@@ -285,6 +365,12 @@ class ONNXConverter(Converter):
         if unquantizable:
             warnings.append(f"op types the ORT quantizer has no int8 rule for (run in float between QDQ pairs): {', '.join(unquantizable)}")
         extra = tuple(p for p in (model_path.parent / "required_operators.config",) if p.exists() and model_path.suffix == ".ort")
+        lay = ep_layout(profile)
+        notes = [f"ONNX layout for {lay.ep}: {lay.rule} ({lay.source}); "
+                 + ("verified here" if lay.verified_here else "not verified here (this host runs only the CPU EP)")]
+        if lay.target_platform == "arm" and platform.machine() in ("x86_64", "AMD64") and profile.formats.onnx.activation_dtype == "int8":
+            notes.append("host latency of this int8-activation model uses x86-64 MLAS S8S8 kernels, several times slower than its "
+                         "U8S8 ones (measured here on MobileNetV3Small); the arm64 device's kernels are not measured here")
         return ModelFacts(
             inputs=tuple(spec(v) for v in g.input if v.name not in inits),
             outputs=tuple(spec(v) for v in g.output),
@@ -297,5 +383,6 @@ class ONNXConverter(Converter):
                 ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note="float initializers (scales, biases, excluded layers)")),
             ),
             extra_files=extra,
+            notes=tuple(notes),
             warnings=tuple(warnings),
         )

@@ -11,13 +11,18 @@ from edgekit.nativelog import captured_output
 
 __all__ = ["peak_live_bytes", "sensitive_nodes"]
 
+# Ops whose int8 version is exact given its input (a copy, a max, a clamp the quantizer folds into the range).
+_EXACT = {"Relu", "Clip", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "MaxPool", "GlobalMaxPool", "Identity",
+          "Gather", "Slice", "Split", "Pad", "DepthToSpace", "SpaceToDepth"}
+
 
 def sensitive_nodes(float_path: Path, qdq_path: Path, feeds: Feeds, work: Path) -> list[str]:
-    """Nodes of the float graph ranked from most to least hurt by quantization.
+    """Nodes of the float graph ranked from the one that adds the most quantization noise to the least.
 
     Both graphs run on the same inputs with every intermediate tensor as an output (ORT's QDQ
-    debugger's graph rewrite); each float tensor's signal-to-quantization-noise ratio against its
-    dequantized QDQ counterpart ranks its producer, lowest SQNR first. Streamed: one example at a
+    debugger's graph rewrite); each float tensor's signal-to-quantization-noise ratio (SQNR) against its
+    dequantized QDQ counterpart is measured, and a node's score is the SQNR its output loses against its
+    noisiest input. Exact ops are not ranked: their drop counts for the node that produced their input. Streamed: one example at a
     time, only the running signal and noise sums are kept (ORT's ``collect_activations`` holds
     every intermediate tensor of every example, which grew past 3.7 GB on ResNet-50 with 8 samples).
     """
@@ -63,10 +68,26 @@ def sensitive_nodes(float_path: Path, qdq_path: Path, feeds: Feeds, work: Path) 
             signal[t] += float((a * a).sum())
             noise[t] += float(((a - b) ** 2).sum())
         del fo, qo
-    producer = {o: nd.name for nd in onnx.load(str(float_path), load_external_data=False).graph.node for o in nd.output}
+    nodes = onnx.load(str(float_path), load_external_data=False).graph.node
+    producer = {o: nd for nd in nodes for o in nd.output}
     sqnr = {t: (10 * np.log10(signal[t] / noise[t]) if noise[t] > 0 and signal[t] > 0 else np.inf) for t in pairs}
-    ranked = sorted((v, t) for t, v in sqnr.items() if t in producer and np.isfinite(v))
-    return list(dict.fromkeys(producer[t] for _, t in ranked))
+    # Noise accumulates downstream, so a tensor's own SQNR ranks by depth. Rank each node by the noise it adds: the
+    # SQNR drop from its noisiest input to its output; an exact op (ReLU, reshapes, max-pool) passes its drop to
+    # the node that produced its input (the quantizer folds a ReLU into the Conv before it).
+    added: dict[str, float] = {}
+    for nd in nodes:
+        out = nd.output[0] if nd.output else None
+        if out not in sqnr or not np.isfinite(sqnr[out]):
+            continue
+        ins = [sqnr.get(i, np.inf) for i in nd.input if i in sqnr or i not in producer]
+        drop = min(ins, default=np.inf) - sqnr[out]
+        owner = nd
+        while owner.op_type in _EXACT and owner.input and owner.input[0] in producer:
+            owner = producer[owner.input[0]]
+        if owner.op_type in _EXACT:
+            continue  # an exact op fed by a graph input
+        added[owner.name] = added.get(owner.name, 0.0) + (drop if np.isfinite(drop) else 100.0 - sqnr[out])
+    return [n for n, _ in sorted(added.items(), key=lambda kv: -kv[1])]
 
 
 def peak_live_bytes(g) -> int:
