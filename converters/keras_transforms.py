@@ -408,3 +408,11 @@ def transform_clone(model, *, cle: bool, bias_correction: bool, calibration: lis
         notes.append(f"bias correction: {len(bc.layers)} layer(s) on {bc.samples} calibration samples"
                      + (f", {len(bc.skipped)} without a bias left as they are" if bc.skipped else ""))
     return clone, notes
+
+
+
+def count_hard_swish(model) -> int:
+    """Activation('hard_swish') layers (Keras 3 names it hard_silu), MobileNetV3's, that TFLite turns into HARD_SWISH."""
+    keras = _keras()
+    return sum(isinstance(layer, keras.layers.Activation) and _act_name(layer.activation) in ("hard_swish", "hard_silu")
+               for layer in getattr(model, "layers", ()))

@@ -37,6 +37,23 @@ def _options(recipe: Recipe) -> TFLiteOptions:
     return o if isinstance(o, TFLiteOptions) else TFLiteOptions(calibration_all=o.calibration_all, keep_sensitive=o.keep_sensitive, embed=o.embed)
 
 
+def _xnnpack_only(profile: HardwareProfile) -> bool:
+    """The profile's TFLite models run on XNNPACK alone (CPU; it runs float and int8 ops in one partition)."""
+    accs = profile.accelerators_for("tflite")
+    return bool(accs) and all(a.id == "xnnpack" and "float32" in a.dtypes for a in accs)
+
+
+def _selective(tf, conv, io, float_ops: list[str], per_channel: bool) -> bytes:
+    """Calibrate, then quantize with ``float_ops`` left in float32: the call TensorFlow's QuantizationDebugger makes
+    (convert.mlir_quantize with denylisted_ops), here with fully_quantize so the model's I/O keep the profile's dtype."""
+    from tensorflow.lite.python import convert as tfl_convert
+
+    conv._experimental_calibrate_only = True  # documented by the debugger's own use; no public selective-quantization API
+    calibrated = conv.convert()
+    return tfl_convert.mlir_quantize(calibrated, disable_per_channel=not per_channel, fully_quantize=True,
+                                     input_data_type=io, output_data_type=io, denylisted_ops=float_ops)
+
+
 def _batch1_clone(source: SourceModel):
     import keras
 
@@ -80,6 +97,9 @@ class TFLiteOptions(RecipeOptions):
     # Applied to a clone of the Keras source before TensorFlow quantizes it (converters/keras_transforms.py):
     cle: bool = False  # cross-layer equalization (Nagel et al. 2019): same float function, even per-channel ranges
     bias_correction: bool = False  # empirical bias correction for the int8 error, layer by layer on the calibration data
+    # Op types kept in float32 (selective quantization), only for profiles whose TFLite delegate is XNNPACK alone:
+    # XNNPACK runs DEQUANTIZE -> float op -> QUANTIZE inside its partition, where an int8 op it lacks splits the graph.
+    float_ops: tuple[str, ...] = ()
 
     @property
     def transforms(self) -> bool:
@@ -102,6 +122,10 @@ class TFLiteConverter(Converter):
 
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)
+        from converters.keras_transforms import count_hard_swish
+
+        # what recipes() offers for this source (the search calls check() right before recipes())
+        self._hard_swish = count_hard_swish(source.keras_model) if source.keras_model is not None else 0
         warnings: list[str] = []
         check_weight_budget(source, profile)
         weights_mb = source.param_count / 1e6  # int8: one byte per weight
@@ -133,6 +157,13 @@ class TFLiteConverter(Converter):
             Recipe("int8-per-tensor-cle-bias-corrected", "full int8, per-tensor weights, cross-layer equalization then bias correction",
                    per_channel=False, options=TFLiteOptions(io=io, cle=True, bias_correction=True)),
         ]
+        hard_swish = getattr(self, "_hard_swish", 0)
+        if hard_swish and _xnnpack_only(profile):
+            # LiteRT 2.3's XNNPACK has no int8 HARD_SWISH: each one splits the graph and runs on the built-in kernels
+            # (MobileNetV3Small int8 1.9x slower than float here; with them in float 0.87x: docs/decisions.md).
+            out.insert(1, Recipe("int8-float-hard-swish", f"full int8 except the {hard_swish} HARD_SWISH ops, kept in float32 inside "
+                                 "XNNPACK's partition (it has no int8 HARD_SWISH)",
+                                 options=TFLiteOptions(io=io, float_ops=("HARD_SWISH",), keep_sensitive=hard_swish)))
         if calibration_count > calibration_cap:
             out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
                               options=TFLiteOptions(io=io, calibration_all=True)))
@@ -201,6 +232,8 @@ class TFLiteConverter(Converter):
         io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[_options(recipe).io]
         if _options(recipe).int16x8:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        elif _options(recipe).float_ops:
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         else:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = io
@@ -213,7 +246,10 @@ class TFLiteConverter(Converter):
             # "Statistics for quantized inputs were expected": the representative dataset provides them.
             warnings.simplefilter("ignore", UserWarning)
             try:
-                flat = conv.convert()
+                if _options(recipe).float_ops:
+                    flat = _selective(tf, conv, io, list(_options(recipe).float_ops), recipe.per_channel)
+                else:
+                    flat = conv.convert()
             except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
                 err = e
             else:
@@ -269,12 +305,20 @@ class TFLiteConverter(Converter):
         warnings: list[str] = []
         c = profile.formats.tflite
         entry = _integer_input_entry_ops(interp, ops)
+        kept_float: dict[str, int] = {}
         if c is not None and c.full_integer:
             for op in ops:
                 types = {np.dtype(t).name for t in [*op["operand_types"], *op["result_types"]]}
                 floats = sorted(types - _INT_TYPES)
-                if floats and op["index"] not in entry:
+                if not floats or op["index"] in entry or op["op_name"] == "DELEGATE":
+                    continue
+                if _xnnpack_only(profile):  # XNNPACK runs float ops too: a mixed graph, said as such, not a violation
+                    kept_float[op["op_name"]] = kept_float.get(op["op_name"], 0) + 1
+                else:
                     violations.append(f"{op['op_name']} (op {op['index']}) uses {', '.join(floats)}")
+        if kept_float:
+            warnings.append("mixed precision: " + ", ".join(f"{k} x{v}" for k, v in sorted(kept_float.items()))
+                            + " in float32 (XNNPACK runs them in its partition; the rest is int8)")
         if entry:
             warnings.append(f"{len(entry)} op(s) at the model's entry cast integer inputs (ids, rates, state) to float and quantize them: "
                             "they run on the CPU, outside the accelerator's int8 path")

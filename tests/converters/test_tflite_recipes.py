@@ -249,3 +249,55 @@ def test_convert_cli_runs_the_recipes_on_a_depthwise_cnn(ds_cnn: dict[str, Path]
         assert tried[name].get("skipped") or tried[name]["accuracy_drop"] is not None
     activations, _ = _tensor_dtypes(tmp_path / "ds-x86-64-avx512-server-tflite" / result["file"])
     assert activations <= {"int8", "int32"} and "int8" in activations
+
+
+@pytest.fixture(scope="session")
+def hard_swish_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MobileNetV3-style block stack: conv, BN, hard-swish (Keras' Activation('hard_swish')), untrained."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    x = keras.Input((32, 32, 3), name="image")
+    h = L.Activation("hard_swish")(L.BatchNormalization()(L.Conv2D(16, 3, strides=2, use_bias=False)(x)))
+    h = L.Activation("hard_swish")(L.DepthwiseConv2D(3, padding="same")(h))
+    h = L.Activation("hard_swish")(L.Conv2D(24, 1)(h))
+    model = keras.Model(x, L.Dense(5, activation="softmax")(L.GlobalAveragePooling2D()(h)))
+    path = tmp_path_factory.mktemp("hswish") / "hswish.keras"
+    model.save(path)
+    return path
+
+
+def test_float_hard_swish_recipe_keeps_the_graph_in_one_xnnpack_partition(hard_swish_model: Path, tmp_path: Path) -> None:
+    """LiteRT's XNNPACK takes no int8 HARD_SWISH (measured here); with them in float32 it takes every one of them."""
+    from collections import Counter
+
+    from converters.coverage_runtime import litert_xnnpack_placement
+    from converters.source import load_source
+    from converters.tflite import TFLiteConverter
+    from edgekit.profiles import find_profile
+
+    source = load_source(hard_swish_model, tmp_path / "work")
+    conv = TFLiteConverter()
+    calib = {source.input_names[0]: np.random.default_rng(5).uniform(0, 1, (32, 32, 32, 3)).astype(np.float32)}
+    for pid in ("pixel-8", "coral-edgetpu"):  # an NPU or the Edge TPU first: never mixed
+        prof = find_profile(pid)
+        conv.check(source, prof)
+        assert "int8-float-hard-swish" not in [r.name for r in conv.recipes(prof, 32, 32)]
+    prof = find_profile("x86-64-avx512-server")
+    conv.check(source, prof)
+    recipes = {r.name: r for r in conv.recipes(prof, 32, 32)}
+    mixed = recipes["int8-float-hard-swish"]
+    assert mixed.options.keep_sensitive == 3  # the manifest's precision says "3 node(s) kept in float (mixed)"
+    paths = {}
+    for name in ("int8-per-channel", "int8-float-hard-swish"):
+        (tmp_path / name).mkdir()
+        paths[name] = conv.convert(source, prof, recipes[name], calib, tmp_path / name)
+    plain = Counter((n.op, n.dtype, n.placement) for n in litert_xnnpack_placement(paths["int8-per-channel"]))
+    assert plain[("HARD_SWISH", "int8", "cpu")] == 3  # LiteRT's limitation, as the runtime reports it
+    placed = litert_xnnpack_placement(paths["int8-float-hard-swish"])
+    assert Counter((n.op, n.dtype, n.placement) for n in placed if n.op == "HARD_SWISH") == {("HARD_SWISH", "float32", "xnnpack"): 3}
+    assert {n.dtype for n in placed if n.op in ("CONV_2D", "DEPTHWISE_CONV_2D")} == {"int8"}
+    facts = conv.inspect(paths["int8-float-hard-swish"], prof)
+    assert facts.inputs[0].dtype == facts.outputs[0].dtype == "int8" and facts.dtype_violations == ()
+    assert any(w.startswith("mixed precision:") and "HARD_SWISH x3" in w for w in facts.warnings)
