@@ -35,7 +35,17 @@ confidence signal); output 0 stays the app's. A metric, not a new key: agents ol
 
 
 class _Model(BaseModel):
+    """What the device acts on (tensors, files, golden set, policy): an unknown key is refused."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Report(BaseModel):
+    """What the device only reads or shows (figures, attempts, coverage, provenance): unknown keys are ignored,
+    so a newer converter's extra report fields never make an agent refuse the bundle. The signature covers
+    the manifest's bytes, so an ignored key is still signed; nothing an agent acts on lives in these models."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class QuantParams(_Model):
@@ -93,7 +103,7 @@ class Preprocessing(_Model):
         return raw.astype(dtype)
 
 
-class Metric(_Model):
+class Metric(_Report):
     """A figure together with how it was obtained."""
 
     value: float | None
@@ -102,7 +112,7 @@ class Metric(_Model):
     note: str = ""
 
 
-class SplitScore(_Model):
+class SplitScore(_Report):
     """An attempt's figures on one split of the evaluation data (see ``EvaluationSplit``)."""
 
     split: Literal["selection", "test", "same"] = Field(description="'same': chosen and measured on the same examples (optimistic).")
@@ -118,7 +128,7 @@ class SplitScore(_Model):
     within_budget: bool | None = None
 
 
-class Attempt(_Model):
+class Attempt(_Report):
     """One quantization recipe tried during conversion.
 
     The flat figures (``accuracy``, ``accuracy_drop``, ``agreement``, ``min_sqnr_db``, ``metric``) are the
@@ -148,7 +158,7 @@ class Attempt(_Model):
     test: SplitScore | None = None
 
 
-class EvaluationSplit(_Model):
+class EvaluationSplit(_Report):
     """How the evaluation data was split between choosing the recipe and reporting on it."""
 
     total: int = Field(ge=0)
@@ -161,7 +171,7 @@ class EvaluationSplit(_Model):
     intervals: str = ""
 
 
-class Quantization(_Model):
+class Quantization(_Report):
     """The recipe that produced the model and every recipe tried."""
 
     recipe: str
@@ -178,7 +188,7 @@ class Quantization(_Model):
     evaluation_split: EvaluationSplit | None = None
 
 
-class OpPlacement(_Model):
+class OpPlacement(_Report):
     """Where one op type of the model runs on the profile's hardware."""
 
     op: str
@@ -188,7 +198,7 @@ class OpPlacement(_Model):
     dtype: str = Field(default="", description="The op's input dtype as the runtime saw it: int8, float32, int16x8, ...")
 
 
-class Coverage(_Model):
+class Coverage(_Report):
     """The model's ops checked against the profile."""
 
     target: str = Field(description="The accelerator the model is meant for, or 'cpu'.")
@@ -224,7 +234,7 @@ class ExtraFile(_Model):
     purpose: str = ""
 
 
-class Provenance(_Model):
+class Provenance(_Report):
     """Where the model came from and what built it."""
 
     source: str

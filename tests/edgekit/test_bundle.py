@@ -122,3 +122,41 @@ def test_signature_that_is_a_directory_fails_the_check_not_the_program(bundle_co
     result = verify_bundle(bundle_copy)
     assert not result.ok
     assert ("signature", False, "signature.json is not a regular file") in result.checks
+
+
+def _resign(bundle: Path, raw: dict) -> None:
+    """Rewrite manifest.json as a newer converter would and sign it with a fresh key (returned pinned by the caller)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgekit import signing
+
+    key = Ed25519PrivateKey.generate()
+    data = (json.dumps(raw, indent=2) + "\n").encode()
+    (bundle / "manifest.json").write_bytes(data)
+    pub = signing.public_key_b64(key)
+    sig = {"algorithm": "ed25519", "public_key": pub, "key_id": signing.fingerprint(pub), "signature": signing.sign(key, data)}
+    (bundle / "signature.json").write_text(json.dumps(sig))
+
+
+def test_report_fields_from_a_newer_converter_are_ignored_and_stay_signed(bundle_copy: Path) -> None:
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    raw["quantization"]["attempts"][0]["energy_mj"] = 1.5
+    raw["quantization"]["future_search_note"] = "x"
+    raw["metrics"]["int8_accuracy"]["interval"] = [90, 95]
+    raw["provenance"]["ci_run"] = "abc"
+    _resign(bundle_copy, raw)
+    b = open_bundle(bundle_copy)
+    assert verify_bundle(bundle_copy).ok
+    assert b.manifest.quantization.attempts[0].recipe == raw["quantization"]["attempts"][0]["recipe"]
+    raw["quantization"]["attempts"][0]["energy_mj"] = 2.5  # the ignored key is still covered by the signature
+    (bundle_copy / "manifest.json").write_text(json.dumps(raw, indent=2) + "\n")
+    assert not verify_bundle(bundle_copy).ok
+
+
+@pytest.mark.parametrize("where", ["top", "input", "golden"])
+def test_an_unknown_key_where_the_device_acts_is_refused(bundle_copy: Path, where: str) -> None:
+    raw = json.loads((bundle_copy / "manifest.json").read_text())
+    {"top": raw, "input": raw["inputs"][0], "golden": raw["golden"]}[where]["new_behaviour"] = True
+    _resign(bundle_copy, raw)
+    with pytest.raises(BundleError, match="new_behaviour"):
+        open_bundle(bundle_copy)
