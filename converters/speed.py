@@ -147,6 +147,10 @@ def speed_class(recipe: Recipe) -> int:
     """0 uniform int8, 1 mixed (nodes kept in float: extra Q/DQ boundaries and float kernels), 2 int16 activations."""
     if recipe.activations == "int16":
         return 2
+    if getattr(recipe.options, "float_ops", ()):
+        # Float islands in place of int8 ops the delegate lacks (TFLiteOptions.float_ops): they keep the graph in one
+        # XNNPACK partition and measured faster than uniform int8 (MobileNetV3Small, docs/decisions.md), so not ranked behind it.
+        return 0
     if recipe.options.keep_sensitive or recipe.activations in ("float32", "float16"):
         return 1
     return 0
@@ -215,6 +219,10 @@ def _io_conversion_us(model: LocalModel, feeds_one: Mapping[str, np.ndarray], re
     return float(np.median(times[reps // 10:])) * 1e6, len(ins) + len(outs)  # median, the first tenth as warm-up
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def _counts(items: Counter) -> str:
     return ", ".join(f"{op}" + (f" [{dt}]" if dt else "") + f" x{n}" for (op, dt), n in sorted(items.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -227,15 +235,15 @@ def _tflite_facts(path: Path, float_path: Path) -> list[str]:
     off = Counter((n.op, n.dtype) for n in nodes if n.placement != "xnnpack")
     f_off = sum(1 for n in fnodes if n.placement != "xnnpack")
     if off:
-        facts.append(f"{sum(off.values())} of {len(nodes)} nodes are off the XNNPACK delegate on this host and run on LiteRT's built-in "
+        facts.append(f"{sum(off.values())} of {_n(len(nodes), 'node')} {'is' if sum(off.values()) == 1 else 'are'} off the XNNPACK delegate on this host and run on LiteRT's built-in "
                      f"kernels: {_counts(off)} (float model: {f_off} of {len(fnodes)} off)")
     wide = Counter((n.op, n.dtype) for n in nodes if n.dtype.startswith("int16"))
     if wide:
-        facts.append(f"{sum(wide.values())} nodes take int16 activations, which the XNNPACK delegate has no kernels for (LiteRT's "
+        facts.append(f"{_n(sum(wide.values()), 'node')} {'takes' if sum(wide.values()) == 1 else 'take'} int16 activations, which the XNNPACK delegate has no kernels for (LiteRT's "
                      f"reference kernels run them): {_counts(wide)}")
     qdq = Counter((n.op, n.dtype) for n in nodes if n.op in _QDQ_TFLITE)
     if qdq:
-        facts.append(f"{sum(qdq.values())} QUANTIZE/DEQUANTIZE nodes inside the graph: {_counts(qdq)}")
+        facts.append(f"{_n(sum(qdq.values()), 'QUANTIZE/DEQUANTIZE node')} inside the graph: {_counts(qdq)}")
     return facts
 
 
@@ -249,15 +257,15 @@ def _onnx_facts(path: Path, float_path: Path, host: HostRuntime) -> list[str]:
     qdq = Counter((n.op, n.dtype) for n in nodes if n.op in _QDQ_ONNX)
     if qdq:
         where = Counter(n.placement for n in nodes if n.op in _QDQ_ONNX)
-        facts.append(f"{sum(qdq.values())} QuantizeLinear/DequantizeLinear nodes are left after ONNX Runtime's QDQ fusion and run as "
+        facts.append(f"{_n(sum(qdq.values()), 'QuantizeLinear/DequantizeLinear node')} {'is' if sum(qdq.values()) == 1 else 'are'} left after ONNX Runtime's QDQ fusion and run as "
                      f"separate kernels on {', '.join(f'{p} x{c}' for p, c in where.most_common())}: {_counts(qdq)} "
                      f"({len(nodes)} nodes in all vs {len(fnodes)} in the float model)")
     off = Counter((n.op, n.dtype) for n in nodes if n.placement != host.unit)
     if off and host.unit != "CPUExecutionProvider":
-        facts.append(f"{sum(off.values())} nodes ran off {host.unit}: {_counts(off)}")
+        facts.append(f"{_n(sum(off.values()), 'node')} ran off {host.unit}: {_counts(off)}")
     floats = Counter((n.op, n.dtype) for n in nodes if n.op not in _QDQ_ONNX and n.dtype in ("float32", "float16"))
     if floats:
-        facts.append(f"{sum(floats.values())} compute nodes still run in float between Q/DQ pairs: {_counts(floats)}")
+        facts.append(f"{_n(sum(floats.values()), 'compute node')} still {'runs' if sum(floats.values()) == 1 else 'run'} in float between Q/DQ pairs: {_counts(floats)}")
     return facts
 
 
