@@ -80,11 +80,11 @@ def split_evaluation(n: int, labels: np.ndarray | None, seed: int = SPLIT_SEED) 
         for cls in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == cls))
             # A class of one example goes to the test split: the reported figures should see every class.
-            sel.append(members[: int(math.floor(len(members) * SELECTION_FRACTION))])
+            sel.append(members[: math.floor(len(members) * SELECTION_FRACTION)])
         selection = np.sort(np.concatenate(sel))
         stratified = True
     else:
-        selection = np.sort(rng.permutation(n)[: int(round(n * SELECTION_FRACTION))])
+        selection = np.sort(rng.permutation(n)[: round(n * SELECTION_FRACTION)])
         stratified = False
     test = np.setdiff1d(everything, selection)
     return EvalSplit(n, selection, test, stratified=stratified, seed=seed)

@@ -235,12 +235,14 @@ def _tflite_facts(path: Path, float_path: Path) -> list[str]:
     off = Counter((n.op, n.dtype) for n in nodes if n.placement != "xnnpack")
     f_off = sum(1 for n in fnodes if n.placement != "xnnpack")
     if off:
-        facts.append(f"{sum(off.values())} of {_n(len(nodes), 'node')} {'is' if sum(off.values()) == 1 else 'are'} off the XNNPACK delegate on this host and run on LiteRT's built-in "
-                     f"kernels: {_counts(off)} (float model: {f_off} of {len(fnodes)} off)")
+        k = sum(off.values())
+        facts.append(f"{k} of {_n(len(nodes), 'node')} {'is' if k == 1 else 'are'} off the XNNPACK delegate on this host and run on "
+                     f"LiteRT's built-in kernels: {_counts(off)} (float model: {f_off} of {len(fnodes)} off)")
     wide = Counter((n.op, n.dtype) for n in nodes if n.dtype.startswith("int16"))
     if wide:
-        facts.append(f"{_n(sum(wide.values()), 'node')} {'takes' if sum(wide.values()) == 1 else 'take'} int16 activations, which the XNNPACK delegate has no kernels for (LiteRT's "
-                     f"reference kernels run them): {_counts(wide)}")
+        k = sum(wide.values())
+        facts.append(f"{_n(k, 'node')} {'takes' if k == 1 else 'take'} int16 activations, which the XNNPACK delegate has no kernels "
+                     f"for (LiteRT's reference kernels run them): {_counts(wide)}")
     qdq = Counter((n.op, n.dtype) for n in nodes if n.op in _QDQ_TFLITE)
     if qdq:
         facts.append(f"{_n(sum(qdq.values()), 'QUANTIZE/DEQUANTIZE node')} inside the graph: {_counts(qdq)}")
@@ -257,15 +259,17 @@ def _onnx_facts(path: Path, float_path: Path, host: HostRuntime) -> list[str]:
     qdq = Counter((n.op, n.dtype) for n in nodes if n.op in _QDQ_ONNX)
     if qdq:
         where = Counter(n.placement for n in nodes if n.op in _QDQ_ONNX)
-        facts.append(f"{_n(sum(qdq.values()), 'QuantizeLinear/DequantizeLinear node')} {'is' if sum(qdq.values()) == 1 else 'are'} left after ONNX Runtime's QDQ fusion and run as "
-                     f"separate kernels on {', '.join(f'{p} x{c}' for p, c in where.most_common())}: {_counts(qdq)} "
+        k = sum(qdq.values())
+        facts.append(f"{_n(k, 'QuantizeLinear/DequantizeLinear node')} {'is' if k == 1 else 'are'} left after ONNX Runtime's QDQ fusion "
+                     f"and run as separate kernels on {', '.join(f'{p} x{c}' for p, c in where.most_common())}: {_counts(qdq)} "
                      f"({len(nodes)} nodes in all vs {len(fnodes)} in the float model)")
     off = Counter((n.op, n.dtype) for n in nodes if n.placement != host.unit)
     if off and host.unit != "CPUExecutionProvider":
         facts.append(f"{_n(sum(off.values()), 'node')} ran off {host.unit}: {_counts(off)}")
     floats = Counter((n.op, n.dtype) for n in nodes if n.op not in _QDQ_ONNX and n.dtype in ("float32", "float16"))
     if floats:
-        facts.append(f"{_n(sum(floats.values()), 'compute node')} still {'runs' if sum(floats.values()) == 1 else 'run'} in float between Q/DQ pairs: {_counts(floats)}")
+        k = sum(floats.values())
+        facts.append(f"{_n(k, 'compute node')} still {'runs' if k == 1 else 'run'} in float between Q/DQ pairs: {_counts(floats)}")
     return facts
 
 

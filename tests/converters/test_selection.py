@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.pipeline import ConvertOptions, run_convert
 from converters.selection import MIN_SPLIT_EXAMPLES, paired_drop_interval, split_evaluation, wilson_interval
 from edgekit.manifest import Attempt, Manifest
 

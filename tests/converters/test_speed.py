@@ -16,8 +16,18 @@ import yaml
 
 from converters.coverage_runtime import litert_xnnpack_placement, ort_node_providers
 from converters.pipeline import ConvertOptions, run_convert
-from converters.speed import (DISPLACE_TOLERANCE, TIMING_THREADS, displaces, early_stop_reason, graph_key, host_runtime, load_for_timing,
-                              measure_speed, slowdown_reason, speed_class)
+from converters.speed import (
+    DISPLACE_TOLERANCE,
+    TIMING_THREADS,
+    displaces,
+    early_stop_reason,
+    graph_key,
+    host_runtime,
+    load_for_timing,
+    measure_speed,
+    slowdown_reason,
+    speed_class,
+)
 from edgekit.profiles import find_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +38,7 @@ def _check_fastest_wins(attempts) -> None:
     chosen = next(a for a in attempts if a.chosen)
     within = [a for a in attempts if a.within_budget and a.speedup_vs_float is not None]
     assert chosen in within
-    ratio = lambda a: 1.0 / a.speedup_vs_float  # noqa: E731 - latency / float latency
+    ratio = lambda a: 1.0 / a.speedup_vs_float
     assert ratio(chosen) <= (1 + DISPLACE_TOLERANCE) * min(ratio(a) for a in within) + 1e-12
     for a in attempts:
         if a.latency_ms_p50 is not None and 1.0 / a.speedup_vs_float > 1 + DISPLACE_TOLERANCE:
@@ -149,8 +159,8 @@ def digits_source(digits, tmp_path_factory):
 
 
 def test_int16x8_slowdown_reason_comes_from_the_measured_placement(digits, digits_source, tmp_path: Path) -> None:
-    from converters.tflite import TFLiteConverter, TFLiteOptions
     from converters.base import Recipe
+    from converters.tflite import TFLiteConverter, TFLiteOptions
 
     conv = TFLiteConverter()
     prof = find_profile(str(_int16_profile(tmp_path)))
