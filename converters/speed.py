@@ -147,9 +147,9 @@ def speed_class(recipe: Recipe) -> int:
     """0 uniform int8, 1 mixed (nodes kept in float: extra Q/DQ boundaries and float kernels), 2 int16 activations."""
     if recipe.activations == "int16":
         return 2
-    if getattr(recipe.options, "float_ops", ()):
-        # Float islands in place of int8 ops the delegate lacks (TFLiteOptions.float_ops): they keep the graph in one
-        # XNNPACK partition and measured faster than uniform int8 (MobileNetV3Small, docs/decisions.md), so not ranked behind it.
+    if getattr(recipe.options, "xnnpack_islands", False):
+        # Float islands where XNNPACK's int8 is missing or slow (TFLiteOptions.float_ops, float_narrow_convs): measured
+        # faster than uniform int8 (MobileNetV3Small, the MNIST example; docs/decisions.md), so not ranked behind it.
         return 0
     if recipe.options.keep_sensitive or recipe.activations in ("float32", "float16"):
         return 1
@@ -157,9 +157,13 @@ def speed_class(recipe: Recipe) -> int:
 
 
 def graph_key(recipe: Recipe) -> tuple:
-    """What shapes the quantized graph's ops and dtypes: recipes with equal keys differ only in values (ranges, weights)."""
+    """What shapes the quantized graph's ops and dtypes: recipes with equal keys differ only in values (ranges, weights).
+
+    Per-channel vs per-tensor weights is a value difference too: the same ops with the same int8 dtypes,
+    one scale per output channel or one per tensor (XNNPACK and ONNX Runtime run both on their int8 kernels).
+    """
     opts = tuple((f.name, repr(getattr(recipe.options, f.name))) for f in fields(recipe.options) if f.name not in VALUE_ONLY_OPTIONS)
-    return (type(recipe.options).__name__, recipe.weights, recipe.activations, recipe.per_channel, opts)
+    return (type(recipe.options).__name__, recipe.weights, recipe.activations, opts)
 
 
 def displaces(ratio: float, best_ratio: float) -> bool:
@@ -176,7 +180,7 @@ def early_stop_reason(recipe: Recipe, best: Recipe, best_ratio: float | None, ti
     - The same class, when ``best`` is not slower than float: the same kind of graph cannot be more
       than the tolerance faster.
     - When ``best`` is slower than float, a same-class recipe that builds another graph (another
-      quantizer, per-tensor weights) is still tried; one whose graph equals a timed one (``timed``:
+      quantizer, another ONNX layout, float islands for ops the delegate lacks) is still tried; one whose graph equals a timed one (``timed``:
       graph_key -> (recipe name, ratio)) is not, unless that graph was fast enough to displace ``best``
       (it missed the budget, and this recipe may meet it at the same speed).
     """
