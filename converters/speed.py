@@ -240,8 +240,8 @@ def _tflite_facts(path: Path, float_path: Path) -> list[str]:
     f_off = sum(1 for n in fnodes if n.placement != "xnnpack")
     if off:
         k = sum(off.values())
-        facts.append(f"{k} of {_n(len(nodes), 'node')} {'is' if k == 1 else 'are'} off the XNNPACK delegate on this host and run on "
-                     f"LiteRT's built-in kernels: {_counts(off)} (float model: {f_off} of {len(fnodes)} off)")
+        facts.append(f"{k} of {_n(len(nodes), 'node')} {'is' if k == 1 else 'are'} off the XNNPACK delegate on this host and "
+                     f"{'runs' if k == 1 else 'run'} on LiteRT's built-in kernels: {_counts(off)} (float model: {f_off} of {len(fnodes)} off)")
     wide = Counter((n.op, n.dtype) for n in nodes if n.dtype.startswith("int16"))
     if wide:
         k = sum(wide.values())
