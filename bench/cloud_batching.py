@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -318,6 +319,19 @@ def run_sweep(path: Path, sides: dict[str, list[str]], counts: list[int], second
     return out, provider
 
 
+def _print_wide(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """A table wide enough for nine columns in a log (rich assumes 80 columns off a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(140, shutil.get_terminal_size().columns)).print(table)
+
+
 def _cuda_or_exit() -> None:
     """``--provider cuda`` on an ONNX Runtime without CUDA: Error + Hint, exit 2 (never a silent CPU run)."""
     import onnxruntime as ort
@@ -424,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
             srows.append([str(b["clients"]), f"{b['rps']:.1f}", f(b["p50_ms"]), f(b["p99_ms"]), f"{r['rps']:.1f}", f(r["p50_ms"]), f(r["p99_ms"]),
                           f"{b['rps'] / r['rps']:.2f}" if r["rps"] else "-", str(b["non_200"] + r["non_200"])])
-        print_table(f"Sweep: {label} on {where}; batch-1 KServe v2 requests, closed loop",
+        _print_wide(f"Sweep: {label} on {where}; batch-1 KServe v2 requests, closed loop",
                     ["clients", "batched req/s", "p50 ms", "p99 ms", "req-by-req req/s", "p50 ms", "p99 ms", "throughput x", "non-200"], srows)
         print(load.describe())
         top_b, top_r = points["batched"][-1], points["request-by-request"][-1]
