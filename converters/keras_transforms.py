@@ -416,3 +416,17 @@ def count_hard_swish(model) -> int:
     keras = _keras()
     return sum(isinstance(layer, keras.layers.Activation) and _act_name(layer.activation) in ("hard_swish", "hard_silu")
                for layer in getattr(model, "layers", ()))
+
+
+def count_narrow_convs(model, channels: int) -> int:
+    """Conv2D / DepthwiseConv2D layers (channels_last) whose input has at most ``channels`` channels: an image model's stem."""
+    keras = _keras()
+    n = 0
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and getattr(layer, "data_format", "") == "channels_last":
+            try:
+                c = layer.input.shape[-1]
+            except (AttributeError, ValueError):  # a layer called more than once has no single input
+                continue
+            n += int(c is not None and 0 < c <= channels)
+    return n

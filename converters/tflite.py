@@ -43,15 +43,37 @@ def _xnnpack_only(profile: HardwareProfile) -> bool:
     return bool(accs) and all(a.id == "xnnpack" and "float32" in a.dtypes for a in accs)
 
 
-def _selective(tf, conv, io, float_ops: list[str], per_channel: bool) -> bytes:
-    """Calibrate, then quantize with ``float_ops`` left in float32: the call TensorFlow's QuantizationDebugger makes
-    (convert.mlir_quantize with denylisted_ops), here with fully_quantize so the model's I/O keep the profile's dtype."""
+def _narrow_conv_outputs(calibrated: bytes) -> list[str]:
+    """Output tensor names of the CONV_2D / DEPTHWISE_CONV_2D nodes with at most 3 input channels (an image model's stem)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    with captured_output():
+        it = Interpreter(model_content=calibrated, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    out = []
+    for op in it._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op["inputs"]) and op["inputs"][0] >= 0:
+            shape = details[int(op["inputs"][0])]["shape"]
+            if len(shape) == 4 and 0 < int(shape[-1]) <= NARROW_CHANNELS:
+                out.append(details[int(op["outputs"][0])]["name"])
+    return out
+
+
+NARROW_CHANNELS = 3  # stem convolutions on at most this many input channels stay float in int8-xnnpack-mixed
+
+
+def _selective(tf, conv, io, float_ops: list[str], narrow_convs: bool, per_channel: bool) -> bytes:
+    """Calibrate, then quantize with ``float_ops`` (and the stem convolutions) left in float32: the call TensorFlow's
+    QuantizationDebugger makes (convert.mlir_quantize with denylisted_ops / denylisted_nodes), here with
+    fully_quantize so the model's I/O keep the profile's dtype."""
     from tensorflow.lite.python import convert as tfl_convert
 
     conv._experimental_calibrate_only = True  # documented by the debugger's own use; no public selective-quantization API
     calibrated = conv.convert()
+    nodes = _narrow_conv_outputs(calibrated) if narrow_convs else []
     return tfl_convert.mlir_quantize(calibrated, disable_per_channel=not per_channel, fully_quantize=True,
-                                     input_data_type=io, output_data_type=io, denylisted_ops=float_ops)
+                                     input_data_type=io, output_data_type=io, denylisted_ops=float_ops or None,
+                                     denylisted_nodes=nodes or None)
 
 
 def _batch1_clone(source: SourceModel):
@@ -100,6 +122,13 @@ class TFLiteOptions(RecipeOptions):
     # Op types kept in float32 (selective quantization), only for profiles whose TFLite delegate is XNNPACK alone:
     # XNNPACK runs DEQUANTIZE -> float op -> QUANTIZE inside its partition, where an int8 op it lacks splits the graph.
     float_ops: tuple[str, ...] = ()
+    # CONV_2D / DEPTHWISE_CONV_2D with <= 3 input channels (the stem) in float32: XNNPACK's int8 kernels for them
+    # measured 3.5-7x slower than its float ones here (docs/decisions.md); same profiles as float_ops.
+    float_narrow_convs: bool = False
+
+    @property
+    def xnnpack_islands(self) -> bool:
+        return bool(self.float_ops) or self.float_narrow_convs
 
     @property
     def transforms(self) -> bool:
@@ -122,10 +151,11 @@ class TFLiteConverter(Converter):
 
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)
-        from converters.keras_transforms import count_hard_swish
+        from converters.keras_transforms import count_hard_swish, count_narrow_convs
 
         # what recipes() offers for this source (the search calls check() right before recipes())
         self._hard_swish = count_hard_swish(source.keras_model) if source.keras_model is not None else 0
+        self._narrow_convs = count_narrow_convs(source.keras_model, NARROW_CHANNELS) if source.keras_model is not None else 0
         warnings: list[str] = []
         check_weight_budget(source, profile)
         weights_mb = source.param_count / 1e6  # int8: one byte per weight
@@ -157,13 +187,15 @@ class TFLiteConverter(Converter):
             Recipe("int8-per-tensor-cle-bias-corrected", "full int8, per-tensor weights, cross-layer equalization then bias correction",
                    per_channel=False, options=TFLiteOptions(io=io, cle=True, bias_correction=True)),
         ]
-        hard_swish = getattr(self, "_hard_swish", 0)
-        if hard_swish and _xnnpack_only(profile):
-            # LiteRT 2.3's XNNPACK has no int8 HARD_SWISH: each one splits the graph and runs on the built-in kernels
-            # (MobileNetV3Small int8 1.9x slower than float here; with them in float 0.87x: docs/decisions.md).
-            out.insert(1, Recipe("int8-float-hard-swish", f"full int8 except the {hard_swish} HARD_SWISH ops, kept in float32 inside "
-                                 "XNNPACK's partition (it has no int8 HARD_SWISH)",
-                                 options=TFLiteOptions(io=io, float_ops=("HARD_SWISH",), keep_sensitive=hard_swish)))
+        hard_swish, narrow = getattr(self, "_hard_swish", 0), getattr(self, "_narrow_convs", 0)
+        if (hard_swish or narrow) and _xnnpack_only(profile):
+            # Where XNNPACK's int8 is missing or slow (measured, docs/decisions.md): LiteRT 2.3's XNNPACK has no int8
+            # HARD_SWISH (each splits the graph; MobileNetV3Small int8 2.45x float, 0.86x with them in float), and its
+            # int8 convolutions on 1-3 input channels run 3.5-7x slower than float (MNIST example int8 2.1x float, 0.72x).
+            kept = [f"the {hard_swish} HARD_SWISH ops"] * bool(hard_swish) + [f"{narrow} stem convolution(s) on <= 3 channels"] * bool(narrow)
+            out.insert(1, Recipe("int8-xnnpack-mixed", f"full int8 except {' and '.join(kept)}, kept in float32 inside XNNPACK's partition",
+                                 options=TFLiteOptions(io=io, float_ops=("HARD_SWISH",) if hard_swish else (), float_narrow_convs=bool(narrow),
+                                                       keep_sensitive=hard_swish + narrow)))
         if calibration_count > calibration_cap:
             out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
                               options=TFLiteOptions(io=io, calibration_all=True)))
@@ -232,7 +264,7 @@ class TFLiteConverter(Converter):
         io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[_options(recipe).io]
         if _options(recipe).int16x8:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        elif _options(recipe).float_ops:
+        elif _options(recipe).xnnpack_islands:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         else:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -246,8 +278,8 @@ class TFLiteConverter(Converter):
             # "Statistics for quantized inputs were expected": the representative dataset provides them.
             warnings.simplefilter("ignore", UserWarning)
             try:
-                if _options(recipe).float_ops:
-                    flat = _selective(tf, conv, io, list(_options(recipe).float_ops), recipe.per_channel)
+                if _options(recipe).xnnpack_islands:
+                    flat = _selective(tf, conv, io, list(_options(recipe).float_ops), _options(recipe).float_narrow_convs, recipe.per_channel)
                 else:
                     flat = conv.convert()
             except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...

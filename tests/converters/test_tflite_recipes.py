@@ -268,8 +268,8 @@ def hard_swish_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_float_hard_swish_recipe_keeps_the_graph_in_one_xnnpack_partition(hard_swish_model: Path, tmp_path: Path) -> None:
-    """LiteRT's XNNPACK takes no int8 HARD_SWISH (measured here); with them in float32 it takes every one of them."""
+def test_xnnpack_mixed_recipe_keeps_the_graph_in_one_xnnpack_partition(hard_swish_model: Path, tmp_path: Path) -> None:
+    """LiteRT's XNNPACK takes no int8 HARD_SWISH (measured here); with them and the 3-channel stem conv in float32 it takes all but SOFTMAX."""
     from collections import Counter
 
     from converters.coverage_runtime import litert_xnnpack_placement
@@ -283,21 +283,35 @@ def test_float_hard_swish_recipe_keeps_the_graph_in_one_xnnpack_partition(hard_s
     for pid in ("pixel-8", "coral-edgetpu"):  # an NPU or the Edge TPU first: never mixed
         prof = find_profile(pid)
         conv.check(source, prof)
-        assert "int8-float-hard-swish" not in [r.name for r in conv.recipes(prof, 32, 32)]
+        assert "int8-xnnpack-mixed" not in [r.name for r in conv.recipes(prof, 32, 32)]
     prof = find_profile("x86-64-avx512-server")
     conv.check(source, prof)
     recipes = {r.name: r for r in conv.recipes(prof, 32, 32)}
-    mixed = recipes["int8-float-hard-swish"]
-    assert mixed.options.keep_sensitive == 3  # the manifest's precision says "3 node(s) kept in float (mixed)"
+    mixed = recipes["int8-xnnpack-mixed"]
+    assert list(recipes)[1] == "int8-xnnpack-mixed"
+    assert mixed.options.keep_sensitive == 4  # 3 hard-swish + 1 stem conv: the manifest's precision counts them as mixed
     paths = {}
-    for name in ("int8-per-channel", "int8-float-hard-swish"):
+    for name in ("int8-per-channel", "int8-xnnpack-mixed"):
         (tmp_path / name).mkdir()
         paths[name] = conv.convert(source, prof, recipes[name], calib, tmp_path / name)
     plain = Counter((n.op, n.dtype, n.placement) for n in litert_xnnpack_placement(paths["int8-per-channel"]))
     assert plain[("HARD_SWISH", "int8", "cpu")] == 3  # LiteRT's limitation, as the runtime reports it
-    placed = litert_xnnpack_placement(paths["int8-float-hard-swish"])
+    placed = litert_xnnpack_placement(paths["int8-xnnpack-mixed"])
     assert Counter((n.op, n.dtype, n.placement) for n in placed if n.op == "HARD_SWISH") == {("HARD_SWISH", "float32", "xnnpack"): 3}
-    assert {n.dtype for n in placed if n.op in ("CONV_2D", "DEPTHWISE_CONV_2D")} == {"int8"}
-    facts = conv.inspect(paths["int8-float-hard-swish"], prof)
+    convs = Counter(n.dtype for n in placed if n.op in ("CONV_2D", "DEPTHWISE_CONV_2D"))
+    assert convs == {"float32": 1, "int8": 2}  # only the stem (3 input channels) is float
+    assert {n.op for n in placed if n.placement != "xnnpack"} <= {"SOFTMAX"}
+    facts = conv.inspect(paths["int8-xnnpack-mixed"], prof)
     assert facts.inputs[0].dtype == facts.outputs[0].dtype == "int8" and facts.dtype_violations == ()
-    assert any(w.startswith("mixed precision:") and "HARD_SWISH x3" in w for w in facts.warnings)
+    assert any(w.startswith("mixed precision:") and "HARD_SWISH x3" in w and "CONV_2D x1" in w for w in facts.warnings)
+
+
+def test_xnnpack_mixed_is_offered_for_a_one_channel_stem_only(ds_cnn: dict[str, Path], tmp_path: Path) -> None:
+    from converters.source import load_source
+    from converters.tflite import TFLiteConverter
+    from edgekit.profiles import find_profile
+
+    conv = TFLiteConverter()
+    conv.check(load_source(ds_cnn["model"], tmp_path / "work"), find_profile("raspberry-pi-5"))
+    (mixed,) = [r for r in conv.recipes(find_profile("raspberry-pi-5"), 400, 400) if r.name == "int8-xnnpack-mixed"]
+    assert mixed.options.float_narrow_convs and mixed.options.float_ops == () and mixed.options.keep_sensitive == 1
