@@ -27,6 +27,8 @@ Peers:
 - ``inc``: Intel Neural Compressor for ONNX Runtime (``onnx-neural-compressor``):
   ``quantize`` with ``StaticQuantConfig`` defaults (QOperator, U8S8, per-tensor, MinMax)
   except ``calibration_sampling_size`` = every calibration image.
+- ``olive`` (Microsoft Olive): one ``OnnxStaticQuantization`` pass with its defaults on the float
+  ``.onnx``, the calibration images through a registered dataset (``olive.workflows.run``).
 """
 
 from __future__ import annotations
@@ -194,7 +196,64 @@ def inc(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
         f"onnx_neural_compressor quantize, StaticQuantConfig defaults (QOperator U8S8 per-tensor MinMax), {len(calib)} samples"
 
 
-PEERS = {"litert-plain": litert_plain, "aiq": aiq, "ort-plain": ort_plain, "nncf": nncf_peer, "aimet": aimet, "inc": inc}
+OLIVE_USER_SCRIPT = '''
+import numpy as np
+import torch
+from olive.data.registry import Registry
+
+
+class NpzImages(torch.utils.data.Dataset):
+    def __init__(self, path, input_name):
+        self.x = np.load(path)["x"].astype(np.float32)
+        self.input_name = input_name
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {self.input_name: torch.from_numpy(self.x[i])}, 0
+
+
+@Registry.register_dataset()
+def npz_images(path, input_name):
+    return NpzImages(path, input_name)
+'''
+
+
+def olive(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
+    import shutil
+
+    t0 = time.perf_counter()
+    from olive.workflows import run as olive_run
+
+    t1 = time.perf_counter()
+    out = Path(spec["out"])
+    work = out.parent / "olive-work"
+    work.mkdir(exist_ok=True)
+    script = work / "olive_user_script.py"
+    script.write_text(OLIVE_USER_SCRIPT)
+    name = _onnx_input_name(spec["float"])
+    config = {
+        "input_model": {"type": "ONNXModel", "model_path": spec["float"]},
+        "systems": {"local_system": {"type": "LocalSystem",
+                                     "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "data_configs": [{"name": "calib", "user_script": str(script),
+                          "load_dataset_config": {"type": "npz_images", "params": {"path": spec["calib"], "input_name": name}}}],
+        "passes": {"quantization": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
+        "host": "local_system", "target": "local_system",
+        "output_dir": str(work / "output"), "cache_dir": str(work / "cache"), "log_severity_level": 3,
+    }
+    olive_run(config)
+    produced = work / "output" / "model.onnx"
+    shutil.copyfile(produced, out)
+    for extra in produced.parent.glob("model.onnx.*"):  # external data, renamed with the model
+        shutil.copyfile(extra, out.parent / extra.name.replace("model.onnx", out.name))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"import_s": t1 - t0, "versions": _versions("olive-ai", "onnxruntime", "onnx")}, \
+        "olive.workflows.run, one OnnxStaticQuantization pass with its defaults"
+
+
+PEERS = {"litert-plain": litert_plain, "aiq": aiq, "ort-plain": ort_plain, "nncf": nncf_peer, "aimet": aimet, "inc": inc, "olive": olive}
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,8 @@ and importing the tool, as a user waits for it):
   within ``--max-accuracy-drop 0.3``, ``--allow-over-budget``); plain LiteRT PTQ (the
   ``TFLiteConverter`` script); Google's ``ai-edge-quantizer`` (static a8w8) on the float .tflite.
 - ONNX: ``edgekit convert --format onnx`` (same options); plain ORT ``quantize_static``; NNCF;
-  AIMET ONNX (CLE + AdaRound); Intel Neural Compressor (``onnx-neural-compressor``).
+  AIMET ONNX (CLE + QuantSim; AdaRound with ``--aimet-adaround N``); Intel Neural Compressor (``onnx-neural-compressor``); Microsoft
+  Olive (one ``OnnxStaticQuantization`` pass).
 
 The peers run from their own venvs (``scripts/peers-venv.sh``, cached under
 ``$EDGEKIT_PEERS_CACHE/peers-venv``, default /var/cache/edgekit) through ``bench/peers_worker.py``;
@@ -46,7 +47,7 @@ budget. Writes ``bench/results/quantization_peers.json`` and the section between
 ``quantization_peers`` markers in docs/benchmarks.md.
 
     python bench/quantization_peers.py [--models dsb_cnn,mnist_cnn,mobilenet_v2,mobilenet_v3_small]
-        [--peers ...] [--reps 1] [--rounds 7] [--no-docs] [--no-build-peers]
+        [--peers ...] [--reps 1] [--rounds 7] [--aimet-adaround N] [--no-docs] [--no-build-peers]
 """
 
 from __future__ import annotations
@@ -67,7 +68,19 @@ import time
 
 import numpy as np
 
-from bench.harness import ROOT, OtherLoad, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.harness import (
+    RESULTS_DIR,
+    ROOT,
+    OtherLoad,
+    Ratio,
+    host_facts,
+    median,
+    prepare_process,
+    print_table,
+    quiet,
+    ratio_rows,
+    write_result,
+)
 
 NAME = "quantization_peers"
 PROFILE = "x86-64-avx512-server"
@@ -87,10 +100,13 @@ SIDES = {
     "aiq": ("tflite", "aiq", "ai-edge-quantizer static a8w8"),
     "ort-plain": ("onnx", None, "plain ORT quantize_static"),
     "nncf": ("onnx", "nncf", "NNCF quantize"),
-    "aimet": ("onnx", "aimet", "AIMET CLE + AdaRound"),
+    "aimet": ("onnx", "aimet", "AIMET CLE + QuantSim"),
     "inc": ("onnx", "inc", "Intel Neural Compressor (ONNX)"),
+    "olive": ("onnx", "olive", "Microsoft Olive static quantization"),
 }
-ADAROUND_ITERATIONS = 1000  # per layer, MNIST models; AIMET's default is 10,000
+# AdaRound per layer (MNIST models; AIMET's default is 10,000): off by default. Here AIMET's fixed cost per layer
+# (sampling each layer's activations) made even 50 iterations take 236 s on dsb_cnn on the loaded 2-core host.
+ADAROUND_ITERATIONS = 0
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- quantization_peers:begin -->", "<!-- quantization_peers:end -->"
 
@@ -270,7 +286,9 @@ def run_peer(side: str, float_in: Path, calib: Path, out: Path, options: dict) -
     spec = out.with_suffix(".spec.json")
     spec.write_text(json.dumps({"peer": side, "float": str(float_in), "calib": str(calib), "out": str(out), "options": options}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"})
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
+                # Olive 0.13: without CI set it logs a telemetry heartbeat and waits ~10 s at exit to flush it (no network)
+                "OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"})
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([str(py), str(WORKER), str(spec)], capture_output=True, text=True, timeout=PEER_TIMEOUT_S, check=False,
@@ -450,15 +468,30 @@ def acts_label(counts: dict[str, int]) -> tuple[str, bool]:
 # ---------------------------------------------------------------- one model
 
 
+def _edgekit_commit() -> str:
+    """The checkout's commit, with '+changes' when tracked files differ from it (the tree edgekit ran from)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def bench_model(label: str, work: Path, sides: list[str], args) -> dict:
     t_model = time.perf_counter()
+    import datetime as dt
+
+    run_at = dt.datetime.now(dt.UTC).isoformat(timespec="minutes")
+    commit = _edgekit_commit()
     files = prepare_model(label, work)
     d = work / label
     d.mkdir(exist_ok=True)
     print(f"\n{label}: float models ...", flush=True)
     floats = float_models(files, d)
     ek_floats = edgekit_floats(files["model"], d)
-    options = {"adaround_iterations": ADAROUND_ITERATIONS if files["accuracy"] else 0}
+    options = {"adaround_iterations": args.aimet_adaround if files["accuracy"] else 0}
     rows: list[dict] = []
     for fmt in ("tflite", "onnx"):
         for side in sides:
@@ -521,7 +554,8 @@ def bench_model(label: str, work: Path, sides: list[str], args) -> dict:
         for k in ("model", "float_ref"):
             if k in r:
                 r[k] = str(r[k])
-    return {"model": label, "accuracy": files["accuracy"], "test_images": n_test, "float_top1": acc_float,
+    return {"model": label, "run_at": run_at, "edgekit_commit": commit, "accuracy": files["accuracy"], "test_images": n_test,
+            "float_top1": acc_float,
             "float_lat_ms": {"tflite": lat[f"float {floats['tflite']}"], "onnx": lat[f"float {floats['onnx']}"],
                              "edgekit tflite": lat[f"float {ek_floats['tflite']}"], "edgekit onnx": lat[f"float {ek_floats['onnx']}"]},
             "rows": rows, "latency_other_load_cores": load.cores, "seconds": time.perf_counter() - t_model}
@@ -585,27 +619,30 @@ HEADERS = ["model", "format", "side", "activations", "top-1", "drop pt [95% CI]"
 def render_doc(host: dict, peers_versions: dict, results: list[dict], ratios: list[Ratio], args, started: str, took: float) -> str:
     v = host["versions"]
     lines = [BEGIN, "## Quantization vs peer tools (issue 11, `bench/quantization_peers.py`)", "",
-             f"Written by `make bench` (`python bench/quantization_peers.py`), run of {started} "
+             (f"Written by `make bench` (`python bench/quantization_peers.py`), run of {started} "
              f"({took / 60:.0f} min). Machine: {host['cpu']}, {host['cpus']} cores "
              f"({', '.join(host['cpu_flags'])}), {host['mem_gib']} GiB, {host['system']}, no GPU; shared, so wall times are "
-             f"indicative (load average {host['loadavg_at_start'][0]:.1f} at start).",
+             f"indicative (load average {host['loadavg_at_start'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)."),
              f"Project venv: Python {host['python']}, " + ", ".join(f"{k} {v[k]}" for k in v) + ".",
              "Peers (own venvs, `scripts/peers-venv.sh`): "
              + (", ".join(f"{k} {val}" for k, val in peers_versions.items()) or "none installed") + ".", "",
-             f"Every side quantizes the same float model with the same calibration images; edgekit runs "
+             (f"Every side quantizes the same float model with the same calibration images; edgekit runs "
              f"`edgekit convert --profile {PROFILE} --max-accuracy-drop {MAX_DROP} --allow-over-budget` with a selection set as `--eval`; "
              "every file is then scored here on a test set no side saw, with one evaluator: LiteRT (XNNPACK) for .tflite, "
              "ONNX Runtime CPU EP for .onnx, batch 1, 1 thread. Drop: float minus int8 top-1 in the same runtime, "
-             "95% CI of the paired per-image difference. Latency: median of "
+             "with an Agresti-Min 95% interval for the paired difference. Latency: median of "
              f"{args.rounds} interleaved rounds (each the median of a block of runs), against the float model the side started "
              "from (edgekit: its own float export). Activations: input dtype of every conv / fully-connected node in the file. "
              f"Wall: the side's whole process (Python start, imports, quantization; edgekit also its recipe search and evaluation), "
-             f"median of {args.reps}. MobileNets have random weights (`weights=None`): size and latency only.", ""]
+             f"median of {args.reps}. MobileNets have random weights (`weights=None`): size and latency only."), ""]
     for m in results:
         n = f"{m['test_images']} test images" if m["test_images"] else "no accuracy (random weights)"
         fl = ", ".join(f"{k} {v:.1f}%" for k, v in m["float_top1"].items())
         fl_lat = ", ".join(f"{k} {v * 1e3:.0f} µs" for k, v in m["float_lat_ms"].items())
-        lines.append(f"- `{m['model']}`: {n}" + (f"; float top-1 {fl}" if fl else "") + f"; float latency {fl_lat}.")
+        busy = m["latency_other_load_cores"]
+        lines.append(f"- `{m['model']}` (measured {m['run_at']}, edgekit at {m['edgekit_commit']}): {n}"
+                     + (f"; float top-1 {fl}" if fl else "") + f"; float latency {fl_lat}"
+                     + (f"; other processes kept {busy:.1f} cores busy during its latency rounds" if busy is not None else "") + ".")
     lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for m in results:
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(m)]
@@ -655,6 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(s for s in SIDES if s != "edgekit"), help="Comma-separated peers to run besides edgekit.")
     ap.add_argument("--reps", type=int, default=1, help="Timed runs of each side (wall time: median; default 1).")
     ap.add_argument("--rounds", type=int, default=7, help="Interleaved latency rounds (default 7).")
+    ap.add_argument("--aimet-adaround", type=int, default=ADAROUND_ITERATIONS, metavar="N",
+                    help="AdaRound iterations per layer for AIMET on the MNIST models (default 0: CLE + min-max only).")
+    ap.add_argument("--merge", action="store_true",
+                    help="Keep the models of the last results file that this run does not measure (each keeps its own date).")
     ap.add_argument("--no-docs", action="store_true", help="Do not rewrite the section in docs/benchmarks.md.")
     ap.add_argument("--no-build-peers", action="store_true", help="Do not run scripts/peers-venv.sh first.")
     args = ap.parse_args(argv)
@@ -675,7 +716,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import_tensorflow()
     sides = ["edgekit", *args.peers]
-    results = [bench_model(m, scratch, sides, args) for m in args.models]
+    results = []
+    for m in args.models:
+        results.append(bench_model(m, scratch, sides, args))
+        write_result(NAME + ".partial", host, {"models": results})  # a run cut short keeps what it measured
+    if args.merge:
+        previous = RESULTS_DIR / f"{NAME}.json"
+        old = json.loads(previous.read_text())["models"] if previous.exists() else []
+        fresh = {m["model"] for m in results}
+        results += [m for m in old if m["model"] not in fresh]
+        results.sort(key=lambda m: MODELS.index(m["model"]))
     for m in results:
         print_table(f"{m['model']}: INT8 vs float, test set {m['test_images'] or '-'} images, 1 thread, host {host['cpu']}", HEADERS,
                     table_rows(m), text_columns=4)

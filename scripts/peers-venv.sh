@@ -10,12 +10,13 @@
 #   $CACHE/peers-venv/inc    onnx-neural-compressor 1.0 (Intel Neural Compressor for ONNX Runtime; the
 #                            neural-compressor 3.10 wheel has only torch/tensorflow/jax backends;
 #                            it takes numpy 1.26 in its own venv)
+#   $CACHE/peers-venv/olive  olive-ai 0.13 (Microsoft Olive; torch 2.13.0 CPU; it imports requests undeclared)
 # $CACHE is $EDGEKIT_PEERS_CACHE, default /var/cache/edgekit (outside the checkout).
 # Each venv gets a stamp file holding the hash of its requirement line; a venv whose stamp
 # matches is left alone, so a second run is a no-op. A peer that fails leaves
 # $CACHE/peers-venv/<peer>.failed with pip's last lines, which the benchmark reports.
 #
-#   scripts/peers-venv.sh [peer ...]     (default: all four); prints one line per peer
+#   scripts/peers-venv.sh [peer ...]     (default: all five); prints one line per peer
 set -uo pipefail
 
 CACHE=${EDGEKIT_PEERS_CACHE:-/var/cache/edgekit}
@@ -26,9 +27,10 @@ declare -A REQS=(
   [aiq]="ai-edge-quantizer==0.10.0 ai-edge-litert==2.3.0"
   [nncf]="nncf==3.4.0 onnx==1.23.2 onnxruntime==1.32.0"
   [aimet]="aimet-onnx==2.42.0 torch==2.13.0 onnx==1.23.2 onnxruntime==1.32.0"
+  [olive]="olive-ai[cpu]==0.13.0 torch==2.13.0 requests onnx==1.23.2 onnxruntime==1.32.0"
   [inc]="onnx-neural-compressor==1.0 onnx==1.23.2 onnxruntime==1.32.0 prettytable py-cpuinfo psutil scipy"
 )
-ORDER=(aiq nncf aimet inc)
+ORDER=(aiq nncf aimet inc olive)
 
 mkdir -p "$BASE" || { echo "Error: cannot create $BASE" >&2; echo "Hint: set EDGEKIT_PEERS_CACHE to a writable directory." >&2; exit 1; }
 exec 9>"$BASE/.lock"
