@@ -216,7 +216,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
             verification = (f"{ctx.judge.budget_text}: recipe chosen {on_host} on a selection split of {len(split.selection)} examples; the "
                             f"reported figures are on a test split of {len(split.test)} examples the choice never saw; latency measured "
                             f"there too ({sp.how})",)
-            if cand.evaluation is not None and not cand.evaluation.within_budget:
+            if cand.selection is not None and cand.selection.within_budget and cand.evaluation is not None and not cand.evaluation.within_budget:
                 warnings.append(f"within the budget ({ctx.judge.budget_text}) on the selection split, not on the test split "
                                 f"(drop {cand.evaluation.drop:.2f} there)")
         if sp.host.note:
