@@ -146,12 +146,18 @@ class CoreMLConverter(Converter):
         loaded = tf.saved_model.load(str(source.saved_model_dir))
         fn = loaded.signatures["serving_default"]
         inputs = [ct.TensorType(name=s.name, shape=s.shape, dtype=np.dtype(s.dtype).type) for s in source.inputs]
+        outputs = [ct.TensorType(dtype=np.float32) for _ in source.outputs]
+        # Several outputs must be named (coremltools refuses unnamed ones): the signature's graph outputs, which follow its
+        # sorted output keys, put in the source's order (e.g. the app's softmax, then the logits kept by converters.confidence).
+        by_key = dict(zip(sorted(fn.structured_outputs), (t.name.split(":")[0] for t in fn.outputs)))
+        if len(source.outputs) > 1 and all(s.name in by_key for s in source.outputs):
+            outputs = [ct.TensorType(name=by_key[s.name], dtype=np.float32) for s in source.outputs]
         with captured_output() as log:
             try:
                 # float32 I/O keeps the source's interface and the golden set's dtype; coremltools would
                 # otherwise give a FLOAT16 program float16 I/O for iOS16+ targets.
                 model = ct.convert([fn], source="tensorflow", convert_to="mlprogram", compute_precision=precision,
-                                   inputs=inputs, outputs=[ct.TensorType(dtype=np.float32) for _ in source.outputs], **kwargs)
+                                   inputs=inputs, outputs=outputs, **kwargs)
             except Exception as e:  # the converter raises NotImplementedError, ValueError, RuntimeError...
                 err = e
             else:

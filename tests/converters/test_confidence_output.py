@@ -105,9 +105,10 @@ def test_the_app_output_is_unchanged_first_and_what_predict_returns(with_logits,
     assert pa.shape == (len(x), 10)
     np.testing.assert_array_equal(pa, a.run({a.inputs[0].name: x})["output_0"])
     np.testing.assert_allclose(pa.sum(axis=1), 1.0, atol=0.03)  # probabilities, not logits
-    # the same int8 softmax: at most one step apart where calibration ranges differ in the last bit, and the same answers
-    assert float(np.abs(pa - pb).max()) <= 1 / 256 + 1e-6
-    assert float((pa.argmax(1) == pb.argmax(1)).mean()) >= 0.995
+    same_recipe = a.manifest.quantization.recipe == b.manifest.quantization.recipe  # the choice weighs host timing, so it may differ
+    if same_recipe:  # the same int8 softmax: at most one step apart where calibration ranges differ in the last bit
+        assert float(np.abs(pa - pb).max()) <= 1 / 256 + 1e-6
+    assert float((pa.argmax(1) == pb.argmax(1)).mean()) >= (0.995 if same_recipe else 0.97)
     assert a.manifest.metrics["int8_accuracy"].value == pytest.approx(b.manifest.metrics["int8_accuracy"].value, abs=0.5)
 
 
@@ -189,3 +190,78 @@ def test_logits_mode_refuses_a_model_without_softmax(tmp_path: Path, run_cli) ->
     assert len(open_bundle(r["results"][0]["bundle"]).manifest.outputs) == 1
     code, _out, err = run_cli(*args, "--out", tmp_path / "c", "--confidence-output", "bogus")
     assert code == 2 and "bogus" in err
+
+
+def test_the_manifest_gains_no_key_an_older_agent_would_refuse(with_logits, without) -> None:
+    """The manifest models forbid unknown keys, so the marker lives in ``metrics`` (a name -> Metric map): apart from
+    metric names, a bundle with the logits output has exactly the keys of one without, at every level."""
+    _, dirs = with_logits
+
+    def keys(d, path=""):
+        if isinstance(d, dict):
+            out = set()
+            for k, v in d.items():
+                here = f"{path}.*" if path.endswith("metrics") else f"{path}.{k}"
+                out |= {here} | keys(v, here)
+            return out
+        if isinstance(d, list):
+            return set().union(*(keys(v, path + "[]") for v in d)) if d else set()
+        return set()
+
+    a = json.loads((dirs["tflite"] / "manifest.json").read_text())
+    b = json.loads((without / "manifest.json").read_text())
+    assert keys(a) == keys(b)
+    assert CONFIDENCE_OUTPUT_METRIC in a["metrics"] and CONFIDENCE_OUTPUT_METRIC not in b["metrics"]
+
+
+def test_same_recipe_same_app_output(digits, tmp_path: Path) -> None:
+    """With the recipe fixed (the run's choice weighs host timing), the two-output graph quantizes the app's path exactly as
+    the one-output graph does: the INT8 softmax is the same, value for value."""
+    from converters.confidence import with_confidence_output
+    from converters.source import load_source
+    from converters.tflite import TFLiteConverter
+    from edgekit.profiles import find_profile
+    from edgekit.runtime import load_model_file
+
+    prof = find_profile("raspberry-pi-5")
+    conv = TFLiteConverter()
+    x = np.load(digits["eval"])["x"]
+    plain = load_source(digits["model"], tmp_path)
+    calib = {plain.input_names[0]: np.load(digits["calib"])["x"]}
+    two, plan = with_confidence_output(load_source(digits["model"], tmp_path), "auto", "classification")
+    assert plan.added and two.output_names == ("output_0", "output_1")
+    recipe = conv.recipes(prof, 200, 500)[0]
+    outs = []
+    for name, src in (("one", plain), ("two", two)):
+        d = tmp_path / name
+        d.mkdir()
+        m = load_model_file(conv.convert(src, prof, recipe, calib, d), "tflite")
+        outs.append(m.run({m.inputs[0].name: x})["output_0"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_coreml_bundle_keeps_the_app_output_first(digits, tmp_path: Path) -> None:
+    """Core ML cannot predict here, so the order is read from the ML Program: output 0 comes from the softmax, output 1 from
+    the linear layer (the logits)."""
+    import coremltools as ct
+
+    from converters.pipeline import ConvertOptions, run_convert
+
+    r = run_convert(ConvertOptions(model=digits["model"], profiles=("iphone-15-pro",), formats=("coreml",), calibration=digits["calib"],
+                                   eval=digits["eval"], out=tmp_path / "out", name="digits", latency_runs=3)).results[0]
+    m = r.manifest
+    assert len(m.outputs) == 2 and m.confidence_output == m.outputs[1]
+    assert m.metrics["confidence_output.size_bytes_without"].status == "not_measurable"
+    spec = ct.utils.load_spec(str(r.bundle_dir / m.file))
+    assert [o.name for o in spec.description.output] == [o.name for o in m.outputs]
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[next(iter(fn.block_specializations))]
+    made_by = {o.name: op for op in block.operations for o in op.outputs}
+
+    def source_op(name: str) -> str:
+        op = made_by[name]
+        while op.type == "cast":
+            op = made_by[op.inputs["x"].arguments[0].name]
+        return op.type
+
+    assert [source_op(o) for o in block.outputs] == ["softmax", "linear"]
