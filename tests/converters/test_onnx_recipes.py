@@ -262,7 +262,7 @@ def _executed_ops(path: Path, tmp_path: Path, replay: bool = True) -> list[str]:
     if path.suffix == ".ort" and replay:
         so.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    s.run(None, {s.get_inputs()[0].name: np.zeros((1, 28, 28, 1), np.float32)})
+    s.run(None, {s.get_inputs()[0].name: np.zeros(s.get_inputs()[0].shape, np.float32)})
     events = json.loads(Path(s.end_profiling()).read_text())
     return [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
 
@@ -305,3 +305,55 @@ def test_layout_per_execution_provider(ds_cnn, tmp_path: Path, profile: str) -> 
         stored = _executed_ops(path, tmp_path, replay=False)
         assert ("QLinearConv" in stored) == (lay.ort_style == "fixed") == ("Conv" not in stored), stored
         assert (lay.ort_style == "fixed") == (lay.ep == "CPUExecutionProvider")
+
+
+@pytest.fixture(scope="session")
+def relu6_residual() -> dict[str, Path]:
+    """A MobileNetV2-style block (conv-BN-ReLU6, depthwise, pointwise, residual add, GAP, dense) with random weights (cached)."""
+    d = CACHE / "relu6-residual"
+    files = {"model": d / "model.keras", "calib": d / "calib.npz"}
+    if all(p.exists() for p in files.values()):
+        return files
+    import keras
+
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    x = keras.Input((16, 16, 3))
+    h = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    y = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(h)))
+    y = L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(y))
+    out = L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(L.Add()([h, y])))
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    keras.Model(x, out).save(tmp / "model.keras")
+    np.savez(tmp / "calib.npz", x=np.random.default_rng(0).uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    return files
+
+
+def test_runtime_style_ort_falls_back_to_prefused_groups_when_its_record_cannot_replay(relu6_residual, tmp_path: Path) -> None:
+    """ORT 1.32 saves a Runtime-style record it cannot replay for this block ('Not enough produced nodes'); unreplayed,
+    every QDQ group would run in float, so the converter stores the groups fused."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    from converters.onnx import ONNXConverter, _replays
+    from converters.source import load_source
+    from edgekit.profiles import find_profile
+
+    conv, prof = ONNXConverter(), find_profile("pixel-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    src = load_source(relu6_residual["model"], work)
+    (name,) = src.input_names
+    out = tmp_path / "out"
+    out.mkdir()
+    path = conv.convert(src, prof, conv.recipes(prof, 16, 16)[0], {name: np.load(relu6_residual["calib"])["x"]}, out)
+    # the plain Runtime-style conversion of the same QDQ file is the one that cannot replay (the reason for the fallback)
+    plain = tmp_path / "plain"
+    convert_onnx_models_to_ort(out / "model.onnx", output_dir=plain, optimization_styles=[OptimizationStyle.Runtime], target_platform="arm")
+    assert not _replays(next(plain.glob("*.ort")))
+    assert _replays(path)
+    ops = _executed_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "QLinearAdd" in ops, ops
