@@ -48,7 +48,9 @@ def test_accuracy_and_agreement_are_measured(digits_bundles) -> None:
         assert m["accuracy_drop"].value <= 1.0 and m["agreement"].value >= 95
         assert 0 < m["size_ratio"].value < 0.5
         assert m["host_latency_ms_p50"].value > 0 and m["float_host_latency_ms_p50"].value > 0
-        assert r.attempts[-1].chosen and r.attempts[-1].within_budget
+        # one candidate is kept and it is within budget; recipes after it may still be tried (the best is slower than float)
+        (chosen,) = [a for a in r.attempts if a.chosen]
+        assert chosen.within_budget
 
 
 def test_ops_are_checked_against_the_profile(digits_bundles) -> None:
