@@ -248,7 +248,7 @@ def app_output_first(ctx: RunContext, fmt: str, path: Path) -> None:
     sig = m.signatureDefs[0]
     app = next((t.tensorIndex for t in sig.outputs if _tflite_output_name(t) == plan.app_output), None)
     sg = m.subgraphs[0]
-    if app is None or list(sg.outputs)[0] == app:
+    if app is None or next(iter(sg.outputs)) == app:
         return
     sg.outputs = [app, *(i for i in sg.outputs if i != app)]
     sig.outputs = sorted(sig.outputs, key=lambda t: t.tensorIndex != app)

@@ -130,8 +130,8 @@ def test_golden_check_and_agent_install_take_the_bundle(with_logits, run_cli, tm
 
 def test_golden_check_fails_when_the_logits_output_drifts(with_logits, tmp_path: Path) -> None:
     """Every output is checked: a wrong logits reference fails the golden set even though the app output agrees."""
-    from edgekit.bundle import GOLDEN_FILE, write_bundle
     from edgekit import signing
+    from edgekit.bundle import GOLDEN_FILE, write_bundle
 
     _, dirs = with_logits
     b = open_bundle(dirs["tflite"])
@@ -146,10 +146,10 @@ def test_golden_check_fails_when_the_logits_output_drifts(with_logits, tmp_path:
 
 def test_onnx_source_gets_a_logits_output(digits, tmp_path: Path) -> None:
     """An ONNX classifier ending in Softmax: its input becomes the graph output 'logits' (float)."""
+    import keras
     import onnx
 
     from hybrid_router.cloud_model import export_keras_onnx
-    import keras
 
     src = tmp_path / "digits.onnx"
     export_keras_onnx(keras.models.load_model(digits["model"], compile=False), src)
