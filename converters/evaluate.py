@@ -245,8 +245,9 @@ def input_independence_warnings(judge: Judge) -> list[str]:
             peak = float(np.abs(f).max())
             if peak > 0 and margin < peak / 256:
                 out.append(f"the float model's top-1 margins (median {margin:.3g}) are below one int8 step of its output (peak {peak:.3g} / 256): "
-                           "top-1 agreement will be decided by rounding (an untrained model's near-uniform softmax?); "
-                           "--task generic judges the outputs by SQNR instead")
+                           "top-1 agreement will be decided by rounding (an untrained model's near-uniform softmax?); where the "
+                           "output is int8 (TFLite's softmax step is fixed at 1/256) every probability below 1/512 rounds to 0, which "
+                           "--task generic rejects too (0 dB SQNR): convert the trained model")
         top = _top1(judge.float_out[judge.outputs[0]], judge.class_axis)
         if len(top) > 1 and len(np.unique(top)) == 1:
             out.append(f"the float model predicts class {int(top[0])} for every evaluation input, so top-1 agreement is trivially "
