@@ -28,7 +28,7 @@ import numpy as np
 
 from converters import quant_math as qm
 
-__all__ = ["Equalization", "BiasCorrection", "correct_bias", "equalize", "transform_clone"]
+__all__ = ["BiasCorrection", "Equalization", "correct_bias", "equalize", "transform_clone"]
 
 _MAX_BC_BYTES = 768 * 2**20  # largest activation tensor x samples held at once by correct_bias
 
@@ -296,8 +296,13 @@ def _bc_samples(graph, n: int) -> int:
     return int(max(16, min(n, _MAX_BC_BYTES // (4 * biggest * 3))))
 
 
-def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = True, per_channel: bool = True) -> BiasCorrection:
-    """Empirical bias correction in place on ``model`` (a clone you own) from calibration ``inputs`` (one array per model input)."""
+def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = True, per_channel: bool = True,
+                 float_narrow: int = 0) -> BiasCorrection:
+    """Empirical bias correction in place on ``model`` (a clone you own) from calibration ``inputs`` (one array per model input).
+
+    ``float_narrow``: convolutions on at most this many input channels stay float in the model TFLite will
+    build (``TFLiteOptions.float_narrow_convs``): their kernels are not fake-quantized and their biases not moved.
+    """
     keras = _keras()
     graph = _graph(model)
     units, _ = _units(graph)
@@ -347,7 +352,10 @@ def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = T
 
     # 2. kernels fake-quantized as TFLite quantizes them (the folded kernel), then the corrected pass
     saved = {id(u.layer): u.raw_kernel() for u in units}
+    kept_float = {id(u.layer) for u in units if u.kind != "dense" and 0 < (u.node.input_tensors[0].shape[-1] or 0) <= float_narrow}
     for u in units:
+        if id(u.layer) in kept_float:
+            continue
         fold = u.fold()
         k = u.kernel()
         fq = qm.fake_quant_weights(k, -1 if per_channel else None).astype(np.float64)
@@ -374,6 +382,8 @@ def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = T
 
     def _shift(u: _Unit, y: np.ndarray) -> np.ndarray:
         mean_f = float_mean.get(id(u.layer))
+        if id(u.layer) in kept_float:
+            return y
         if mean_f is None or not u.can_shift():
             rep.skipped.append(u.layer.name)
             return y
@@ -392,7 +402,7 @@ def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = T
 
 
 def transform_clone(model, *, cle: bool, bias_correction: bool, calibration: list[np.ndarray] | None,
-                    per_channel: bool = True) -> tuple[object, list[str]]:
+                    per_channel: bool = True, float_narrow: int = 0) -> tuple[object, list[str]]:
     """A clone of ``model`` with the transforms applied (the source is never touched) and what was done, in words."""
     keras = _keras()
     clone = keras.models.clone_model(model)
@@ -404,7 +414,7 @@ def transform_clone(model, *, cle: bool, bias_correction: bool, calibration: lis
     if bias_correction:
         if calibration is None:
             raise ValueError("bias correction needs calibration data")
-        bc = correct_bias(clone, calibration, per_channel=per_channel)
+        bc = correct_bias(clone, calibration, per_channel=per_channel, float_narrow=float_narrow)
         notes.append(f"bias correction: {len(bc.layers)} layer(s) on {bc.samples} calibration samples"
                      + (f", {len(bc.skipped)} without a bias left as they are" if bc.skipped else ""))
     return clone, notes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -193,9 +193,12 @@ class TFLiteConverter(Converter):
             # HARD_SWISH (each splits the graph; MobileNetV3Small int8 2.45x float, 0.86x with them in float), and its
             # int8 convolutions on 1-3 input channels run 3.5-7x slower than float (MNIST example int8 2.1x float, 0.72x).
             kept = [f"the {hard_swish} HARD_SWISH ops"] * bool(hard_swish) + [f"{narrow} stem convolution(s) on <= 3 channels"] * bool(narrow)
+            islands = TFLiteOptions(io=io, float_ops=("HARD_SWISH",) if hard_swish else (), float_narrow_convs=bool(narrow),
+                                    keep_sensitive=hard_swish + narrow)
             out.insert(1, Recipe("int8-xnnpack-mixed", f"full int8 except {' and '.join(kept)}, kept in float32 inside XNNPACK's partition",
-                                 options=TFLiteOptions(io=io, float_ops=("HARD_SWISH",) if hard_swish else (), float_narrow_convs=bool(narrow),
-                                                       keep_sensitive=hard_swish + narrow)))
+                                 options=islands))
+            out.insert(3, Recipe("int8-xnnpack-mixed-cle", "int8-xnnpack-mixed after cross-layer equalization",
+                                 options=replace(islands, cle=True)))
         if calibration_count > calibration_cap:
             out.append(Recipe(f"int8-per-channel-all-{calibration_count}", f"full int8, per-channel, all {calibration_count} calibration samples",
                               options=TFLiteOptions(io=io, calibration_all=True)))
@@ -220,7 +223,7 @@ class TFLiteConverter(Converter):
         try:
             clone, _ = transform_clone(base, cle=o.cle, bias_correction=o.bias_correction,
                                        calibration=[np.asarray(calibration[k], dtype=np.float32) for k in source.input_names],
-                                       per_channel=recipe.per_channel)
+                                       per_channel=recipe.per_channel, float_narrow=NARROW_CHANNELS if o.float_narrow_convs else 0)
         except Exception as e:  # a layer pattern the transforms cannot walk: this recipe fails, the others still run
             raise ConversionError(f"recipe {recipe.name}: the Keras transforms failed: {type(e).__name__}: {str(e)[:200]}",
                                   "The other recipes do not transform the model; run with --debug for details.") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +248,14 @@ def test_convert_cli_runs_the_recipes_on_a_depthwise_cnn(ds_cnn: dict[str, Path]
     for name in ("int8-cle", "int8-bias-corrected", "int8-cle-bias-corrected"):
         assert not tried[name].get("error"), tried[name]  # built and measured, or skipped by the search with its reason
         assert tried[name].get("skipped") or tried[name]["accuracy_drop"] is not None
-    activations, _ = _tensor_dtypes(tmp_path / "ds-x86-64-avx512-server-tflite" / result["file"])
-    assert activations <= {"int8", "int32"} and "int8" in activations
+    bundle = tmp_path / "ds-x86-64-avx512-server-tflite"
+    activations, _ = _tensor_dtypes(bundle / result["file"])
+    precision = json.loads((bundle / "manifest.json").read_text())["quantization"]["precision"]
+    assert "int8" in activations
+    if result["recipe"].startswith("int8-xnnpack-mixed"):  # the 1-channel stem in float, and the label says so
+        assert activations == {"int8", "float32"} and "1 node(s) kept in float (mixed)" in precision
+    else:
+        assert activations <= {"int8", "int32"} and precision == "INT8"
 
 
 @pytest.fixture(scope="session")
@@ -307,11 +314,33 @@ def test_xnnpack_mixed_recipe_keeps_the_graph_in_one_xnnpack_partition(hard_swis
 
 
 def test_xnnpack_mixed_is_offered_for_a_one_channel_stem_only(ds_cnn: dict[str, Path], tmp_path: Path) -> None:
+    from collections import Counter
+
+    from converters.coverage_runtime import litert_xnnpack_placement
+    from converters.keras_transforms import correct_bias
     from converters.source import load_source
     from converters.tflite import TFLiteConverter
     from edgekit.profiles import find_profile
 
     conv = TFLiteConverter()
-    conv.check(load_source(ds_cnn["model"], tmp_path / "work"), find_profile("raspberry-pi-5"))
-    (mixed,) = [r for r in conv.recipes(find_profile("raspberry-pi-5"), 400, 400) if r.name == "int8-xnnpack-mixed"]
+    source = load_source(ds_cnn["model"], tmp_path / "work")
+    prof = find_profile("raspberry-pi-5")
+    conv.check(source, prof)
+    recipes = {r.name: r for r in conv.recipes(prof, 400, 400)}
+    mixed = recipes["int8-xnnpack-mixed"]
     assert mixed.options.float_narrow_convs and mixed.options.float_ops == () and mixed.options.keep_sensitive == 1
+    assert recipes["int8-xnnpack-mixed-cle"].options == replace(mixed.options, cle=True)
+    calib = np.load(ds_cnn["calib"])["x"]
+    path = conv.convert(source, prof, recipes["int8-xnnpack-mixed-cle"], {source.input_names[0]: calib}, tmp_path)
+    placed = litert_xnnpack_placement(path)
+    assert Counter(n.dtype for n in placed if n.op == "CONV_2D") == {"float32": 1, "int8": 2}  # the 1-channel stem only
+    assert {n.op for n in placed if n.placement != "xnnpack"} <= {"SOFTMAX"}
+    # bias correction leaves the float stem alone (no int8 error there) and corrects the int8 layers after it
+    import keras
+
+    model = keras.models.load_model(ds_cnn["model"])
+    stem = model.layers[1]
+    before = stem.bias.numpy().copy()
+    rep = correct_bias(model, [calib], float_narrow=3)
+    np.testing.assert_array_equal(stem.bias.numpy(), before)
+    assert stem.name not in rep.layers and len(rep.layers) == 5
