@@ -11,8 +11,10 @@ format gets the same two-output graph and no converter needs to know: output 0 s
   rebuilt with a linear activation and the same weights, followed by a ``Softmax`` layer.
 - ONNX: the graph's first output is made by a ``Softmax`` node (through ``Identity`` nodes);
   its input gets an ``Identity`` to a new graph output ``logits``.
-- SavedModel and PyTorch sources are left alone (said in the report): their softmax sits inside
-  a traced function this code does not rewrite.
+- PyTorch: the ExportedProgram's output is an ``aten.softmax`` node; its input is added to the
+  graph's outputs and the program re-exported with ``torch.export``.
+- SavedModel sources are left alone (said in the report): their softmax sits inside a traced
+  function this code does not rewrite.
 
 What each format makes of the extra output: ONNX QDQ keeps graph outputs float (the logits'
 final DequantizeLinear stays), so it is float32; full-integer TFLite quantizes every output, so
@@ -145,6 +147,40 @@ def _onnx_logits(path: Path, dest: Path) -> str | tuple[str, str]:
     return f"Softmax node '{node.name or node.output[0]}'", out
 
 
+_TORCH_SOFTMAX = ("aten.softmax.int", "aten._softmax.default")
+
+
+def _torch_logits(source: SourceModel) -> str | SourceModel:
+    """The ExportedProgram re-exported with the softmax's input as a second output, as a SourceModel; or why not."""
+    import torch
+
+    from converters.torch_source import program_source
+
+    gm = source.torch_program.module()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    results = out.args[0] if isinstance(out.args[0], (list, tuple)) else (out.args[0],)
+    if len(results) != 1 or not hasattr(results[0], "target"):
+        return f"the program has {len(results)} outputs"
+    sm = results[0]
+    if str(sm.target) not in _TORCH_SOFTMAX:
+        return f"the output is made by {sm.target}, not a softmax"
+    rank = len(source.outputs[0].shape)
+    if sm.args[1] not in (-1, rank - 1):
+        return f"the softmax runs over dim {sm.args[1]}, not the class axis"
+    out.args = ((sm, sm.args[0]),)
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # flat tuple out instead of the one-output pytree
+    gm.recompile()
+    args = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in source.inputs)
+    try:
+        program = torch.export.export(gm, args)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the source is then converted as it is
+        return f"torch.export could not re-export it with the logits ({type(e).__name__})"
+    new = program_source(program, source.path, source.workdir, source.sha256)
+    if new.input_names != source.input_names:
+        return f"the re-exported program renames the inputs ({new.input_names})"
+    return new
+
+
 def with_confidence_output(source: SourceModel, mode: str, task: str) -> tuple[SourceModel, ConfidencePlan]:
     """The source with its logits as a second output when ``mode`` asks for it and the model allows (see the module)."""
     if mode not in CONFIDENCE_MODES:
@@ -184,6 +220,12 @@ def with_confidence_output(source: SourceModel, mode: str, task: str) -> tuple[S
         found, _ = got
         new = load_onnx_source(sub / "with_logits.onnx", sub)
         new = dataclasses.replace(new, path=source.path, sha256=source.sha256, workdir=source.workdir, cache=dict(source.cache))
+    elif source.kind == "torch" and source.torch_program is not None:
+        got = _torch_logits(source)
+        if isinstance(got, str):
+            return unchanged(got)
+        new, found = got, "aten softmax node"
+        new.cache.update({k: v for k, v in source.cache.items() if k not in new.cache and not k.startswith("torch_onnx")})
     else:
         return unchanged(f"{source.kind} sources are not rewritten (the softmax sits inside a traced function); "
                          "convert the .keras or .onnx model to keep the logits")

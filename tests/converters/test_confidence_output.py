@@ -267,3 +267,34 @@ def test_coreml_bundle_keeps_the_app_output_first(digits, tmp_path: Path) -> Non
         return op.type
 
     assert [source_op(o) for o in block.outputs] == ["softmax", "linear"]
+
+
+def test_pytorch_module_gets_a_logits_output(tmp_path: Path) -> None:
+    """A torch module ending in softmax: the ExportedProgram is re-exported with the softmax's input as output 1."""
+    torch = pytest.importorskip("torch")
+    import edgekit
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return torch.softmax(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=-1)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = np.random.default_rng(0).random((64, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    report = edgekit.convert(net, (torch.zeros(1, 1, 8, 8),), profiles=("raspberry-pi-5",), formats=("onnx",), calibration=tmp_path / "cal.npz",
+                             out=tmp_path / "out", latency_runs=3)
+    m = report.results[0].manifest
+    assert report.confidence_output["output"] == "output_1" and "softmax" in report.confidence_output["found"]
+    assert [o.name for o in m.outputs] == ["output_0", "output_1"] and m.confidence_output == m.outputs[1]
+    model = load(report.results[0].bundle_dir)
+    z = model.run({model.inputs[0].name: x})["output_1"]
+    with torch.no_grad():
+        ref = net.fc(torch.relu(net.conv(torch.from_numpy(x))).flatten(1)).numpy()
+    assert 10 * np.log10((ref**2).sum() / ((z - ref) ** 2).sum()) > 25
+    p = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(p / p.sum(1, keepdims=True), model.predict(x), atol=0.02)  # output 0 is the softmax of output 1
