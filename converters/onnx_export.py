@@ -45,6 +45,7 @@ def _export_in_process(source: SourceModel, opset: int, path: Path) -> None:
     tf = import_tensorflow()
     import tf2onnx
 
+    _patch_tf2onnx_memory()
     loaded = tf.saved_model.load(str(source.saved_model_dir))
     sig = loaded.signatures["serving_default"]
     names = source.input_names
@@ -201,7 +202,7 @@ def _patch_tf2onnx_memory() -> None:
         return
     update_proto = graph.Node.update_proto
 
-    def fresh_update_proto(self, external_tensor_storage=None):  # noqa: ANN001, ANN202
+    def fresh_update_proto(self, external_tensor_storage=None):
         self._op.ClearField("attribute")
         fresh = type(self._op)()
         fresh.CopyFrom(self._op)
@@ -211,7 +212,7 @@ def _patch_tf2onnx_memory() -> None:
     fresh_update_proto._edgekit = True  # type: ignore[attr-defined]
     graph.Node.update_proto = fresh_update_proto
 
-    def deepcopy(x, memo=None):  # noqa: ANN001, ANN202
+    def deepcopy(x, memo=None):
         if isinstance(x, graph.Graph):
             gc.collect()  # the graph the previous pass replaced, before copying the next one
         return copy.deepcopy(x, memo)
@@ -220,7 +221,7 @@ def _patch_tf2onnx_memory() -> None:
     tf_loader.from_function = _lean_from_function(tf_loader.from_function)
 
 
-def _lean_from_function(from_function):  # noqa: ANN001, ANN202
+def _lean_from_function(from_function):
     """tf2onnx's ``tf_loader.from_function`` (freeze, then grappler), without the frozen ConcreteFunction and the session graph
     it keeps alive during grappler (two more copies of every weight: about 0.7 GB on ResNet50)."""
     import gc
@@ -228,7 +229,7 @@ def _lean_from_function(from_function):  # noqa: ANN001, ANN202
     import tensorflow as tf
     from tf2onnx import tf_loader
 
-    def lean(func, input_names, output_names, large_model=False):  # noqa: ANN001, ANN202
+    def lean(func, input_names, output_names, large_model=False):
         if large_model:
             return from_function(func, input_names, output_names, large_model)
         try:
