@@ -405,7 +405,7 @@ def _bytes(path: Path) -> int:
                                      and p.suffix not in (".npz", ".tflite", ".onnx", ".ort"))
 
 
-_GRID_KEEPING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu")
+_GRID_KEEPING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu", "Clip", "Pad")
 
 
 def activation_dtypes(path: Path) -> dict[str, int]:
@@ -518,6 +518,12 @@ def bench_model(label: str, work: Path, sides: list[str], args) -> dict:
             res.update(side=side, format=fmt, float_ref=ek_floats[fmt] if side == "edgekit" else floats[fmt])
             print(f"  {res['status']}" + (f", {res['wall_s']:.1f} s" if res.get("wall_s") else ""), flush=True)
             rows.append(res)
+    for r in rows:  # a file the runtime here cannot load or run is that side's failure, not the benchmark's
+        if r["status"] == "ok":
+            try:
+                predict(Path(r["model"]), np.load(files["calib"])["x"][:1].astype(np.float32))
+            except Exception as e:  # noqa: BLE001 - any runtime error is reported as the side's result
+                r["status"] = f"failed: {'LiteRT' if r['format'] == 'tflite' else 'ONNX Runtime'} cannot run the file: {_tail(str(e))}"
     ok = [r for r in rows if r["status"] == "ok"]
     # accuracy on the test set, one evaluator
     acc_float = {}
@@ -694,8 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="Interleaved latency rounds (default 7).")
     ap.add_argument("--aimet-adaround", type=int, default=ADAROUND_ITERATIONS, metavar="N",
                     help="AdaRound iterations per layer for AIMET on the MNIST models (default 0: CLE + min-max only).")
-    ap.add_argument("--merge", action="store_true",
-                    help="Keep the models of the last results file that this run does not measure (each keeps its own date).")
+    ap.add_argument("--merge", type=Path, nargs="?", const=RESULTS_DIR / f"{NAME}.json", metavar="RESULTS_JSON",
+                    help="Keep the models of an earlier results file (default the last one) that this run does not measure; "
+                         "each keeps its own date.")
     ap.add_argument("--no-docs", action="store_true", help="Do not rewrite the section in docs/benchmarks.md.")
     ap.add_argument("--no-build-peers", action="store_true", help="Do not run scripts/peers-venv.sh first.")
     args = ap.parse_args(argv)
@@ -716,13 +723,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import_tensorflow()
     sides = ["edgekit", *args.peers]
+    old = []  # read before this run overwrites the partial file
+    if args.merge:
+        old = json.loads(args.merge.read_text())["models"] if args.merge.exists() else []
     results = []
     for m in args.models:
         results.append(bench_model(m, scratch, sides, args))
         write_result(NAME + ".partial", host, {"models": results})  # a run cut short keeps what it measured
     if args.merge:
-        previous = RESULTS_DIR / f"{NAME}.json"
-        old = json.loads(previous.read_text())["models"] if previous.exists() else []
         fresh = {m["model"] for m in results}
         results += [m for m in old if m["model"] not in fresh]
         results.sort(key=lambda m: MODELS.index(m["model"]))
