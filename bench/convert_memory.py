@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = prepare_process()
     host = host_facts()
     rows, results = [], []
-    sides = [("edgekit tflite int8-per-channel", ["tflite", "int8-per-channel"]), ("edgekit tflite int16x8", ["tflite", "int16x8"]),
+    sides = [("edgekit tflite int8-per-channel", ["tflite", "int8-per-channel"]),
+             ("edgekit tflite int8-cle-bias-corrected", ["tflite", "int8-cle-bias-corrected"]), ("edgekit tflite int16x8", ["tflite", "int16x8"]),
              ("plain tflite", None), ("edgekit onnx qdq-minmax-per-channel", ["onnx", "qdq-minmax-per-channel"]),
              ("edgekit onnx qdq-minmax-per-channel-cle-bc", ["onnx", "qdq-minmax-per-channel-cle-bc"]),
              ("edgekit onnx qdq-percentile-per-channel-bc", ["onnx", "qdq-percentile-per-channel-bc"]),
