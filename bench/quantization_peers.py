@@ -607,7 +607,8 @@ def table_rows(m: dict) -> list[list[str]]:
     for r in m["rows"]:
         name = SIDES[r["side"]][2]
         if r["status"] != "ok":
-            out.append([m["model"], r["format"], name, "-", "-", "-", "-", "-", f"{r['wall_s']:.1f}" if r.get("wall_s") else "-", r["status"]])
+            status = r["status"] if len(r["status"]) <= 220 else r["status"][:217] + "..."
+            out.append([m["model"], r["format"], name, "-", "-", "-", "-", "-", f"{r['wall_s']:.1f}" if r.get("wall_s") else "-", status])
             continue
         acc = f"{r['top1']:.1f}%" if "top1" in r else "-"
         drop = f"{r['drop_pt']:+.1f} [{r['drop_lo']:+.1f}, {r['drop_hi']:+.1f}]" if "drop_pt" in r else "-"
