@@ -181,7 +181,7 @@ def compact_names(path: Path) -> None:
 
 
 def _patch_tf2onnx_memory() -> None:
-    """Two fixes to tf2onnx 1.17's ONNX optimizer loop, which otherwise peaks at 7.3 GiB on Keras ResNet50 (98 MB of weights; 2.4 GiB with them).
+    """Memory fixes to tf2onnx 1.17, which otherwise peaks at 7.3 GiB on Keras ResNet50 (98 MB of weights; 2.4 GiB with them).
 
     - Each of its ~24 optimizer passes ends in ``Node.update_proto``, which deletes a node's attributes and
       appends them again. Under protobuf's upb backend a deleted sub-message stays in the parent message's
@@ -189,8 +189,10 @@ def _patch_tf2onnx_memory() -> None:
       pass on ResNet50). Rebuilding each node's proto from its live fields lets the old arena go.
     - With ``catch_errors`` (its default), each pass works on ``copy.deepcopy(graph)``; the previous graph is a
       reference cycle, so without a collection several copies were alive at once.
+    - Its freezing (``tf_loader.from_function``) keeps the frozen function and a session graph alive through
+      grappler: see :func:`_lean_from_function`.
 
-    Both leave tf2onnx's output unchanged (the ONNX file is byte-identical; tests/converters/test_export_memory.py).
+    None changes tf2onnx's output (the ONNX file is byte-identical; tests/converters/test_export_memory.py).
     """
     import copy
     import gc
