@@ -200,6 +200,8 @@ def _patch_tf2onnx_memory() -> None:
 
     from tf2onnx import graph, optimizer, tf_loader
 
+    if not all(hasattr(*a) for a in ((graph.Node, "update_proto"), (optimizer, "copy"), (tf_loader, "from_function"))):
+        return  # not tf2onnx 1.17's layout: run it as it is
     if getattr(graph.Node.update_proto, "_edgekit", False):
         return
     update_proto = graph.Node.update_proto
