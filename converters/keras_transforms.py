@@ -30,7 +30,7 @@ from converters import quant_math as qm
 
 __all__ = ["BiasCorrection", "Equalization", "correct_bias", "equalize", "transform_clone"]
 
-_MAX_BC_BYTES = 768 * 2**20  # largest activation tensor x samples held at once by correct_bias
+_MAX_BC_BYTES = 768 * 2**20  # every activation of the bias-correction pass, held at once (see _bc_samples)
 
 
 @dataclass
@@ -289,11 +289,18 @@ def _numpy(x) -> np.ndarray:
 
 
 def _bc_samples(graph, n: int) -> int:
-    biggest = 1
+    """Calibration samples for one bias-correction pass within _MAX_BC_BYTES.
+
+    Keras's ``_run_through_graph`` keeps every intermediate tensor of the pass until it ends, and each
+    layer's output exists twice (the framework's tensor and its NumPy copy), so the pass holds about
+    ``samples x 2 x (all activations of one sample)``. Per-channel means over a convolution's positions
+    need few images; at least 4 are used.
+    """
+    total = 0
     for node in _nodes(graph):
         for t in node.outputs:
-            biggest = max(biggest, int(np.prod([d or 1 for d in t.shape[1:]])))
-    return int(max(16, min(n, _MAX_BC_BYTES // (4 * biggest * 3))))
+            total += int(np.prod([d or 1 for d in t.shape[1:]]))
+    return int(max(min(n, 4), min(n, _MAX_BC_BYTES // (4 * max(1, total) * 2))))
 
 
 def correct_bias(model, inputs: list[np.ndarray], simulate_activations: bool = True, per_channel: bool = True,
