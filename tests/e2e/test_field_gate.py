@@ -46,7 +46,10 @@ def _escalation_rate(bundle: Path, x: np.ndarray) -> float:
     from hybrid_router.policy import EscalationPolicy, decide_batch
 
     model = load(bundle)
-    _, _, _, esc = decide_batch(np.asarray(model.predict(x)), EscalationPolicy.from_router_policy(model.manifest.router_policy))
+    policy = model.manifest.router_policy
+    name = policy.score_output  # the output the router scores (the logits output when the bundle has one)
+    raw = model.run({model.inputs[0].name: x})[name] if name else model.predict(x)
+    _, _, _, esc = decide_batch(np.asarray(raw, dtype=np.float64), EscalationPolicy.from_router_policy(policy))
     return float(np.mean(esc))
 
 
