@@ -23,7 +23,7 @@ from converters.onnx_graph import peak_live_bytes, sensitive_nodes
 from converters.onnx_layout import EPLayout, ep_layout
 from converters.source import Feeds, SourceModel
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
-from edgekit.manifest import Metric, Preprocessing, TensorSpec
+from edgekit.manifest import Metric, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from fleet_support import ROOT, PostgresCluster, SimDevice, upload, wait_for
-from replica_support import EDGEKIT, engine_roles, migrate, one_leader, start_replicas
+from replica_support import EDGEKIT, migrate, one_leader, start_replicas
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 
 from fleet_support import SimDevice, pack_raw, upload, wait_for
 
