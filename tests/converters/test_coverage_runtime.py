@@ -243,7 +243,11 @@ def test_bundles_carry_the_coverage_basis_precision_and_the_coral_note(digits_bu
 
     for r in digits_bundles.results:
         m = open_bundle(r.bundle_dir).manifest
-        assert m.quantization.precision == "INT8" and m.coverage is not None and all(p.dtype for p in m.coverage.ops)
+        # The search keeps the fastest recipe within budget on this host, which may be XNNPACK's mixed one (float islands,
+        # labelled as such); full-integer accelerators (Coral) never get it.
+        mixed = m.quantization.precision.startswith("INT8, ") and m.quantization.precision.endswith("(mixed)")
+        assert m.quantization.precision == "INT8" or (mixed and r.profile != "coral-edgetpu"), m.quantization.precision
+        assert m.coverage is not None and all(p.dtype for p in m.coverage.ops)
         if r.profile == "raspberry-pi-5":
             assert m.coverage.basis.startswith("measured on host (")
         if r.profile == "coral-edgetpu" and compiler_path() is None:

@@ -61,18 +61,12 @@ def _cloud(model: Path):
 
 
 def _device_bundle(digits) -> Path:
-    """The digits INT8 TFLite bundle for raspberry-pi-5, converted once and cached (the same cache as tests/hybrid_router)."""
-    d = ROOT / ".cache" / "tests" / "router-device-bundle-v1"
-    if (d / "bundle" / "manifest.json").exists():
-        return d / "bundle"
-    from converters.pipeline import ConvertOptions, run_convert
+    """The digits INT8 TFLite bundle the router's own tests use (tests/hybrid_router/router_support.py)."""
+    if str(ROOT / "tests" / "hybrid_router") not in sys.path:
+        sys.path.append(str(ROOT / "tests" / "hybrid_router"))
+    from router_support import device_bundle_for
 
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    opts = ConvertOptions(model=digits["model"], profiles=("raspberry-pi-5",), formats=("tflite",), calibration=digits["calib"],
-                          eval=digits["eval"], out=tmp / "out", name="digits", version="1.2.3", latency_runs=10)
-    os.replace(run_convert(opts).results[0].bundle_dir, tmp / "bundle")
-    os.replace(tmp, d)
-    return d / "bundle"
+    return device_bundle_for(digits)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from router_support import ROOT, Misbehaving, cloud_server, free_port
+from router_support import ROOT, Misbehaving, cloud_server, device_bundle_for, free_port
 
 CACHE = ROOT / ".cache" / "tests"
 
@@ -59,20 +59,8 @@ def digits_cloud(digits: dict[str, Path]) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def device_bundle(digits: dict[str, Path]) -> Path:
-    """The digits INT8 TFLite bundle for raspberry-pi-5 (no router policy), converted once by the real pipeline and cached."""
-    d = CACHE / "router-device-bundle-v1"
-    if (d / "bundle" / "manifest.json").exists():
-        return d / "bundle"
-    from converters.pipeline import ConvertOptions, run_convert
-
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    opts = ConvertOptions(model=digits["model"], profiles=("raspberry-pi-5",), formats=("tflite",), calibration=digits["calib"],
-                          eval=digits["eval"], out=tmp / "out", name="digits", version="1.2.3", latency_runs=10,
-                          confidence_output="none")  # the INT8 softmax alone (the logits output: test_calibrate_logits.py)
-    report = run_convert(opts)
-    os.replace(report.results[0].bundle_dir, tmp / "bundle")
-    os.replace(tmp, d)
-    return d / "bundle"
+    """The digits INT8 TFLite bundle for raspberry-pi-5 (no router policy, no logits output): router_support.device_bundle_for."""
+    return device_bundle_for(digits)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,27 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE_BUNDLE_CACHE = ROOT / ".cache" / "tests" / "router-device-bundle-v2"
+
+
+def device_bundle_for(digits: dict[str, Path]) -> Path:
+    """The digits INT8 TFLite bundle for raspberry-pi-5 with the INT8 softmax as its only output (no logits output, no
+    router policy), converted once by the real pipeline and cached; the router's and the e2e outage tests share it."""
+    import os
+
+    d = DEVICE_BUNDLE_CACHE
+    if (d / "bundle" / "manifest.json").exists():
+        return d / "bundle"
+    from converters.pipeline import ConvertOptions, run_convert
+
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    opts = ConvertOptions(model=digits["model"], profiles=("raspberry-pi-5",), formats=("tflite",), calibration=digits["calib"],
+                          eval=digits["eval"], out=tmp / "out", name="digits", version="1.2.3", latency_runs=10,
+                          confidence_output="none")  # the INT8 softmax alone (the logits output: test_calibrate_logits.py)
+    report = run_convert(opts)
+    os.replace(report.results[0].bundle_dir, tmp / "bundle")
+    os.replace(tmp, d)
+    return d / "bundle"
 
 
 def free_port() -> int:
