@@ -59,6 +59,7 @@ import time
 import numpy as np
 
 from bench.harness import ROOT, OtherLoad, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
+from bench.peers_worker import OLIVE_USER_SCRIPT
 
 NAME = "convert_onnx"
 PROFILE = "x86-64-avx512-server"
@@ -68,29 +69,7 @@ OLIVE_PYTHON = Path("/tmp/olive-venv/bin/python")
 DS_CNN_RECIPE = {"version": 1, "epochs": 20, "batch_size": 64, "seed": 0}
 SIDES = ("edgekit", "plain", "plain_s8s8", "olive")
 
-# Olive loads calibration data through a registered dataset in a user script.
-OLIVE_USER_SCRIPT = '''
-import numpy as np
-import torch
-from olive.data.registry import Registry
-
-
-class NpzImages(torch.utils.data.Dataset):
-    def __init__(self, path, input_name):
-        self.x = np.load(path)["x"].astype(np.float32)
-        self.input_name = input_name
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {self.input_name: torch.from_numpy(self.x[i])}, 0
-
-
-@Registry.register_dataset()
-def npz_images(path, input_name):
-    return NpzImages(path, input_name)
-'''
+# Olive loads calibration data through a registered dataset in a user script (one copy: bench/peers_worker.py).
 
 
 def ensure_ds_cnn(out: Path) -> tuple[Path, float]:
