@@ -59,7 +59,10 @@ import time
 import numpy as np
 
 from bench.harness import ROOT, OtherLoad, Ratio, host_facts, median, prepare_process, print_table, quiet, ratio_rows, write_result
-from bench.peers_worker import OLIVE_USER_SCRIPT
+from bench.peers_worker import (
+    OLIVE_USER_SCRIPT,
+    _Reader,  # the CalibrationDataReader a user writes: one image per call
+)
 
 NAME = "convert_onnx"
 PROFILE = "x86-64-avx512-server"
@@ -104,22 +107,6 @@ def ensure_ds_cnn(out: Path) -> tuple[Path, float]:
     model.save(model_path)
     meta_path.write_text(json.dumps({"recipe": DS_CNN_RECIPE, "float_accuracy": acc, "params": model.count_params()}, indent=2))
     return model_path, acc
-
-
-class _Reader:
-    """The CalibrationDataReader a user writes: one image per call."""
-
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self.name, self.x, self.i = name, x, 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        self.i += 1
-        return {self.name: self.x[self.i - 1 : self.i]}
-
-    def rewind(self) -> None:
-        self.i = 0
 
 
 def plain_convert(model_path: Path, calib_path: Path, out: Path, *, activations: str = "uint8") -> tuple[Path, Path]:
