@@ -15,7 +15,9 @@ a Mac the W8A8 recipe (activations calibrated on real data) is offered first.
 
 from __future__ import annotations
 
+import json
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +33,7 @@ from edgekit.manifest import Metric, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import CoreMLConstraints, HardwareProfile
 
-__all__ = ["CoreMLConverter", "W8A8", "W8A16", "WEIGHT_THRESHOLD"]
+__all__ = ["CoreMLConverter", "W8A8", "W8A16", "WEIGHT_THRESHOLD", "stable_package_ids"]
 
 W8A8 = Recipe("w8a8-per-channel", "int8 per-channel weights, int8 per-tensor activations calibrated by Core ML (W8A8)",
               weights="int8", activations="int8")
@@ -223,6 +225,7 @@ class CoreMLConverter(Converter):
         model.user_defined_metadata["com.edgekit.profile"] = profile.id
         path = out / f"model{self.suffix}"
         model.save(str(path))
+        stable_package_ids(path)
         return path
 
     def convert_float(self, source: SourceModel, out: Path) -> Path:
@@ -237,6 +240,7 @@ class CoreMLConverter(Converter):
         model = self._program(ct, source, ct.precision.FLOAT32)
         path = out / f"float{self.suffix}"
         model.save(str(path))
+        stable_package_ids(path)
         return path
 
     def inspect(self, model_path: Path, profile: HardwareProfile) -> ModelFacts:
@@ -329,6 +333,35 @@ class _WeightTally:
     float_bytes: int = 0
     int8_ops: dict[str, int] = field(default_factory=dict)
     blobs: list[tuple[str, int]] = field(default_factory=list)  # (fileName, offset) of every weight-file value
+
+
+_PACKAGE_NAMESPACE = uuid.UUID("6f1c3d2e-5a4b-4c8d-9e0f-1a2b3c4d5e6f")  # edgekit's namespace for package item ids
+
+
+def stable_package_ids(package: Path) -> None:
+    """Make an .mlpackage byte-for-byte reproducible: replace the random ``uuid4`` item identifiers
+    coremltools writes into ``Manifest.json`` with ``uuid5`` ids derived from each item's path and
+    content, so the same model converts to the same sha256 (and so the same signed bundle).
+
+    The package's own format allows any UUID string as an item identifier; only the mapping
+    between ``itemInfoEntries`` and ``rootModelIdentifier`` matters, and it is kept.
+    """
+    from edgekit.bundle import sha256_file
+
+    manifest_path = package / "Manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    entries = doc.get("itemInfoEntries", {})
+    renamed: dict[str, str] = {}
+    for old, info in entries.items():
+        item = package / "Data" / str(info.get("path", ""))
+        digest = sha256_file(item) if item.exists() else ""
+        renamed[old] = str(uuid.uuid5(_PACKAGE_NAMESPACE, f"{info.get('path', '')}\0{digest}")).upper()
+    if len(set(renamed.values())) != len(renamed):  # two items with the same path and content: keep coremltools' ids
+        return
+    doc["itemInfoEntries"] = {renamed[k]: entries[k] for k in sorted(entries, key=lambda k: renamed[k])}
+    if doc.get("rootModelIdentifier") in renamed:
+        doc["rootModelIdentifier"] = renamed[doc["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(doc, indent=4, sort_keys=True) + "\n")
 
 
 def _holds_weights(op: Any) -> bool:

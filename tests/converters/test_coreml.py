@@ -247,3 +247,38 @@ def test_cli_without_coremltools(digits, tmp_path: Path, run_cli, monkeypatch: p
                            "--out", out)
     assert code == 6 and "coremltools is not installed" in err and "edgekit[convert]" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_same_model_converts_to_the_same_bytes(built, keras_source: SourceModel, digits, tmp_path: Path) -> None:
+    """coremltools writes random uuid4 item ids into Manifest.json; the converter replaces them with ids
+    derived from each item's path and content, so a second conversion has the same sha256."""
+    import json
+
+    from edgekit.bundle import sha256_file
+
+    conv, profile = built["conv"], built["profile"]
+    calib = np.load(digits["calib"])["x"]
+    recipe = conv.recipes(profile, len(calib), 200)[-1]
+    again = conv.convert(keras_source, profile, recipe, calib, tmp_path)
+    assert sha256_file(again) == sha256_file(built["path"])
+    doc = json.loads((again / "Manifest.json").read_text())
+    assert doc["rootModelIdentifier"] in doc["itemInfoEntries"]
+    assert {e["name"] for e in doc["itemInfoEntries"].values()} == {"model.mlmodel", "weights"}
+    import coremltools as ct
+
+    ct.models.MLModel(str(again), skip_model_load=True)  # coremltools still reads the package
+
+
+def test_stable_ids_follow_the_content(built, tmp_path: Path) -> None:
+    import shutil
+
+    from converters.coreml import stable_package_ids
+
+    a, b = tmp_path / "a.mlpackage", tmp_path / "b.mlpackage"
+    shutil.copytree(built["path"], a)
+    shutil.copytree(built["float"], b)
+    stable_package_ids(a)
+    stable_package_ids(b)
+    ids_a = set(__import__("json").loads((a / "Manifest.json").read_text())["itemInfoEntries"])
+    ids_b = set(__import__("json").loads((b / "Manifest.json").read_text())["itemInfoEntries"])
+    assert not ids_a & ids_b  # different weights, different ids
