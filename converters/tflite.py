@@ -77,17 +77,36 @@ def _selective(tf, conv, io, float_ops: list[str], narrow_convs: bool, per_chann
 
 
 def _batch1_clone(source: SourceModel):
+    """The Keras source rebuilt on batch-1 inputs that carry the source's input names and dtypes (None: use the SavedModel).
+
+    ``from_keras_model`` on the clone names the signature's inputs after these ``keras.Input`` names and
+    its outputs ``output_0``, ``output_1``... in ``model.outputs`` order, as Keras' SavedModel export
+    (and so ``SourceModel.outputs``) does; ``_check_signature`` holds every conversion to that.
+    """
     import keras
 
-    if len(source.inputs) != 1 or len(source.outputs) != 1:
-        return None  # multi-I/O models go through the SavedModel, whose signature names every tensor
-
+    model = source.keras_model
     try:
-        clone = keras.models.clone_model(source.keras_model, input_tensors=keras.Input(batch_shape=source.input_shape))
-        clone.set_weights(source.keras_model.get_weights())
+        inputs = [keras.Input(batch_shape=s.shape, dtype=s.dtype, name=s.name) for s in source.inputs]
+        clone = keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs)
+        clone.set_weights(model.get_weights())
     except Exception:  # subclassed or custom models: use the SavedModel export instead
         return None
+    if [t.name for t in clone.inputs] != list(source.input_names) or len(clone.outputs) != len(source.outputs):
+        return None  # Keras renamed an input (a clash with a layer name): the SavedModel signature keeps the names
     return clone
+
+
+def _check_signature(flat: bytes, source: SourceModel) -> None:
+    """The converted model's signature names exactly the source's inputs and outputs (outputs are matched by name later)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    with captured_output():
+        names = set(signature_names(Interpreter(model_content=flat)).values())
+    want = set(source.input_names) | set(source.output_names)
+    if names != want:
+        raise ConversionError(f"the TFLite signature names {sorted(names)}, the source has {sorted(want)}",
+                              "Name every keras.Input uniquely; run with --debug for the converter log.")
 
 
 def _integer_input_entry_ops(interp, ops: list[dict]) -> set[int]:
@@ -222,14 +241,14 @@ class TFLiteConverter(Converter):
         base = source.cache["tflite_batch1_clone"] or source.keras_model
         try:
             clone, _ = transform_clone(base, cle=o.cle, bias_correction=o.bias_correction,
-                                       calibration=[np.asarray(calibration[k], dtype=np.float32) for k in source.input_names],
+                                       calibration=[np.asarray(calibration[s.name], dtype=s.dtype) for s in source.inputs],
                                        per_channel=recipe.per_channel, float_narrow=NARROW_CHANNELS if o.float_narrow_convs else 0)
         except Exception as e:  # a layer pattern the transforms cannot walk: this recipe fails, the others still run
             raise ConversionError(f"recipe {recipe.name}: the Keras transforms failed: {type(e).__name__}: {str(e)[:200]}",
                                   "The other recipes do not transform the model; run with --debug for details.") from e
         return tf.lite.TFLiteConverter.from_keras_model(clone)
 
-    def _converter(self, tf, source: SourceModel) -> tuple[object, bool]:
+    def _converter(self, tf, source: SourceModel) -> object:
         """A TFLite converter over a static batch-1 graph of the source.
 
         Keras models are cloned with a batch-1 input (cheaper than a SavedModel export and the
@@ -241,27 +260,26 @@ class TFLiteConverter(Converter):
                 source.cache["tflite_batch1_clone"] = _batch1_clone(source)
             clone = source.cache["tflite_batch1_clone"]
             if clone is not None:
-                return tf.lite.TFLiteConverter.from_keras_model(clone), False
-        return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir)), True
+                return tf.lite.TFLiteConverter.from_keras_model(clone)
+        return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         tf = import_tensorflow()
         if _options(recipe).transforms:
-            conv, by_signature = self._transformed(tf, source, recipe, calibration), False
+            conv = self._transformed(tf, source, recipe, calibration)
         else:
-            conv, by_signature = self._converter(tf, source)
+            conv = self._converter(tf, source)
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         data = calibration
         names = source.input_names
         n = len(data[names[0]])
 
         def representative():
-            # One example at a time: TensorFlow's calibrator keeps only each tensor's running min/max.
+            # One example at a time: TensorFlow's calibrator keeps only each tensor's running min/max. Keyed by the
+            # signature's input names (the source's, on the clone too): a list would be fed in the TFLite graph's
+            # input order, which need not be the source's.
             for i in range(n):
-                if by_signature:  # keyed by the SavedModel signature's input names (the source's)
-                    yield {k: data[k][i : i + 1] for k in names}
-                else:
-                    yield [data[k][i : i + 1] for k in names]
+                yield {k: data[k][i : i + 1] for k in names}
 
         conv.representative_dataset = representative
         io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[_options(recipe).io]
@@ -296,15 +314,17 @@ class TFLiteConverter(Converter):
                 "The model has ops without int8 kernels; run with --debug for the converter log.",
             ) from err
         del log
+        _check_signature(flat, source)
         path = out / f"model{self.suffix}"
         path.write_bytes(flat)
         return path
 
     def convert_float(self, source: SourceModel, out: Path) -> Path:
         tf = import_tensorflow()
-        conv, _ = self._converter(tf, source)
+        conv = self._converter(tf, source)
         with captured_output():
             flat = conv.convert()
+        _check_signature(flat, source)
         path = out / f"float{self.suffix}"
         path.write_bytes(flat)
         return path
