@@ -154,9 +154,10 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     timed: dict[tuple, tuple[str, float]] = {}  # graph_key -> the fastest recipe timed with that graph, and its ratio to float
     for i, recipe in enumerate(recipes):
         ctx.check_interrupted()
-        release_freed_memory()
         skip = early_stop_reason(recipe, best.recipe, best.speed.ratio if best.speed else None, timed) if best is not None else None
-        skip = skip or ctx.memory.skip_reason(ctx, conv, recipe)
+        if not skip:  # hand the previous recipe's peak back before measuring what this one would need (not for a recipe skipped anyway)
+            release_freed_memory()
+            skip = ctx.memory.skip_reason(ctx, conv, recipe)
         if skip:
             attempts.append(_attempt(recipe, skipped=skip))
             continue

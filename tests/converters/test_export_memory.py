@@ -81,3 +81,37 @@ def test_rewriting_a_node_after_each_pass_keeps_no_copy_of_its_tensor() -> None:
         pytest.skip(f"this protobuf backend frees replaced attributes itself (stock tf2onnx grew {stock / 1e6:.0f} MB over 10 passes)")
     fixed = _growth("fixed")
     assert fixed < copy_bytes, f"grew {fixed / 1e6:.0f} MB over 10 passes of a 32 MB constant (stock tf2onnx: {stock / 1e6:.0f} MB)"
+
+
+def test_a_small_model_exports_in_process_to_the_same_graph_as_the_child_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small models run tf2onnx's command line in the conversion process (no second TensorFlow import): same graph, same outputs."""
+    import keras
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from converters import onnx_export
+    from converters.source import load_source
+
+    keras.utils.set_random_seed(5)
+    x = keras.Input((12, 12, 1), name="image")
+    h = keras.layers.BatchNormalization()(keras.layers.Conv2D(6, 3, padding="same")(x))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(h))
+    keras.Model(x, keras.layers.Dense(4, activation="softmax")(h)).save(tmp_path / "m.keras")
+    source = load_source(tmp_path / "m.keras", tmp_path)
+    assert source.param_count <= onnx_export.IN_PROCESS_MAX_PARAMS
+    paths = {}
+    for mode, limit in (("child", -1), ("here", onnx_export.IN_PROCESS_MAX_PARAMS)):
+        monkeypatch.setattr(onnx_export, "IN_PROCESS_MAX_PARAMS", limit)
+        (tmp_path / mode).mkdir()
+        paths[mode] = onnx_export.export_float_onnx(source, 17, tmp_path / mode)
+    child, here = (onnx.load(str(paths[m])) for m in ("child", "here"))
+    assert [n.op_type for n in here.graph.node] == [n.op_type for n in child.graph.node]
+    assert [(v.name, str(v.type)) for v in [*here.graph.input, *here.graph.output]] == \
+        [(v.name, str(v.type)) for v in [*child.graph.input, *child.graph.output]]
+    weights = [sorted(numpy_helper.to_array(i).tobytes() for i in m.graph.initializer) for m in (here, child)]
+    assert weights[0] == weights[1]  # tf2onnx may list the initializers in another order, under other short names
+    data = np.random.default_rng(0).normal(size=(1, 12, 12, 1)).astype(np.float32)
+    out = [ort.InferenceSession(str(paths[m])).run(None, {"image": data})[0] for m in ("child", "here")]
+    np.testing.assert_array_equal(out[0], out[1])
