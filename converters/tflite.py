@@ -77,7 +77,7 @@ def _selective(tf, conv, io, float_ops: list[str], narrow_convs: bool, per_chann
 
 
 def _batch1_clone(source: SourceModel):
-    """The Keras source rebuilt on batch-1 inputs that carry the source's input names and dtypes (None: use the SavedModel).
+    """The Keras source rebuilt on batch-1 inputs that carry the source's input names and dtypes, for the transform recipes (None: it cannot be).
 
     ``from_keras_model`` on the clone names the signature's inputs after these ``keras.Input`` names and
     its outputs ``output_0``, ``output_1``... in ``model.outputs`` order, as Keras' SavedModel export
@@ -90,7 +90,7 @@ def _batch1_clone(source: SourceModel):
         inputs = [keras.Input(batch_shape=s.shape, dtype=s.dtype, name=s.name) for s in source.inputs]
         clone = keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs)
         clone.set_weights(model.get_weights())
-    except Exception:  # subclassed or custom models: use the SavedModel export instead
+    except Exception:  # subclassed or custom models: the transforms clone the source as it is
         return None
     if [t.name for t in clone.inputs] != list(source.input_names) or len(clone.outputs) != len(source.outputs):
         return None  # Keras renamed an input (a clash with a layer name): the SavedModel signature keeps the names
@@ -249,18 +249,13 @@ class TFLiteConverter(Converter):
         return tf.lite.TFLiteConverter.from_keras_model(clone)
 
     def _converter(self, tf, source: SourceModel) -> object:
-        """A TFLite converter over a static batch-1 graph of the source.
+        """A TFLite converter over the source's static batch-1 SavedModel, exported once per run and shared by every recipe.
 
-        Keras models are cloned with a batch-1 input (cheaper than a SavedModel export and the
-        same graph); models clone_model cannot rebuild (subclassed) and SavedModels go through
-        the static SavedModel export.
+        ``from_keras_model`` (on the batch-1 clone) writes and reloads a SavedModel of its own on every
+        conversion: on a two-output MobileNetV3Small it took 6-9 s per int8 recipe against 3.4-5.7 s
+        from the one export (3 s, paid once; docs/benchmarks.md). Only the recipes that transform
+        the Keras model (CLE, bias correction) convert a clone.
         """
-        if source.keras_model is not None:
-            if "tflite_batch1_clone" not in source.cache:
-                source.cache["tflite_batch1_clone"] = _batch1_clone(source)
-            clone = source.cache["tflite_batch1_clone"]
-            if clone is not None:
-                return tf.lite.TFLiteConverter.from_keras_model(clone)
         return tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model_dir))
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The batch-1 Keras clone for multi-input / multi-output models: no SavedModel export, every tensor matched by name."""
+"""TFLite for multi-input / multi-output Keras models: every tensor matched by name, through the SavedModel export
+(plain recipes) and the batch-1 clone (the recipes that transform the Keras model)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,11 @@ def _first(calib: Path, source) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("fixture", ["detector_model", "stateful_model"])
-def test_float_tflite_from_the_clone_matches_keras_by_output_name(fixture: str, request, tmp_path: Path) -> None:
+def test_float_tflite_matches_keras_by_output_name(fixture: str, request, tmp_path: Path) -> None:
     files = request.getfixturevalue(fixture)
     source = load_source(files["model"], tmp_path)
     assert len(source.outputs) == 2
-    clone = _batch1_clone(source)
-    assert clone is not None and [t.name for t in clone.inputs] == list(source.input_names)
     path = TFLiteConverter().convert_float(source, tmp_path)
-    assert "saved_model_dir" not in source.cache  # the clone, not the SavedModel export, was converted
     feeds = _first(files["calib"], source)
     got = _signature_run(path, feeds)
     want = source.run(feeds)
@@ -43,7 +41,8 @@ def test_float_tflite_from_the_clone_matches_keras_by_output_name(fixture: str, 
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
 
 
-def test_int8_from_the_clone_calibrates_each_input_by_name(stateful_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe_name", ["int8-per-channel", "int8-cle-bias-corrected"])  # the SavedModel export; the clone
+def test_int8_calibrates_each_input_by_name(stateful_model, recipe_name: str, tmp_path: Path) -> None:
     """A list of calibration arrays would be fed in the TFLite graph's input order (state, sr, audio here)."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -51,12 +50,25 @@ def test_int8_from_the_clone_calibrates_each_input_by_name(stateful_model, tmp_p
     data = load_dataset(stateful_model["calib"], role="calibration", inputs=source.inputs)
     conv = TFLiteConverter()
     prof = find_profile("raspberry-pi-5")
-    recipe = next(r for r in conv.recipes(prof, len(data), 500) if r.name == "int8-per-channel")
+    recipe = next(r for r in conv.recipes(prof, len(data), 500) if r.name == recipe_name)
     path = conv.convert(source, prof, recipe, data.x, tmp_path)
-    assert "saved_model_dir" not in source.cache
     interp = Interpreter(model_path=str(path))
     sig = interp.get_signature_runner().get_input_details()
     assert sig["sr"]["dtype"] == np.int64 and not sig["sr"]["quantization"][0]  # the rate is never quantized
     audio_scale = sig["audio"]["quantization"][0]
     audio_range = float(data.x["audio"].max() - data.x["audio"].min())
     assert audio_scale == pytest.approx(audio_range / 255, rel=0.05)  # audio's own range, not state's or the rate's
+
+
+@pytest.mark.parametrize("fixture", ["detector_model", "stateful_model"])
+def test_batch1_clone_keeps_every_input_name_dtype_and_output(fixture: str, request, tmp_path: Path) -> None:
+    files = request.getfixturevalue(fixture)
+    source = load_source(files["model"], tmp_path)
+    clone = _batch1_clone(source)
+    assert clone is not None
+    assert [(t.name, tuple(t.shape), str(t.dtype)) for t in clone.inputs] == [(s.name, s.shape, s.dtype) for s in source.inputs]
+    feeds = _first(files["calib"], source)
+    got = clone([feeds[n] for n in source.input_names] if len(source.inputs) > 1 else feeds[source.input_names[0]])
+    want = source.run(feeds)
+    for name, out in zip(source.output_names, got):  # model.outputs order: the order the source's output_i names follow
+        np.testing.assert_allclose(np.asarray(out), want[name], rtol=1e-5, atol=1e-6)
