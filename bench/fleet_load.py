@@ -6,7 +6,12 @@ jitter, the way the agent does (docs/protocol.md). Real HTTP on loopback against
 Phases per database:
 
 1. enroll: all N devices, ``--enroll-concurrency`` requests in flight (one transaction each);
-2. first poll: every device fetches its desired state once and keeps the ETag;
+2. warm-up (``--warmup-s``): the steady rate, each device starting at a random moment, for one poll interval or
+   the server's token cache TTL, whichever is longer. The server caches a device's token for a TTL after a
+   lookup; had every device polled in one burst, every cached token would expire in the same few seconds one TTL
+   later, and the phase then running would pay ~160 token lookups/s that the others do not (on 2026-12-02 that
+   storm fell on the stats phase and read as the stats' cost). After the warm-up each phase sees the steady share
+   of lookups a real fleet causes;
 3. steady: ``--duration`` seconds at the real interval (10,000 devices, 60 s: ~333 req/s);
 3b. stats (``--stats``, on by default): the steady rate again, this time with operators' stats queries running
    (``StatsLoad``: ``--operators`` dashboards showing the field-statistics view, each refreshed ``--refresh-s``
@@ -428,7 +433,11 @@ async def run_db(db: str, args: argparse.Namespace, scratch: Path, replicas: int
                     n = mark_devices_running(db_url, seeded[VERSIONS[-1]]["artifact_id"])
                     print(f"  seeded {MODEL} {', '.join(VERSIONS)} with {args.history_hours:g} h of per-minute rollups; {n:,} devices run "
                           f"{VERSIONS[-1]} and report its sha256 in their telemetry", flush=True)
-                await fleet.first_poll(args.enroll_concurrency)
+                if args.warmup_s > 0:  # devices start at random moments, as a fleet does: the token cache fills (and expires) evenly
+                    _, took, _ = await fleet.run(args.interval, args.warmup_s, telemetry=args.telemetry)
+                    print(f"  warm-up: {took:.0f} s at the steady rate (the server's device-token cache reaches its steady state)", flush=True)
+                else:
+                    await fleet.first_poll(args.enroll_concurrency)
                 phases = [await _measure(fleet, server, pg_data, db, "steady", args.interval, args.duration, args)]
                 if stats is not None:  # side by side at the steady rate: A B (B A ...), so drift of the machine's load evens out
                     for rep in range(args.stats_reps):
@@ -523,9 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh-s", type=float, default=2.0, help="Dashboard refresh: this long after the previous one finished (app.js REFRESH_MS).")
     p.add_argument("--scrape-s", type=float, default=15.0, help="Prometheus scrape interval of /metrics.")
     p.add_argument("--history-hours", type=float, default=24.0, help="Per-minute rollups seeded before the run (0.9.0, then 1.0.0).")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="Steady load before the measured phases, each device starting at a random moment (default: the longer of "
+                        "--interval and the server's token cache TTL, EDGEKIT_TOKEN_CACHE_TTL_S, 60 s). 0: one burst poll of every "
+                        "device instead, which caches every device token at once, so they all expire together one TTL later.")
     p.add_argument("--stats-reps", type=int, default=1,
                    help="Phases with stats (each --duration s); from 2 on, each adds one phase without stats as well, in A B B A order.")
     args = p.parse_args(argv)
+    if args.warmup_s is None:
+        args.warmup_s = max(args.interval, float(os.environ.get("EDGEKIT_TOKEN_CACHE_TTL_S", "60")))
+    if args.warmup_s < 0:
+        raise SystemExit("--warmup-s: 0 or more seconds")
     if args.stats and (args.operators < 1 or args.refresh_s <= 0 or args.scrape_s <= 0 or args.stats_reps < 1):
         raise SystemExit("--operators and --stats-reps need 1 or more, --refresh-s and --scrape-s more than 0")
     scratch = prepare_process()

@@ -75,8 +75,11 @@ class Database:
             raise UsageError(f"no driver for {parsed.drivername}: {e}", "Install the server extra: pip install 'edgekit[server]'.") from None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
-        self._fast = self.engine.execution_options(**{_AUTOCOMMIT: True})
-        self._loop_fast = (self._loop_engine or self.engine).execution_options(**{_AUTOCOMMIT: True})
+        # one-statement reads: on SQLite no explicit BEGIN (the events below); on PostgreSQL the driver's autocommit, so a
+        # read is one round trip instead of BEGIN, SELECT, ROLLBACK (the desired-state and token reads are most requests)
+        fast = {_AUTOCOMMIT: True} if self.dialect == "sqlite" else {_AUTOCOMMIT: True, "isolation_level": "AUTOCOMMIT"}
+        self._fast = self.engine.execution_options(**fast)
+        self._loop_fast = (self._loop_engine or self.engine).execution_options(**fast)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

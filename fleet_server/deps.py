@@ -1,7 +1,8 @@
 """Request dependencies as named ``Annotated`` aliases: the app context and the caller's scope.
 
 Auth dependencies are ``async``: a cached token costs no thread hop; a miss reads the
-tokens table (unique index on the hash) in the threadpool.
+tokens table (unique index on the hash) with one statement: on SQLite on the event loop (through the
+loop's own connection, as the desired-state read), on PostgreSQL in the threadpool.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ async def _principal(request: Request) -> Principal:
     ctx: AppContext = request.app.state.ctx
     principal = ctx.tokens.get(hash_token(token))
     if principal is None:
-        principal = await run_in_threadpool(ctx.tokens.lookup, ctx.db.read, token)
+        if ctx.db.dialect == "sqlite":  # a WAL read never waits for a lock: on the loop, as the desired-state read
+            principal = ctx.tokens.lookup(ctx.db.connect_on_loop, token)
+        else:
+            principal = await run_in_threadpool(ctx.tokens.lookup, ctx.db.connect, token)
     if principal is None:
         raise Unauthorized("unknown token")
     request.state.principal = principal  # the audit log's "who" (fleet_server.audit)
