@@ -1,19 +1,19 @@
-"""Wall time of edgekit's TFLite conversion of a two-output Keras model: batch-1 clone vs the SavedModel export.
+"""Wall time of edgekit's TFLite conversion of Keras models: the batch-1 clone vs the static SavedModel export.
 
-Before commit 2d3daae a model with more than one input or output went through the static SavedModel
-export (``model.export`` + ``from_saved_model``); since then it takes the batch-1 clone
-(``from_keras_model``) as single-I/O models do. This times, in one fresh process per run, what a
-run pays for the TFLite side of such a model: loading the source, the float TFLite model (the first
-conversion pays the export or the clone) and one full-int8 recipe (``int8-per-channel``).
+Two routes to a TFLite converter for a Keras source: ``from_keras_model`` on a batch-1 clone, or
+``from_saved_model`` on the run's one static batch-1 SavedModel export. Until 2d3daae single-I/O
+models took the clone and multi-I/O models the export; 2d3daae gave every model the clone; 08d9313
+gives every plain recipe the export (the clone only serves the CLE / bias-correction recipes). This
+times, in one fresh process per run, the TFLite side of a run: loading the source, the float model
+(the first conversion pays the export or the clone) and one full-int8 recipe (``int8-per-channel``).
 
-Models: the test suite's detector head (boxes (N, 6, 64), objectness (N, 64)) and MobileNetV3Small
-(``weights=None``, 224x224, no top) with two heads (10 classes, 4 box numbers). The "before" side
-runs the same script against a checkout of the older commit:
+Models: the test suite's detector head (boxes (N, 6, 64), objectness (N, 64)), MobileNetV3Small
+(``weights=None``, 224x224, no top) with two heads (10 classes, 4 box numbers) and the plain
+single-output MobileNetV3Small. Each route runs this script against a checkout of its commit:
 
-    git worktree add /tmp/before 2d3daae~1
+    git worktree add /tmp/r-before 2d3daae~1; git worktree add /tmp/r-clone 2d3daae
     python bench/tflite_clone_time.py --build /tmp/tct                 # writes the models once
-    PYTHONPATH=/tmp/before python bench/tflite_clone_time.py --time /tmp/tct/mnv3_two_heads
-    python bench/tflite_clone_time.py --time /tmp/tct/mnv3_two_heads
+    PYTHONPATH=/tmp/r-before python bench/tflite_clone_time.py --time /tmp/tct/mnv3_two_heads
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ def build(root: Path) -> None:
     base = keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3), include_top=False, pooling="avg")
     model = keras.Model(base.input, [keras.layers.Dense(10, activation="softmax", name="cls")(base.output),
                                      keras.layers.Dense(4, name="box")(base.output)])
-    d = root / "mnv3_two_heads"
-    d.mkdir(exist_ok=True)
-    model.save(d / "mnv3_two_heads.keras")
-    np.savez(d / "calib.npz", x=np.random.default_rng(0).uniform(0, 255, size=(32, 224, 224, 3)).astype(np.float32))
+    single = keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3))
+    for name, m in (("mnv3_two_heads", model), ("mnv3", single)):
+        d = root / name
+        d.mkdir(exist_ok=True)
+        m.save(d / f"{name}.keras")
+        np.savez(d / "calib.npz", x=np.random.default_rng(0).uniform(0, 255, size=(32, 224, 224, 3)).astype(np.float32))
 
 
 def time_one(d: Path) -> dict:
