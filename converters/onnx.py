@@ -126,6 +126,25 @@ def _stride(n: int, source: SourceModel) -> dict[str, int]:
     return {"CalibStridedMinMax": stride}
 
 
+def _calibration_cache(source: SourceModel, model: Path, method: str, data: Feeds, extra: dict, act, weight) -> Path:
+    """Where ONNX Runtime keeps the tensor ranges of one calibration (``quantize_static``'s ``calibration_cache_path``).
+
+    Recipes that calibrate the same float graph (``-pre`` or ``-pre-cle``) with the same method, options and
+    samples get the same ranges: the first computes them, the others read them (ONNX Runtime checks the method).
+    Per-tensor vs per-channel weights, bias correction and the nodes kept in float do not change the activation
+    ranges, so those recipes reuse one calibration. The key covers every input of the calibration, the samples
+    by content.
+    """
+    import hashlib
+
+    h = hashlib.sha256(repr((model.name, method, sorted(extra.items()), getattr(act, "name", act), getattr(weight, "name", weight))).encode())
+    for name in sorted(data):
+        a = np.ascontiguousarray(data[name])
+        h.update(f"{name}|{a.dtype}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return source.workdir / "onnx" / "calibration" / f"{h.hexdigest()[:24]}.json"
+
+
 @dataclass(frozen=True)
 class ONNXOptions(RecipeOptions):
     """ONNX recipe options: ranges, graph transforms, and the layout the profile's EP takes."""
@@ -237,12 +256,13 @@ class ONNXConverter(Converter):
                  "WeightSymmetric": True, **_stride(len(next(iter(data.values()))), source)}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
+        weight = QuantType.QUInt8 if lay.weight_type == "uint8" else QuantType.QInt8
         try:
             with captured_output():
                 quantize_static(str(src), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ if o.layout == "qdq" else QuantFormat.QOperator,
-                                per_channel=recipe.per_channel, activation_type=act,
-                                weight_type=QuantType.QUInt8 if lay.weight_type == "uint8" else QuantType.QInt8,
-                                calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude, extra_options=extra)
+                                per_channel=recipe.per_channel, activation_type=act, weight_type=weight,
+                                calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude, extra_options=extra,
+                                calibration_cache_path=str(_calibration_cache(source, src, method, data, extra, act, weight)))
         except Exception as e:  # the quantizer raises assorted types on odd graphs
             raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
         if o.bias_correction or o.float_output:

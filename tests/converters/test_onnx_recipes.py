@@ -361,3 +361,34 @@ def test_runtime_style_ort_falls_back_to_prefused_groups_when_its_record_cannot_
     assert _replays(path)
     ops = _executed_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "QLinearAdd" in ops, ops
+
+
+def test_recipes_on_the_same_calibration_share_its_ranges_and_build_the_same_files(ds_cnn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's calibration cache: per-tensor/per-channel/bias-corrected recipes on one graph calibrate once, byte-identical files."""
+    import hashlib
+
+    from converters import onnx as onnx_conv
+    from edgekit.profiles import find_profile as load_profile
+
+    conv = onnx_conv.ONNXConverter()
+    prof = load_profile("x86-64-avx512-server")
+    names = ("qdq-minmax-per-channel", "qdq-minmax-per-tensor", "qdq-minmax-per-channel-bc", "qdq-minmax-per-channel-cle-bc")
+    recipes = [r for r in conv.recipes(prof, 64, 64) if r.name in names]
+    assert len(recipes) == len(names)
+    src = _source(ds_cnn, tmp_path)
+    feeds = src_feeds(src, ds_cnn)
+
+    def build(tag: str) -> list[str]:
+        out = []
+        for r in recipes:
+            d = tmp_path / f"{tag}-{r.name}"
+            d.mkdir()
+            out.append(hashlib.sha256(conv.convert(src, prof, r, feeds, d).read_bytes()).hexdigest())
+        return out
+
+    shared = build("shared")
+    caches = sorted((src.workdir / "onnx" / "calibration").glob("*.json"))
+    assert len(caches) == 2  # the graph and its cross-layer-equalized version, one calibration each
+    fresh_dir = iter(range(100))
+    monkeypatch.setattr(onnx_conv, "_calibration_cache", lambda *a, **k: tmp_path / "fresh" / f"{next(fresh_dir)}.json")
+    assert build("fresh") == shared
