@@ -107,3 +107,16 @@ def test_the_docs_section_is_replaced_between_its_markers_only(tmp_path: Path, m
     text = doc.read_text()
     assert "first" not in text and text.count(qp.BEGIN) == 1 and "second" in text
     assert text.index("before") < text.index("second") < text.index("after")
+
+
+def test_the_wall_goal_compares_edgekit_from_each_input_with_the_fastest_peer_within_budget() -> None:
+    def row(side: str, drop: float, wall: float) -> dict:
+        return {"side": side, "format": "onnx", "status": "ok", "drop_pt": drop, "wall_s": wall, "acts": "uint8", "acts_int8": True}
+
+    rows = [row("edgekit", 0.1, 12.0), row("edgekit-onnx", 0.1, 3.0), row("ort-plain", 0.0, 2.0), row("nncf", 0.2, 1.0),
+            row("aimet", 1.4, 0.5)]  # aimet is faster but over the budget: not the reference
+    ratios = {r.name: r for r in qp.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
+    keras = next(r for n, r in ratios.items() if "from .keras" in n)
+    same = next(r for n, r in ratios.items() if "from the peers' float .onnx" in n)
+    assert keras.value == pytest.approx(12.0) and same.value == pytest.approx(3.0)
+    assert "nncf" in keras.note and keras.goal == qp.GOAL_WALL_RATIO
