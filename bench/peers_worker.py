@@ -14,6 +14,8 @@ Peers:
 - ``litert-plain`` (project venv): ``TFLiteConverter.from_keras_model``, ``Optimize.DEFAULT``,
   representative dataset of the calibration images one at a time, ``TFLITE_BUILTINS_INT8``, int8
   input and output. Starts from the ``.keras`` model.
+- ``litert-float`` (project venv): ``TFLiteConverter.from_keras_model(model).convert()``, the float
+  ``.tflite`` a user with a ``.keras`` makes before running ``aiq`` (the benchmark's ``aiq-keras`` side).
 - ``aiq`` (Google ``ai-edge-quantizer``): ``recipe.static_wi8_ai8()`` (min-max, int8 weights and
   activations) on the float ``.tflite``, calibrated with the same images; float I/O as it leaves it.
 - ``ort-plain`` (project venv): ``quant_pre_process`` then ``quantize_static`` QDQ, per-channel,
@@ -100,6 +102,18 @@ def litert_plain(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
     Path(spec["out"]).write_bytes(conv.convert())
     return {"import_s": t1 - t0, "versions": _versions("tensorflow-cpu", "tensorflow", "keras")}, \
         "TFLiteConverter.from_keras_model, Optimize.DEFAULT, TFLITE_BUILTINS_INT8, int8 I/O"
+
+
+def litert_float(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
+    t0 = time.perf_counter()
+    import keras
+    import tensorflow as tf
+
+    t1 = time.perf_counter()
+    model = keras.models.load_model(spec["float"])
+    Path(spec["out"]).write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return {"import_s": t1 - t0, "versions": _versions("tensorflow-cpu", "tensorflow", "keras")}, \
+        "TFLiteConverter.from_keras_model, float32"
 
 
 def aiq(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
@@ -253,7 +267,7 @@ def olive(spec: dict, calib: np.ndarray) -> tuple[dict, str]:
         "olive.workflows.run, one OnnxStaticQuantization pass with its defaults"
 
 
-PEERS = {"litert-plain": litert_plain, "aiq": aiq, "ort-plain": ort_plain, "nncf": nncf_peer, "aimet": aimet, "inc": inc, "olive": olive}
+PEERS = {"litert-plain": litert_plain, "litert-float": litert_float, "aiq": aiq, "ort-plain": ort_plain, "nncf": nncf_peer, "aimet": aimet, "inc": inc, "olive": olive}
 
 
 def main(argv: list[str]) -> int:

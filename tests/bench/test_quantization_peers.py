@@ -120,3 +120,34 @@ def test_the_wall_goal_compares_edgekit_from_each_input_with_the_fastest_peer_wi
     same = next(r for n, r in ratios.items() if "from the peers' float .onnx" in n)
     assert keras.value == pytest.approx(12.0) and same.value == pytest.approx(3.0)
     assert "nncf" in keras.note and keras.goal == qp.GOAL_WALL_RATIO
+
+
+def test_tflite_wall_goal_also_against_the_fastest_peer_that_starts_from_the_same_keras() -> None:
+    """aiq starts from a float .tflite edgekit cannot take; aiq-keras (export + aiq) and litert-plain start from the .keras."""
+    def row(side: str, drop: float, wall: float) -> dict:
+        return {"side": side, "format": "tflite", "status": "ok", "drop_pt": drop, "wall_s": wall, "acts": "int8", "acts_int8": True}
+
+    rows = [row("edgekit", 0.1, 12.0), row("aiq", 0.0, 2.0), row("aiq-keras", 0.0, 6.0), row("litert-plain", 0.2, 8.0)]
+    ratios = {r.name: r for r in qp.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
+    any_input = next(r for n, r in ratios.items() if "from .keras) / fastest peer within" in n)
+    same = next(r for n, r in ratios.items() if "from the same .keras" in n)
+    assert any_input.value == pytest.approx(6.0) and "aiq 2.0" in any_input.note
+    assert same.value == pytest.approx(2.0) and "aiq-keras 6.0" in same.note
+
+
+def test_aiq_keras_is_the_float_export_then_aiq_and_counts_both(tmp_path: Path) -> None:
+    """The real two steps on a tiny Keras model: TFLiteConverter's float export (project venv), then aiq (its venv, if built)."""
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)).astype(np.float32))
+    res = qp.run_aiq_from_keras(tmp_path / "m.keras", tmp_path / "c.npz", tmp_path, {})
+    assert (tmp_path / "float.tflite").stat().st_size > 0 and res["export_wall_s"] > 0
+    assert qp.peer_python("litert-float") == (Path(sys.executable), None)
+    py, why = qp.peer_python("aiq")
+    if py is None:  # CI has no peer venvs (make bench builds them): the reason, and the export still counted
+        assert res["status"] == why and res["wall_s"] >= res["export_wall_s"]
+    else:
+        assert res["status"] == "ok", res
+        assert res["wall_s"] > res["export_wall_s"] and qp.acts_label(qp.activation_dtypes(res["model"]))[1]
