@@ -105,6 +105,10 @@ class Converter(ABC):
         """Whether this host can execute the format's models, and if not, why (shown to the user)."""
         return True, ""
 
+    def child_process_bytes(self, source: SourceModel, recipe: Recipe) -> int:
+        """Memory a child process of this conversion holds beside this one (0: it converts in this process)."""
+        return 0
+
     @abstractmethod
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         """Raise IncompatibleError if the profile cannot take this model; return warnings."""

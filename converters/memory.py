@@ -112,8 +112,10 @@ class MemoryPlan:
         per_example = 3 * act  # the chunk's intermediate outputs, the calibrator's copy, the running model
         if recipe.options.keep_sensitive:
             per_example = 4 * act  # the float and the QDQ graph's activations, side by side
-        need = current_rss_bytes() + per_example + ctx.source.param_count * 8
+        child = conv.child_process_bytes(ctx.source, recipe)  # a conversion in a child process: both held at once
+        need = current_rss_bytes() + per_example + ctx.source.param_count * 8 + child
         if need > self.max_memory_mb * 1e6:
-            return (f"needs about {need / 1e6:.0f} MB for one calibration example at a time, over --max-memory "
+            return (f"needs about {need / 1e6:.0f} MB for one calibration example at a time"
+                    f"{f' (its conversion process {child / 1e6:.0f} MB of it)' if child else ''}, over --max-memory "
                     f"{self.max_memory_mb:.0f} MB")
         return None

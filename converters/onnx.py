@@ -126,6 +126,43 @@ def _stride(n: int, source: SourceModel) -> dict[str, int]:
     return {"CalibStridedMinMax": stride}
 
 
+MSE_BINS = 2048  # histogram bins over [-max|x|, max|x|] per tensor for the MSE range search
+
+
+def _mse_ranges(model: Path, reader: _Reader, extra: dict, cache: Path) -> None:
+    """Least-squared-error activation ranges (``quant_math.mse_range``) written as ONNX Runtime's MinMax calibration cache.
+
+    ONNX Runtime's own histogram calibrator (``Distribution``, ``MSE_BINS`` bins of each tensor's values) runs on the
+    same tensors and the same streamed chunks ``quantize_static`` would calibrate; each histogram then gives the
+    range with the least expected quantization error instead of its extremes (MinMax), a percentile or a KL fit.
+    """
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, create_calibrator, save_tensors_data
+
+    from converters.quant_math import mse_range
+
+    symmetric = bool(extra.get("ActivationSymmetric"))
+    stride = extra.get("CalibStridedMinMax")
+    with tempfile.TemporaryDirectory(prefix="mse-", dir=model.parent) as tmp, captured_output():
+        cal = create_calibrator(model, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                calibrate_method=CalibrationMethod.Distribution, extra_options={"num_bins": MSE_BINS})
+        if stride:
+            for start in range(0, len(reader), stride):
+                reader.set_range(start, start + stride)
+                cal.collect_data(reader)
+        else:
+            cal.collect_data(reader)
+        hists = cal.collector.histogram_dict
+        del cal
+    ranges = {}
+    for name, (hist, edges, lo, hi, *_rest) in hists.items():
+        a, b = mse_range(hist, edges, float(lo), float(hi), symmetric=symmetric)
+        ranges[name] = TensorData(lowest=np.array(a, dtype=np.float32), highest=np.array(b, dtype=np.float32))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
+
+
 def _calibration_cache(source: SourceModel, model: Path, method: str, data: Feeds, extra: dict, act, weight) -> Path:
     """Where ONNX Runtime keeps the tensor ranges of one calibration (``quantize_static``'s ``calibration_cache_path``).
 
@@ -149,7 +186,8 @@ def _calibration_cache(source: SourceModel, model: Path, method: str, data: Feed
 class ONNXOptions(RecipeOptions):
     """ONNX recipe options: ranges, graph transforms, and the layout the profile's EP takes."""
 
-    method: Literal["MinMax", "Percentile", "Entropy"] = "MinMax"  # how ONNX Runtime's calibrator picks each tensor's range
+    # how each tensor's range is picked: ONNX Runtime's calibrators, or "MSE" (least squared error on its histograms, _mse_ranges)
+    method: Literal["MinMax", "Percentile", "Entropy", "MSE"] = "MinMax"
     cle: bool = False  # cross-layer equalization of the float graph before calibration
     bias_correction: bool = False  # empirical per-layer bias correction of the QDQ graph on calibration data
     float_output: bool = False  # graph outputs leave the last layer's accumulator as float (no requantized logits)
@@ -210,6 +248,7 @@ class ONNXConverter(Converter):
         out += [
             recipe(f"qdq-percentile-{wl}-bc", f"99.999th-percentile ranges, {wl}, bias correction", method="Percentile",
                    bias_correction=True),
+            recipe(f"qdq-mse-{wl}-bc", f"least-squared-error ranges, {wl}, bias correction", method="MSE", bias_correction=True),
             recipe(f"qdq-entropy-{wl}", f"entropy (KL) ranges, {wl}", method="Entropy"),
         ]
         if lay.mixed_precision:  # float islands cost little on this EP; never on full-integer accelerators
@@ -257,12 +296,15 @@ class ONNXConverter(Converter):
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
         weight = QuantType.QUInt8 if lay.weight_type == "uint8" else QuantType.QInt8
+        cache = _calibration_cache(source, src, method, data, extra, act, weight)
         try:
+            if method == "MSE" and not cache.exists():  # our ranges in ONNX Runtime's cache, which quantize_static then reads as MinMax's
+                _mse_ranges(src, _Reader(data, dtypes), extra, cache)
             with captured_output():
                 quantize_static(str(src), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ if o.layout == "qdq" else QuantFormat.QOperator,
                                 per_channel=recipe.per_channel, activation_type=act, weight_type=weight,
-                                calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=exclude, extra_options=extra,
-                                calibration_cache_path=str(_calibration_cache(source, src, method, data, extra, act, weight)))
+                                calibrate_method=getattr(CalibrationMethod, "MinMax" if method == "MSE" else method), nodes_to_exclude=exclude,
+                                extra_options=extra, calibration_cache_path=str(cache))
         except Exception as e:  # the quantizer raises assorted types on odd graphs
             raise ConversionError(f"ONNX Runtime quantization ({recipe.name}) failed: {str(e)[:300]}", "Run with --debug for details.") from e
         if o.bias_correction or o.float_output:

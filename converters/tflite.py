@@ -103,6 +103,9 @@ ISOLATE_MIN_PARAMS = 1_000_000
 (2-4 s) would be most of a small model's conversion, and what it keeps is a few MiB."""
 
 
+CHILD_BASE_BYTES = 700e6  # peak RSS of `import tensorflow` + converters.tflite in a fresh process here (2026-12-02)
+
+
 def isolated(source: SourceModel) -> bool:
     """Whether ``source``'s TFLite conversions run in child processes (``EDGEKIT_TFLITE_IN_PROCESS=1`` turns it off)."""
     import os
@@ -256,6 +259,11 @@ class TFLiteConverter(Converter):
             return ("tflite from PyTorch needs Google's litert-torch converter, which this edgekit does not drive; "
                     "build the onnx bundle for this profile (--format onnx), the supported PyTorch route")
         return super().unavailable_for(source)
+
+    def child_process_bytes(self, source: SourceModel, recipe: Recipe) -> int:
+        # The child imports TensorFlow and LiteRT (700 MB here), loads the SavedModel (and, for the transform
+        # recipes, the Keras model): its weights about four times over, as float and in the converter's copies.
+        return int(CHILD_BASE_BYTES + source.param_count * 16) if isolated(source) else 0
 
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)

@@ -94,7 +94,7 @@ def test_recipe_search_reports_every_attempt(digits, tmp_path: Path) -> None:
     (r,) = run_convert(opts).results
     names = [a.recipe for a in r.attempts]
     assert names == ["qdq-minmax-per-channel", "qdq-minmax-per-channel-bc", "qdq-minmax-per-channel-cle-bc", "qdq-minmax-per-tensor",
-                     "qdq-minmax-per-tensor-cle-bc", "qdq-percentile-per-channel-bc", "qdq-entropy-per-channel",
+                     "qdq-minmax-per-tensor-cle-bc", "qdq-percentile-per-channel-bc", "qdq-mse-per-channel-bc", "qdq-entropy-per-channel",
                      "qdq-minmax-per-channel-keep1", "qdq-minmax-per-channel-keep2", "qdq-minmax-per-channel-keep3"]
     assert all(a.error is None and a.agreement is not None for a in r.attempts)
     assert sum(a.chosen for a in r.attempts) == 1

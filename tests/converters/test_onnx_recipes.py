@@ -392,3 +392,65 @@ def test_recipes_on_the_same_calibration_share_its_ranges_and_build_the_same_fil
     fresh_dir = iter(range(100))
     monkeypatch.setattr(onnx_conv, "_calibration_cache", lambda *a, **k: tmp_path / "fresh" / f"{next(fresh_dir)}.json")
     assert build("fresh") == shared
+
+
+def test_mse_range_has_the_least_quantization_error_of_the_candidates() -> None:
+    """Checked against real fake-quantization of the samples: the range chosen on the histogram beats MinMax on an
+    exponential tail (ACIQ's analysis puts the 8-bit optimum well inside the extremes of such a tail), keeps the full
+    range on a uniform distribution, and no other shrink factor does better by more than the histogram's approximation."""
+    from converters.quant_math import MSE_SHRINK_STEPS, fake_quant_activation, mse_range
+
+    rng = np.random.default_rng(0)
+
+    def err(x, lo, hi):
+        return float(np.mean((x - fake_quant_activation(x, lo, hi)) ** 2))
+
+    tail = rng.exponential(1.0, 200_000).astype(np.float32)  # a ReLU-like one-sided tail
+    uniform = rng.uniform(-1, 1, 200_000).astype(np.float32)
+    for x, clipped in ((tail, True), (uniform, False)):
+        m = float(np.abs(x).max())
+        hist, edges = np.histogram(x, 2048, range=(-m, m))
+        lo, hi = mse_range(hist, edges, float(x.min()), float(x.max()))
+        assert lo <= 0 <= hi
+        if clipped:
+            assert lo == 0.0 and hi < 0.95 * x.max() and err(x, lo, hi) < 0.95 * err(x, float(x.min()), float(x.max()))
+        else:
+            assert hi == pytest.approx(x.max()) and lo == pytest.approx(x.min())
+        grid = [err(x, s * float(x.min()), s * float(x.max())) for s in np.linspace(1.0, 0.05, MSE_SHRINK_STEPS)]
+        assert err(x, lo, hi) <= 1.05 * min(grid)
+    a, b = mse_range(*np.histogram(uniform, 2048), -1.0, 0.5, symmetric=True)
+    assert a == -b  # int8 symmetric activations: one magnitude
+
+
+def test_mse_recipe_quantizes_with_its_own_ranges(ds_cnn, tmp_path: Path) -> None:
+    """The MSE ranges reach the QDQ graph: its activation scales are the cache's ranges / 255, and some are tighter than MinMax's."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from converters.onnx import ONNXConverter
+    from edgekit.profiles import find_profile as load_profile
+
+    conv = ONNXConverter()
+    prof = load_profile("x86-64-avx512-server")  # uint8 activations, asymmetric
+    by = {r.name: r for r in conv.recipes(prof, 64, 64)}
+    src = _source(ds_cnn, tmp_path)
+    feeds = src_feeds(src, ds_cnn)
+    scales, new_caches, seen = {}, {}, set()
+    for name in ("qdq-minmax-per-channel-bc", "qdq-mse-per-channel-bc"):
+        d = tmp_path / name
+        d.mkdir()
+        g = onnx.load(str(conv.convert(src, prof, by[name], feeds, d))).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        scales[name] = {n.input[0]: float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear" and inits[n.input[1]].ndim == 0}
+        now = set((src.workdir / "onnx" / "calibration").glob("*.json"))
+        (new_caches[name],) = now - seen  # each recipe's own calibration
+        seen = now
+    mse = load_tensors_data(new_caches["qdq-mse-per-channel-bc"])
+    mse_scale = scales["qdq-mse-per-channel-bc"]
+    for t, s in mse_scale.items():
+        lo, hi = (float(v) for v in mse[t].range_value)
+        assert s == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-5)
+    shared = set(mse_scale) & set(scales["qdq-minmax-per-channel-bc"])
+    tighter = [t for t in shared if mse_scale[t] < 0.99 * scales["qdq-minmax-per-channel-bc"][t]]
+    assert shared and tighter and all(mse_scale[t] <= scales["qdq-minmax-per-channel-bc"][t] * 1.0001 for t in shared)

@@ -130,3 +130,20 @@ def test_unsaveable_keras_model_converts_in_process(stateful_model, isolate_all,
 def test_small_models_convert_in_process(stateful_model, tmp_path: Path) -> None:
     source, *_ = _setup(stateful_model, tmp_path)
     assert source.param_count <= tflite.ISOLATE_MIN_PARAMS and not tflite.isolated(source)
+
+
+def test_max_memory_counts_the_child_beside_this_process(stateful_model, isolate_all, tmp_path: Path, monkeypatch) -> None:
+    """A budget this process alone fits, but not with a TensorFlow child beside it: skipped, the child's share named."""
+    from types import SimpleNamespace
+
+    from converters.memory import MemoryPlan, current_rss_bytes, source_activation_bytes
+
+    source, data, conv, prof = _setup(stateful_model, tmp_path)
+    recipe = _recipe(conv, prof, data, "int8-per-channel")
+    assert source_activation_bytes(source) > 0
+    plan = MemoryPlan((current_rss_bytes() + 200e6) / 1e6)  # 200 MB of headroom: under the child's 700 MB
+    ctx = SimpleNamespace(source=source)
+    reason = plan.skip_reason(ctx, conv, recipe)
+    assert reason is not None and "its conversion process" in reason
+    monkeypatch.setenv("EDGEKIT_TFLITE_IN_PROCESS", "1")
+    assert conv.child_process_bytes(source, recipe) == 0 and plan.skip_reason(ctx, conv, recipe) is None
