@@ -236,8 +236,10 @@ class ONNXConverter(Converter):
             return Recipe(name, f"{what}; {words}{head}", activations=act, per_channel=per_channel, options=opts(**kw))
 
         out = [
-            recipe(f"qdq-minmax-{wl}", f"MinMax ranges, {wl} weights", method="MinMax"),
+            # bias correction first: on four depthwise CNNs it cut the output error 13.2 -> 3.6 (mean) and never lost more
+            # than 0.4 pt (docs/decisions.md), so the search, which stops at the first recipe within budget, starts there
             recipe(f"qdq-minmax-{wl}-bc", f"MinMax, {wl}, empirical bias correction", bias_correction=True),
+            recipe(f"qdq-minmax-{wl}", f"MinMax ranges, {wl} weights", method="MinMax"),
             recipe(f"qdq-minmax-{wl}-cle-bc", f"MinMax, {wl}, cross-layer equalization + empirical bias correction", cle=True,
                    bias_correction=True),
         ]

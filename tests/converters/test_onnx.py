@@ -93,7 +93,7 @@ def test_recipe_search_reports_every_attempt(digits, tmp_path: Path) -> None:
                           eval=digits["eval"], out=tmp_path, max_accuracy_drop=-1.0, allow_over_budget=True, latency_runs=3)
     (r,) = run_convert(opts).results
     names = [a.recipe for a in r.attempts]
-    assert names == ["qdq-minmax-per-channel", "qdq-minmax-per-channel-bc", "qdq-minmax-per-channel-cle-bc", "qdq-minmax-per-tensor",
+    assert names == ["qdq-minmax-per-channel-bc", "qdq-minmax-per-channel", "qdq-minmax-per-channel-cle-bc", "qdq-minmax-per-tensor",
                      "qdq-minmax-per-tensor-cle-bc", "qdq-percentile-per-channel-bc", "qdq-mse-per-channel-bc", "qdq-entropy-per-channel",
                      "qdq-minmax-per-channel-keep1", "qdq-minmax-per-channel-keep2", "qdq-minmax-per-channel-keep3"]
     assert all(a.error is None and a.agreement is not None for a in r.attempts)
