@@ -139,7 +139,9 @@ def test_aiq_keras_is_the_float_export_then_aiq_and_counts_both(tmp_path: Path) 
     """The real two steps on a tiny Keras model: TFLiteConverter's float export (project venv), then aiq (its venv, if built)."""
     import keras
 
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(3)])
+    # every name given: Keras' automatic names count per process, and later fixtures expect the first "input_layer"
+    model = keras.Sequential([keras.Input((8, 8, 1), name="aiq_in"), keras.layers.Conv2D(2, 3, name="aiq_conv"),
+                              keras.layers.Flatten(name="aiq_flat"), keras.layers.Dense(3, name="aiq_dense")], name="aiq_probe")
     model.save(tmp_path / "m.keras")
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)).astype(np.float32))
     res = qp.run_aiq_from_keras(tmp_path / "m.keras", tmp_path / "c.npz", tmp_path, {})
