@@ -11,6 +11,7 @@ import numpy as np
 
 from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
 from converters.source import Feeds, SourceModel, import_tensorflow
+from converters.tflite_child import isolated, process_bytes, run_in_child
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
 from edgekit.nativelog import captured_output
@@ -97,98 +98,6 @@ def _batch1_clone(source: SourceModel):
     return clone
 
 
-ISOLATE_MIN_PARAMS = 1_000_000
-"""Sources with more weights convert each TFLite model in a child process (converters.tflite_child): TensorFlow keeps
-150-300 MiB of every conversion in the process that ran it. Smaller ones convert here: a child's TensorFlow import
-(2-4 s) would be most of a small model's conversion, and what it keeps is a few MiB."""
-
-
-CHILD_BASE_BYTES = 700e6  # peak RSS of `import tensorflow` + converters.tflite in a fresh process here (2026-12-02)
-
-
-def isolated(source: SourceModel) -> bool:
-    """Whether ``source``'s TFLite conversions run in child processes (``EDGEKIT_TFLITE_IN_PROCESS=1`` turns it off)."""
-    import os
-
-    return (source.param_count > ISOLATE_MIN_PARAMS and source.kind in ("keras", "saved_model")
-            and source.cache.get("tflite_child") is not False and os.environ.get("EDGEKIT_TFLITE_IN_PROCESS") != "1")
-
-
-def _child_keras(source: SourceModel) -> str | None:
-    """A .keras copy of the (possibly rewritten) Keras source for the children's transform recipes, saved once per run (None: it cannot be)."""
-    if "tflite_child_keras" not in source.cache:
-        path = source.workdir / "tflite-child-source.keras"
-        try:
-            with captured_output():
-                source.keras_model.save(str(path))
-        except Exception:  # a layer Keras cannot serialize: the transform recipes convert in this process
-            path = None
-        source.cache["tflite_child_keras"] = str(path) if path is not None else None
-    return source.cache["tflite_child_keras"]
-
-
-def _in_child(source: SourceModel, profile: HardwareProfile | None, recipe: Recipe | None, calibration: Feeds | None, out: Path) -> Path | None:
-    """Run one conversion (``recipe`` None: the float one) in a fresh process; None when the child cannot rebuild the source."""
-    import json
-    import os
-    import pickle
-    import subprocess
-    import sys
-    import time
-
-    from converters.pipeline import INTERRUPTED
-
-    keras_path = None
-    if recipe is not None and _options(recipe).transforms:
-        if source.keras_model is None:  # convert_here explains
-            return None
-        keras_path = _child_keras(source)
-        if keras_path is None:
-            return None
-    job_dir = out / ".tflite-child"
-    job_dir.mkdir(exist_ok=True)
-    calib_path = None
-    if calibration is not None:
-        calib_path = job_dir / "calibration.npz"
-        np.savez(calib_path, **{k: np.asarray(v) for k, v in calibration.items()})
-    job = {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "inputs": source.inputs, "outputs": source.outputs,
-           "param_count": source.param_count, "workdir": str(source.workdir), "saved_model_dir": str(source.saved_model_dir),
-           "keras": keras_path, "profile": profile, "recipe": recipe, "calibration": str(calib_path) if calib_path else None, "out": str(out)}
-    (job_dir / "job.pickle").write_bytes(pickle.dumps(job))
-    log = job_dir / "child.log"
-    with open(log, "wb") as f:
-        # Its own session: a Ctrl-C reaches this process, which ends the child below, and not the child mid-write.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
-        proc = subprocess.Popen([sys.executable, "-m", "converters.tflite_child", str(job_dir / "job.pickle")], env=env,
-                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if INTERRUPTED.is_set():
-                    raise KeyboardInterrupt("interrupted")
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    what = recipe.name if recipe is not None else "float"
-    result = job_dir / "result.json"
-    if proc.returncode != 0 or not result.is_file():
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
-        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise ConversionError(f"TFLite conversion ({what}) failed: its process ended with {why}{': ' + tail[0][:200] if tail else ''}",
-                              "A signal 9 is usually the kernel's out-of-memory killer: lower --max-memory or use more RAM.")
-    got = json.loads(result.read_text())
-    if "fallback" in got:
-        source.cache["tflite_child"] = False  # the children cannot rebuild this source: every conversion runs here
-        return None
-    if "error" in got:
-        raise ConversionError(got["error"], got["hint"])
-    import shutil
-
-    shutil.rmtree(job_dir, ignore_errors=True)
-    return Path(got["path"])
-
-
 def _check_signature(flat: bytes, source: SourceModel) -> None:
     """The converted model's signature names exactly the source's inputs and outputs (outputs are matched by name later)."""
     from ai_edge_litert.interpreter import Interpreter
@@ -261,9 +170,7 @@ class TFLiteConverter(Converter):
         return super().unavailable_for(source)
 
     def child_process_bytes(self, source: SourceModel, recipe: Recipe) -> int:
-        # The child imports TensorFlow and LiteRT (700 MB here), loads the SavedModel (and, for the transform
-        # recipes, the Keras model): its weights about four times over, as float and in the converter's copies.
-        return int(CHILD_BASE_BYTES + source.param_count * 16) if isolated(source) else 0
+        return process_bytes(source) if isolated(source) else 0
 
     def check(self, source: SourceModel, profile: HardwareProfile) -> list[str]:
         c = _constraints(profile)
@@ -357,7 +264,7 @@ class TFLiteConverter(Converter):
 
     def convert(self, source: SourceModel, profile: HardwareProfile, recipe: Recipe, calibration: Feeds, out: Path) -> Path:
         if isolated(source):
-            got = _in_child(source, profile, recipe, calibration, out)
+            got = run_in_child(source, profile, recipe, calibration, out, transforms=_options(recipe).transforms)
             if got is not None:
                 return got
         return self.convert_here(source, profile, recipe, calibration, out)
@@ -421,7 +328,7 @@ class TFLiteConverter(Converter):
 
     def convert_float(self, source: SourceModel, out: Path) -> Path:
         if isolated(source):
-            got = _in_child(source, None, None, None, out)
+            got = run_in_child(source, None, None, None, out, transforms=False)
             if got is not None:
                 return got
         return self.convert_float_here(source, out)

@@ -4,26 +4,171 @@ TensorFlow's converter keeps 150-300 MiB of every conversion in the process that
 context, the calibrator, traced functions; ``malloc_trim`` returns none of it). On EfficientNetB0
 a whole two-profile run climbed from 1.4 GiB after the float export to 4.4 GiB by its last recipe.
 So :class:`converters.tflite.TFLiteConverter` runs each conversion of a model over
-``ISOLATE_MIN_PARAMS`` weights here, in a child that exits when it is done (docs/benchmarks.md):
+``ISOLATE_MIN_PARAMS`` weights in a child that exits when it is done (docs/benchmarks.md).
+
+The parent's side is :func:`run_in_child`; the child's is :func:`main`:
 
     python -m converters.tflite_child JOB.pickle
 
 ``JOB.pickle`` is written by the parent into its own staging directory (never from user input):
 the source's specs, the SavedModel export the parent already made, a ``.keras`` copy of the source
-(recipes that transform the Keras model only), the recipe, the calibration ``.npz`` and the output
-directory. The child writes ``result.json`` beside the job: the model's path, or the
-ConversionError's message and hint, or ``fallback`` (the source cannot be rebuilt here, so the
-parent converts in its own process).
+(recipes that transform the Keras model only), the recipe, the calibration ``.npz``, the output
+directory and the parent's pid. The child writes ``result.json`` beside the job: the model's path,
+or the ConversionError's message and hint, or ``fallback`` (the source cannot be rebuilt here, so
+the parent converts in its own process).
+
+The child ends with its parent: a Ctrl-C or SIGTERM reaches the parent, which kills the child;
+a parent killed outright (SIGKILL, the out-of-memory killer) cannot, so on Linux the child asks
+the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), and elsewhere a thread
+watches the parent's pid.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from converters.base import Recipe
+    from converters.source import Feeds, SourceModel
+    from edgekit.profiles import HardwareProfile
+
+__all__ = ["CHILD_BASE_BYTES", "ISOLATE_MIN_PARAMS", "isolated", "main", "process_bytes", "run_in_child"]
+
+ISOLATE_MIN_PARAMS = 1_000_000
+"""Sources with more weights convert each TFLite model in a child process. Smaller ones convert in the run's own
+process: a child's TensorFlow import (2-4 s) would be most of a small model's conversion, and what it keeps is a
+few MiB."""
+
+CHILD_BASE_BYTES = 700e6  # peak RSS of `import tensorflow` + converters.tflite in a fresh process here (2026-12-02)
+
+
+def isolated(source: SourceModel) -> bool:
+    """Whether ``source``'s TFLite conversions run in child processes (``EDGEKIT_TFLITE_IN_PROCESS=1`` turns it off)."""
+    return (source.param_count > ISOLATE_MIN_PARAMS and source.kind in ("keras", "saved_model")
+            and source.cache.get("tflite_child") is not False and os.environ.get("EDGEKIT_TFLITE_IN_PROCESS") != "1")
+
+
+def process_bytes(source: SourceModel) -> int:
+    """What one child needs beside the run's own process.
+
+    It imports TensorFlow and LiteRT (700 MB here) and loads the SavedModel (and, for the transform
+    recipes, the Keras model): its weights about four times over, as float and in the converter's copies.
+    """
+    return int(CHILD_BASE_BYTES + source.param_count * 16)
+
+
+def _keras_copy(source: SourceModel) -> str | None:
+    """A .keras copy of the (possibly rewritten) Keras source for the children's transform recipes, saved once per run (None: it cannot be)."""
+    from edgekit.nativelog import captured_output
+
+    if "tflite_child_keras" not in source.cache:
+        path: Path | None = source.workdir / "tflite-child-source.keras"
+        try:
+            with captured_output():
+                source.keras_model.save(str(path))
+        except Exception:  # a layer Keras cannot serialize: the transform recipes convert in this process
+            path = None
+        source.cache["tflite_child_keras"] = str(path) if path is not None else None
+    return source.cache["tflite_child_keras"]
+
+
+def run_in_child(source: SourceModel, profile: HardwareProfile | None, recipe: Recipe | None, calibration: Feeds | None, out: Path, *,
+                 transforms: bool) -> Path | None:
+    """Run one conversion (``recipe`` None: the float one) in a fresh process; None when the child cannot rebuild the source.
+
+    ``transforms``: the recipe rewrites the Keras model (CLE, bias correction), so the child needs the model itself.
+    """
+    import shutil
+    import subprocess
+    import time
+
+    import numpy as np
+
+    from converters.pipeline import INTERRUPTED
+    from edgekit.errors import ConversionError
+
+    keras_path = None
+    if transforms:
+        if source.keras_model is None:  # convert_here explains
+            return None
+        keras_path = _keras_copy(source)
+        if keras_path is None:
+            return None
+    job_dir = out / ".tflite-child"
+    job_dir.mkdir(exist_ok=True)
+    calib_path = None
+    if calibration is not None:
+        calib_path = job_dir / "calibration.npz"
+        np.savez(calib_path, **{k: np.asarray(v) for k, v in calibration.items()})
+    job = {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "inputs": source.inputs, "outputs": source.outputs,
+           "param_count": source.param_count, "workdir": str(source.workdir), "saved_model_dir": str(source.saved_model_dir),
+           "keras": keras_path, "profile": profile, "recipe": recipe, "calibration": str(calib_path) if calib_path else None, "out": str(out),
+           "parent_pid": os.getpid()}
+    (job_dir / "job.pickle").write_bytes(pickle.dumps(job))
+    log = job_dir / "child.log"
+    with open(log, "wb") as f:
+        # Its own session: a Ctrl-C reaches this process, which ends the child below, and not the child mid-write.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.Popen([sys.executable, "-m", "converters.tflite_child", str(job_dir / "job.pickle")], env=env,
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if INTERRUPTED.is_set():
+                    raise KeyboardInterrupt("interrupted")
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    what = recipe.name if recipe is not None else "float"
+    result = job_dir / "result.json"
+    if proc.returncode != 0 or not result.is_file():
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise ConversionError(f"TFLite conversion ({what}) failed: its process ended with {why}{': ' + tail[0][:200] if tail else ''}",
+                              "A signal 9 is usually the kernel's out-of-memory killer: lower --max-memory or use more RAM.")
+    got = json.loads(result.read_text())
+    if "fallback" in got:
+        source.cache["tflite_child"] = False  # the children cannot rebuild this source: every conversion runs here
+        return None
+    if "error" in got:
+        raise ConversionError(got["error"], got["hint"])
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return Path(got["path"])
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _end_with_parent(parent: int) -> None:
+    """Die when ``parent`` does, even when it is killed outright (module docstring)."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the watcher below
+            pass
+        else:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _source(job: dict):
@@ -48,13 +193,16 @@ def _source(job: dict):
 
 
 def main(argv: list[str]) -> int:
+    """The child's side: run the job at ``argv[0]`` and write its ``result.json``."""
+    job_path = Path(argv[0])
+    job = pickle.loads(job_path.read_bytes())  # our own file, written by the parent in its staging directory
+    _end_with_parent(job["parent_pid"])
+
     import numpy as np
 
     from converters.tflite import TFLiteConverter
     from edgekit.errors import ConversionError
 
-    job_path = Path(argv[0])
-    job = pickle.loads(job_path.read_bytes())  # our own file, written by the parent in its staging directory
     result = job_path.parent / "result.json"
     try:
         src = _source(job)
@@ -84,6 +232,4 @@ if __name__ == "__main__":
     rc = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    import os
-
     os._exit(rc)  # skip TensorFlow's interpreter teardown (seconds, and nothing to keep)

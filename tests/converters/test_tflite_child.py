@@ -1,5 +1,5 @@
 """TFLite conversions of large models run in a child process (converters.tflite_child): the same model, its errors
-raised in the parent, an interrupted child ended, and the in-process route where the child cannot rebuild the source.
+raised in the parent, an interrupted child ended, a child whose parent is killed ended too, and the in-process route where the child cannot rebuild the source.
 
 The threshold is lowered so the suite's small models take the child route."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import converters.tflite as tflite
+import converters.tflite_child as tflite_child
 from converters.dataset import load_dataset
 from converters.source import load_source
 from converters.tflite import TFLiteConverter
@@ -21,7 +21,7 @@ from edgekit.profiles import find_profile
 
 @pytest.fixture()
 def isolate_all(monkeypatch):
-    monkeypatch.setattr(tflite, "ISOLATE_MIN_PARAMS", 0)
+    monkeypatch.setattr(tflite_child, "ISOLATE_MIN_PARAMS", 0)
     monkeypatch.delenv("EDGEKIT_TFLITE_IN_PROCESS", raising=False)
 
 
@@ -38,7 +38,7 @@ def _recipe(conv, prof, data, name):
 @pytest.mark.parametrize("recipe_name", ["int8-per-channel", "int8-cle-bias-corrected"])  # SavedModel export; the Keras copy
 def test_child_conversion_is_the_in_process_one(stateful_model, recipe_name: str, isolate_all, tmp_path: Path) -> None:
     source, data, conv, prof = _setup(stateful_model, tmp_path)
-    assert tflite.isolated(source)
+    assert tflite_child.isolated(source)
     recipe = _recipe(conv, prof, data, recipe_name)
     (tmp_path / "child").mkdir()
     (tmp_path / "here").mkdir()
@@ -129,7 +129,7 @@ def test_unsaveable_keras_model_converts_in_process(stateful_model, isolate_all,
 
 def test_small_models_convert_in_process(stateful_model, tmp_path: Path) -> None:
     source, *_ = _setup(stateful_model, tmp_path)
-    assert source.param_count <= tflite.ISOLATE_MIN_PARAMS and not tflite.isolated(source)
+    assert source.param_count <= tflite_child.ISOLATE_MIN_PARAMS and not tflite_child.isolated(source)
 
 
 def test_max_memory_counts_the_child_beside_this_process(stateful_model, isolate_all, tmp_path: Path, monkeypatch) -> None:
@@ -147,3 +147,75 @@ def test_max_memory_counts_the_child_beside_this_process(stateful_model, isolate
     assert reason is not None and "its conversion process" in reason
     monkeypatch.setenv("EDGEKIT_TFLITE_IN_PROCESS", "1")
     assert conv.child_process_bytes(source, recipe) == 0 and plan.skip_reason(ctx, conv, recipe) is None
+
+
+PARENT = """
+import sys
+from pathlib import Path
+
+import converters.tflite_child as tflite_child
+from converters.dataset import load_dataset
+from converters.source import load_source
+from converters.tflite import TFLiteConverter
+from edgekit.profiles import find_profile
+
+model, calib, work, out = map(Path, sys.argv[1:])
+source = load_source(model, work)
+data = load_dataset(calib, role="calibration", inputs=source.inputs)
+conv, prof = TFLiteConverter(), find_profile("raspberry-pi-5")
+recipe = next(r for r in conv.recipes(prof, len(data), 500) if r.name == "int8-per-channel")
+tflite_child.run_in_child(source, prof, recipe, data.x, out, transforms=False)
+"""
+
+
+def _children_running(job: Path) -> list[int]:
+    """Pids of live processes whose command line names ``job`` (zombies excluded)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(job).encode() in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc to find the child")
+def test_child_ends_when_its_parent_is_killed(stateful_model, tmp_path: Path) -> None:
+    """A parent killed outright (SIGKILL: no handler runs) takes its TFLite child with it; the child writes no result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    job = out / ".tflite-child" / "job.pickle"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(stateful_model["model"]), str(stateful_model["calib"]), str(work), str(out)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240  # the parent imports TensorFlow and exports the SavedModel first
+        while not _children_running(job):
+            assert parent.poll() is None, parent.stderr.read().decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        child = _children_running(job)[0]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while _children_running(job) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _children_running(job), f"child {child} still running after its parent was killed"
+        assert not (job.parent / "result.json").exists()  # it died mid-job instead of converting into a dead run's directory
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in _children_running(job):
+            os.kill(pid, signal.SIGKILL)
