@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
+from converters.onnx_calibration import CalibrationReader, calibration_cache_path, calibration_stride, mse_ranges
 from converters.onnx_export import compact_names, embed_preprocessing, export_float_onnx
 from converters.onnx_graph import peak_live_bytes, sensitive_nodes
 from converters.onnx_layout import EPLayout, ep_layout
@@ -79,114 +78,11 @@ def _ort():
     return onnx, onnxruntime
 
 
-class _Reader:
-    """ONNX Runtime CalibrationDataReader over feeds (one array per input), one example per call."""
-
-    def __init__(self, feeds: Feeds | str, dtypes: dict[str, str] | np.ndarray | None = None) -> None:
-        if isinstance(feeds, str):  # the single-input form _Reader(name, x)
-            feeds, dtypes = {feeds: np.asarray(dtypes)}, None
-        assert isinstance(feeds, dict) and (dtypes is None or isinstance(dtypes, dict))
-        self._feeds = {k: (v.astype(dtypes[k], copy=False) if dtypes and k in dtypes else v) for k, v in feeds.items()}
-        self._n = len(next(iter(feeds.values())))
-        self._i, self._end = 0, self._n
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= self._end:
-            return None
-        self._i += 1
-        return {k: v[self._i - 1 : self._i] for k, v in self._feeds.items()}
-
-    def __len__(self) -> int:
-        return self._n
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """Serve examples [start_index, end_index) next (ONNX Runtime's CalibStridedMinMax streaming)."""
-        self._i, self._end = start_index, min(end_index, self._n)
-
-    def rewind(self) -> None:
-        self._i, self._end = 0, self._n
-
-    def __iter__(self):  # the QDQ debugger iterates instead of calling get_next
-        self.rewind()
-        while (item := self.get_next()) is not None:
-            yield item
-
-
-def _stride(n: int, source: SourceModel) -> dict[str, int]:
-    """Streamed calibration: ONNX Runtime's ``CalibStridedMinMax`` runs the calibrator on ``stride`` examples at a time and
-    folds each chunk into the ranges (or histograms) before the next; the stride must divide the sample count.
-
-    (Not ``CalibMaxIntermediateOutputs``: in ONNX Runtime 1.32 MinMax drops every full chunk unmeasured and histogram
-    calibrators ignore it.)
-    """
-    chunk = max(1, int(source.cache.get("calibration_chunk", 16)))
-    if n <= chunk:
-        return {}
-    stride = next(s for s in range(chunk, 0, -1) if n % s == 0)
-    return {"CalibStridedMinMax": stride}
-
-
-MSE_BINS = 2048  # histogram bins over [-max|x|, max|x|] per tensor for the MSE range search
-
-
-def _mse_ranges(model: Path, reader: _Reader, extra: dict, cache: Path) -> None:
-    """Least-squared-error activation ranges (``quant_math.mse_range``) written as ONNX Runtime's MinMax calibration cache.
-
-    ONNX Runtime's own histogram calibrator (``Distribution``, ``MSE_BINS`` bins of each tensor's values) runs on the
-    same tensors and the same streamed chunks ``quantize_static`` would calibrate; each histogram then gives the
-    range with the least expected quantization error instead of its extremes (MinMax), a percentile or a KL fit.
-    """
-    import tempfile
-
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, create_calibrator, save_tensors_data
-
-    from converters.quant_math import mse_range
-
-    symmetric = bool(extra.get("ActivationSymmetric"))
-    stride = extra.get("CalibStridedMinMax")
-    with tempfile.TemporaryDirectory(prefix="mse-", dir=model.parent) as tmp, captured_output():
-        cal = create_calibrator(model, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                calibrate_method=CalibrationMethod.Distribution, extra_options={"num_bins": MSE_BINS})
-        if stride:
-            for start in range(0, len(reader), stride):
-                reader.set_range(start, start + stride)
-                cal.collect_data(reader)
-        else:
-            cal.collect_data(reader)
-        hists = cal.collector.histogram_dict
-        del cal
-    ranges = {}
-    for name, (hist, edges, lo, hi, *_rest) in hists.items():
-        a, b = mse_range(hist, edges, float(lo), float(hi), symmetric=symmetric)
-        ranges[name] = TensorData(lowest=np.array(a, dtype=np.float32), highest=np.array(b, dtype=np.float32))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
-
-
-def _calibration_cache(source: SourceModel, model: Path, method: str, data: Feeds, extra: dict, act, weight) -> Path:
-    """Where ONNX Runtime keeps the tensor ranges of one calibration (``quantize_static``'s ``calibration_cache_path``).
-
-    Recipes that calibrate the same float graph (``-pre`` or ``-pre-cle``) with the same method, options and
-    samples get the same ranges: the first computes them, the others read them (ONNX Runtime checks the method).
-    Per-tensor vs per-channel weights, bias correction and the nodes kept in float do not change the activation
-    ranges, so those recipes reuse one calibration. The key covers every input of the calibration, the samples
-    by content.
-    """
-    import hashlib
-
-    h = hashlib.sha256(repr((model.name, method, sorted(extra.items()), getattr(act, "name", act), getattr(weight, "name", weight))).encode())
-    for name in sorted(data):
-        a = np.ascontiguousarray(data[name])
-        h.update(f"{name}|{a.dtype}|{a.shape}".encode())
-        h.update(a.tobytes())
-    return source.workdir / "onnx" / "calibration" / f"{h.hexdigest()[:24]}.json"
-
-
 @dataclass(frozen=True)
 class ONNXOptions(RecipeOptions):
     """ONNX recipe options: ranges, graph transforms, and the layout the profile's EP takes."""
 
-    # how each tensor's range is picked: ONNX Runtime's calibrators, or "MSE" (least squared error on its histograms, _mse_ranges)
+    # how each tensor's range is picked: ONNX Runtime's calibrators, or "MSE" (least squared error on its histograms, mse_ranges)
     method: Literal["MinMax", "Percentile", "Entropy", "MSE"] = "MinMax"
     cle: bool = False  # cross-layer equalization of the float graph before calibration
     bias_correction: bool = False  # empirical per-layer bias correction of the QDQ graph on calibration data
@@ -287,23 +183,23 @@ class ONNXConverter(Converter):
         k = recipe.options.keep_sensitive
         if k:
             try:
-                ranked = self._sensitive(source, pre, _Reader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
+                ranked = self._sensitive(source, pre, CalibrationReader(calibration, dtypes), {k: v[:SENSITIVITY_SAMPLES] for k, v in calibration.items()},
                                          act, recipe.per_channel)
             except Exception as e:  # the QDQ debugger is best-effort on unusual graphs
                 raise ConversionError(f"sensitivity analysis failed: {str(e)[:200]}", "The other recipes are unaffected.") from e
             op_of = {n.name: n.op_type for n in model.graph.node}
             exclude = [n for n in ranked if not (o.float_output and op_of.get(n) in _HEAD_OPS)][:k]
         extra = {"CalibMovingAverage": False, "ActivationSymmetric": act == QuantType.QInt8 and lay.activation_symmetric,
-                 "WeightSymmetric": True, **_stride(len(next(iter(data.values()))), source)}
+                 "WeightSymmetric": True, **calibration_stride(len(next(iter(data.values()))), source)}
         if method == "Percentile":
             extra["CalibPercentile"] = 99.999
         weight = QuantType.QUInt8 if lay.weight_type == "uint8" else QuantType.QInt8
-        cache = _calibration_cache(source, src, method, data, extra, act, weight)
+        cache = calibration_cache_path(source, src, method, data, extra, act, weight)
         try:
             if method == "MSE" and not cache.exists():  # our ranges in ONNX Runtime's cache, which quantize_static then reads as MinMax's
-                _mse_ranges(src, _Reader(data, dtypes), extra, cache)
+                mse_ranges(src, CalibrationReader(data, dtypes), extra, cache)
             with captured_output():
-                quantize_static(str(src), str(qdq), _Reader(data, dtypes), quant_format=QuantFormat.QDQ if o.layout == "qdq" else QuantFormat.QOperator,
+                quantize_static(str(src), str(qdq), CalibrationReader(data, dtypes), quant_format=QuantFormat.QDQ if o.layout == "qdq" else QuantFormat.QOperator,
                                 per_channel=recipe.per_channel, activation_type=act, weight_type=weight,
                                 calibrate_method=getattr(CalibrationMethod, "MinMax" if method == "MSE" else method), nodes_to_exclude=exclude,
                                 extra_options=extra, calibration_cache_path=str(cache))
@@ -355,7 +251,7 @@ class ONNXConverter(Converter):
             shutil.rmtree(qdq.parent / "bias-correction", ignore_errors=True)
         onnx.save(m, str(qdq))
 
-    def _sensitive(self, source: SourceModel, pre: Path, reader: _Reader, probe_feeds: Feeds, act, per_channel: bool) -> list[str]:
+    def _sensitive(self, source: SourceModel, pre: Path, reader: CalibrationReader, probe_feeds: Feeds, act, per_channel: bool) -> list[str]:
         """Sensitivity ranking of ``pre``'s nodes, computed once per run and activation type."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -368,7 +264,7 @@ class ONNXConverter(Converter):
             with captured_output():
                 quantize_static(str(pre), str(probe), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                 activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                                extra_options=_stride(len(reader), source))
+                                extra_options=calibration_stride(len(reader), source))
             cache[key] = sensitive_nodes(pre, probe, probe_feeds, work)
         return cache[key]
 

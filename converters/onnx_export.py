@@ -82,8 +82,10 @@ def _export_saved_model_cli(source: SourceModel, opset: int, path: Path) -> None
     import subprocess
     import sys
 
+    from edgekit.childproc import child_env
+
     proc = subprocess.run([sys.executable, "-m", "converters.onnx_export", *_cli_args(source, opset, path)], capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          env=child_env({**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}))
     if proc.returncode != 0:
         raise ConversionError(f"tf2onnx could not export the SavedModel at opset {opset}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else proc.returncode}",
                               "Export ONNX yourself and pass the .onnx file.")
@@ -315,5 +317,9 @@ def tf2onnx_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # python -m converters.onnx_export ARGS: tf2onnx's command line, memory-fixed
     import sys
+
+    from edgekit.childproc import end_with_parent
+
+    end_with_parent()
 
     sys.exit(tf2onnx_main(sys.argv[1:]))

@@ -13,14 +13,13 @@ The parent's side is :func:`run_in_child`; the child's is :func:`main`:
 ``JOB.pickle`` is written by the parent into its own staging directory (never from user input):
 the source's specs, the SavedModel export the parent already made, a ``.keras`` copy of the source
 (recipes that transform the Keras model only), the recipe, the calibration ``.npz``, the output
-directory and the parent's pid. The child writes ``result.json`` beside the job: the model's path,
+directory. The child writes ``result.json`` beside the job: the model's path,
 or the ConversionError's message and hint, or ``fallback`` (the source cannot be rebuilt here, so
 the parent converts in its own process).
 
 The child ends with its parent: a Ctrl-C or SIGTERM reaches the parent, which kills the child;
-a parent killed outright (SIGKILL, the out-of-memory killer) cannot, so on Linux the child asks
-the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), and elsewhere a thread
-watches the parent's pid.
+a parent killed outright cannot, so the child asks for its end with the parent's
+(:mod:`edgekit.childproc`).
 """
 
 from __future__ import annotations
@@ -90,6 +89,7 @@ def run_in_child(source: SourceModel, profile: HardwareProfile | None, recipe: R
     import numpy as np
 
     from converters.pipeline import INTERRUPTED
+    from edgekit.childproc import child_env
     from edgekit.errors import ConversionError
 
     keras_path = None
@@ -107,13 +107,12 @@ def run_in_child(source: SourceModel, profile: HardwareProfile | None, recipe: R
         np.savez(calib_path, **{k: np.asarray(v) for k, v in calibration.items()})
     job = {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "inputs": source.inputs, "outputs": source.outputs,
            "param_count": source.param_count, "workdir": str(source.workdir), "saved_model_dir": str(source.saved_model_dir),
-           "keras": keras_path, "profile": profile, "recipe": recipe, "calibration": str(calib_path) if calib_path else None, "out": str(out),
-           "parent_pid": os.getpid()}
+           "keras": keras_path, "profile": profile, "recipe": recipe, "calibration": str(calib_path) if calib_path else None, "out": str(out)}
     (job_dir / "job.pickle").write_bytes(pickle.dumps(job))
     log = job_dir / "child.log"
     with open(log, "wb") as f:
         # Its own session: a Ctrl-C reaches this process, which ends the child below, and not the child mid-write.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p))
+        env = child_env(dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)))
         proc = subprocess.Popen([sys.executable, "-m", "converters.tflite_child", str(job_dir / "job.pickle")], env=env,
                                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -142,35 +141,6 @@ def run_in_child(source: SourceModel, profile: HardwareProfile | None, recipe: R
     return Path(got["path"])
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _end_with_parent(parent: int) -> None:
-    """Die when ``parent`` does, even when it is killed outright (module docstring)."""
-    import signal
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl in this libc: the watcher below
-            pass
-        else:
-            if os.getppid() != parent:  # the parent died before the request took effect
-                os._exit(1)
-            return
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _source(job: dict):
     from converters.source import SourceModel, import_tensorflow, keras_source
 
@@ -194,9 +164,11 @@ def _source(job: dict):
 
 def main(argv: list[str]) -> int:
     """The child's side: run the job at ``argv[0]`` and write its ``result.json``."""
+    from edgekit.childproc import end_with_parent
+
+    end_with_parent()
     job_path = Path(argv[0])
     job = pickle.loads(job_path.read_bytes())  # our own file, written by the parent in its staging directory
-    _end_with_parent(job["parent_pid"])
 
     import numpy as np
 

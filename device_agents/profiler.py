@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekit.childproc import child_env, end_with_parent
 from edgekit.errors import VerificationError
 
 __all__ = ["ProfileSettings", "profile_candidate"]
@@ -141,6 +141,7 @@ def _candidate(bundle_dir: Path, s: ProfileSettings) -> tuple[dict, _Timed]:
 
 
 def _child(argv: list[str]) -> int:
+    end_with_parent()  # a SIGKILLed agent must not leave a profiler running
     import numpy as np
 
     ap = argparse.ArgumentParser(prog="python -m device_agents.profiler")
@@ -182,13 +183,6 @@ def _child(argv: list[str]) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):  # Linux: a SIGKILLed agent must not leave a profiler running
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def profile_candidate(candidate: Path, baseline: Path | None, baseline_sha: str | None, s: ProfileSettings,
                       should_stop=lambda: False) -> dict:
     """Run the profiler child; the ``profiled`` report's metrics. Raises VerificationError(load_failed) or InterruptedError."""
@@ -198,9 +192,9 @@ def profile_candidate(candidate: Path, baseline: Path | None, baseline_sha: str 
         cmd += ["--baseline", str(baseline)]
     if s.threads:
         cmd += ["--threads", str(s.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    env = child_env({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
     out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files, not pipes: a chatty runtime cannot block it
-    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)  # the child ends with this process
     deadline = time.monotonic() + 2 * s.budget_s + 120  # two measurements plus imports and golden set
     while proc.poll() is None:
         if should_stop() or time.monotonic() > deadline:

@@ -196,12 +196,13 @@ def test_sensitivity_ranking_names_real_float_nodes(digits_onnx: Path, digits, t
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from converters.onnx import _Reader, sensitive_nodes
+    from converters.onnx import sensitive_nodes
+    from converters.onnx_calibration import CalibrationReader
 
     x = np.load(digits["calib"])["x"][:32]
     qdq = tmp_path / "q.onnx"
     name = onnx.load(str(digits_onnx)).graph.input[0].name
-    quantize_static(str(digits_onnx), str(qdq), _Reader({name: x}), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+    quantize_static(str(digits_onnx), str(qdq), CalibrationReader({name: x}), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8)
     ranked = sensitive_nodes(digits_onnx, qdq, {name: x}, tmp_path)
     names = {n.name for n in onnx.load(str(digits_onnx)).graph.node}

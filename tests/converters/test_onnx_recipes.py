@@ -88,10 +88,10 @@ def _quantize(pre: Path, out: Path, x: np.ndarray, *, per_channel: bool) -> Path
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from converters.onnx import _Reader
+    from converters.onnx_calibration import CalibrationReader
 
     name = onnx.load(str(pre)).graph.input[0].name
-    quantize_static(str(pre), str(out), _Reader({name: x}), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(pre), str(out), CalibrationReader({name: x}), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
@@ -390,7 +390,7 @@ def test_recipes_on_the_same_calibration_share_its_ranges_and_build_the_same_fil
     caches = sorted((src.workdir / "onnx" / "calibration").glob("*.json"))
     assert len(caches) == 2  # the graph and its cross-layer-equalized version, one calibration each
     fresh_dir = iter(range(100))
-    monkeypatch.setattr(onnx_conv, "_calibration_cache", lambda *a, **k: tmp_path / "fresh" / f"{next(fresh_dir)}.json")
+    monkeypatch.setattr(onnx_conv, "calibration_cache_path", lambda *a, **k: tmp_path / "fresh" / f"{next(fresh_dir)}.json")
     assert build("fresh") == shared
 
 

@@ -96,7 +96,7 @@ def test_streamed_calibration_gives_the_same_ranges(tmp_path: Path, method: str)
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    from converters.onnx import _Reader
+    from converters.onnx_calibration import CalibrationReader
 
     m, _ = normalise_onnx(onnx.load(str(_zoo("squeezenet"))))
     src = tmp_path / "sq.onnx"
@@ -106,7 +106,7 @@ def test_streamed_calibration_gives_the_same_ranges(tmp_path: Path, method: str)
 
     def scales(extra: dict) -> dict[str, float]:
         out = tmp_path / f"q{len(extra)}.onnx"
-        quantize_static(str(src), str(out), _Reader({"data_0": x}), quant_format=QuantFormat.QDQ,
+        quantize_static(str(src), str(out), CalibrationReader({"data_0": x}), quant_format=QuantFormat.QDQ,
                         calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
         g = onnx.load(str(out)).graph
         return {i.name: float(numpy_helper.to_array(i)) for i in g.initializer if i.name.endswith("_scale") and not i.dims}
