@@ -62,7 +62,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -74,171 +73,28 @@ from bench.harness import (
     RESULTS_DIR,
     ROOT,
     OtherLoad,
-    Ratio,
     host_facts,
     median,
     prepare_process,
     print_table,
-    quiet,
     ratio_rows,
     write_result,
 )
+from bench.peers_eval import activation_dtypes, acts_label, latency, paired_drop, predict, size_bytes
+from bench.peers_models import DSB_RECIPE, edgekit_floats, float_models, prepare_model
+from bench.peers_report import DOC, HEADERS, MAX_DROP, PROFILE, SIDES, goal_ratios, render_doc, table_rows, write_doc
 
 NAME = "quantization_peers"
-PROFILE = "x86-64-avx512-server"
-MAX_DROP = 0.3
-GOAL_WALL_RATIO = 2.0
-OPSET = 17
 MODELS = ("dsb_cnn", "mnist_cnn", "mobilenet_v2", "mobilenet_v3_small")
-DSB_RECIPE = {"version": 1, "epochs": 15, "batch_size": 64, "seed": 11, "train": 3500, "select": 500, "test": 1000, "calib": 500}
-MOBILENET_CALIB = 32
 PEERS_CACHE = Path(os.environ.get("EDGEKIT_PEERS_CACHE", "/var/cache/edgekit")) / "peers-venv"
 WORKER = ROOT / "bench" / "peers_worker.py"
 PEER_TIMEOUT_S = 900
-# side -> (format, venv under PEERS_CACHE or None for the project's own, label)
-SIDES = {
-    "edgekit": (None, None, "edgekit convert"),
-    # the same ``edgekit convert --format onnx``, started from the float .onnx the ONNX peers get (no TensorFlow, no export)
-    "edgekit-onnx": ("onnx", None, "edgekit convert (from the peers' float .onnx)"),
-    "litert-plain": ("tflite", None, "plain LiteRT PTQ (TFLiteConverter)"),
-    "aiq": ("tflite", "aiq", "ai-edge-quantizer static a8w8"),
-    # what a user starting from the .keras (as edgekit and litert-plain do) runs: TFLiteConverter's float export, then aiq
-    "aiq-keras": ("tflite", "aiq", "ai-edge-quantizer static a8w8, from the .keras (float export + aiq)"),
-    "ort-plain": ("onnx", None, "plain ORT quantize_static"),
-    "nncf": ("onnx", "nncf", "NNCF quantize"),
-    "aimet": ("onnx", "aimet", "AIMET CLE + QuantSim"),
-    "inc": ("onnx", "inc", "Intel Neural Compressor (ONNX)"),
-    "olive": ("onnx", "olive", "Microsoft Olive static quantization"),
-}
-FROM_KERAS = {"litert-plain", "aiq-keras"}  # TFLite peers that start from the .keras file, as edgekit does
 # AdaRound per layer (MNIST models; AIMET's default is 10,000): off by default. Here AIMET's fixed cost per layer
 # (sampling each layer's activations) made even 50 iterations take 236 s on dsb_cnn on the loaded 2-core host.
 ADAROUND_ITERATIONS = 0
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- quantization_peers:begin -->", "<!-- quantization_peers:end -->"
 
 
-# ---------------------------------------------------------------- models and data
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
-    return path
-
-
-def build_dsb_cnn():
-    """The depthwise-separable CNN this benchmark trains (not the held-out model of the tests)."""
-    import keras
-
-    L = keras.layers
-
-    def block(x, dw_stride: int, pw: int):
-        x = L.DepthwiseConv2D(3, strides=dw_stride, padding="same", use_bias=False)(x)
-        x = L.ReLU()(L.BatchNormalization()(x))
-        x = L.Conv2D(pw, 1, use_bias=False)(x)
-        return L.ReLU()(L.BatchNormalization()(x))
-
-    inp = keras.Input((28, 28, 1))
-    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inp)))
-    x = block(x, 1, 24)
-    x = block(x, 2, 32)
-    x = block(x, 1, 48)
-    x = L.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, L.Dense(10, activation="softmax")(x), name="dsb_cnn")
-
-
-def ensure_dsb(out: Path) -> dict[str, Path]:
-    """Train once (cached); model, calibration, selection and test files."""
-    files = {"model": out / "dsb_cnn.keras", "calib": out / "calib.npz", "select": out / "select.npz", "test": out / "test.npz"}
-    meta = out / "meta.json"
-    if all(p.exists() for p in files.values()) and meta.exists() and json.loads(meta.read_text()).get("recipe") == DSB_RECIPE:
-        return files
-    import keras
-
-    from examples.mnist.train import load_mnist
-
-    r = DSB_RECIPE
-    x, y = load_mnist()
-    idx = np.random.default_rng(r["seed"]).permutation(len(x))
-    te, se, tr = idx[: r["test"]], idx[r["test"] : r["test"] + r["select"]], idx[r["test"] + r["select"] :]
-    keras.utils.set_random_seed(r["seed"])
-    model = build_dsb_cnn()
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x[tr], y[tr], epochs=r["epochs"], batch_size=r["batch_size"], verbose=0)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(files["model"])
-    _save_npz(files["calib"], x=x[tr[: r["calib"]]])
-    _save_npz(files["select"], x=x[se], y=y[se])
-    _save_npz(files["test"], x=x[te], y=y[te])
-    acc = float((model.predict(x[te], verbose=0).argmax(-1) == y[te]).mean() * 100)
-    meta.write_text(json.dumps({"recipe": r, "float_top1_test": acc, "params": model.count_params()}, indent=2))
-    return files
-
-
-def prepare_model(label: str, work: Path) -> dict:
-    """Files for one model: .keras, calib/select/test .npz (select/test None for the MobileNets)."""
-    d = work / label
-    d.mkdir(parents=True, exist_ok=True)
-    if label == "dsb_cnn":
-        with quiet():
-            files = dict(ensure_dsb(ROOT / ".cache" / "bench" / "peers_dsb_cnn"))
-        return {**files, "accuracy": True}
-    if label == "mnist_cnn":
-        from examples.mnist.train import ensure_example
-
-        ex = ensure_example(ROOT / ".cache" / "examples" / "mnist")
-        ev = np.load(ex["eval"])
-        return {"model": ex["model"], "calib": ex["calib"], "accuracy": True,
-                "select": _save_npz(d / "select.npz", x=ev["x"][:400], y=ev["y"][:400]),
-                "test": _save_npz(d / "test.npz", x=ev["x"][400:], y=ev["y"][400:])}
-    import keras
-
-    keras.utils.set_random_seed(0)
-    if label == "mobilenet_v2":
-        model, lo, hi = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)), -1.0, 1.0
-    else:  # MobileNetV3Small rescales 0-255 inputs itself (include_preprocessing=True)
-        model, lo, hi = keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3)), 0.0, 255.0
-    path = d / f"{label}.keras"
-    model.save(path)
-    x = np.random.default_rng(0).uniform(lo, hi, (MOBILENET_CALIB, 224, 224, 3)).astype(np.float32)
-    return {"model": path, "calib": _save_npz(d / "calib.npz", x=x), "select": None, "test": None, "accuracy": False}
-
-
-def float_models(files: dict, d: Path) -> dict[str, Path]:
-    """The float files the peers start from: TFLiteConverter .tflite and tf2onnx .onnx (input named 'input')."""
-    import keras
-    import tensorflow as tf
-    import tf2onnx
-
-    with quiet():
-        model = keras.models.load_model(files["model"])
-        tfl = d / "float.tflite"
-        tfl.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        onx = d / "float.onnx"
-        spec = [tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="input")]
-        tf2onnx.convert.from_function(tf.function(lambda x: model(x, training=False)), input_signature=spec, opset=OPSET,
-                                      output_path=str(onx))
-    return {"tflite": tfl, "onnx": onx}
-
-
-def edgekit_floats(model_path: Path, d: Path) -> dict[str, Path]:
-    """The float files edgekit itself compares against (its TFLite float conversion, its ONNX export)."""
-    from converters.onnx import export_float_onnx
-    from converters.source import load_source
-    from converters.tflite import TFLiteConverter
-
-    work = d / "ek-float-work"
-    work.mkdir(exist_ok=True)
-    out = d / "ek-float"
-    out.mkdir(exist_ok=True)
-    with quiet():
-        src = load_source(model_path, work)
-        tfl = TFLiteConverter().convert_float(src, out)
-        onx = export_float_onnx(src, OPSET, out)
-    return {"tflite": tfl, "onnx": Path(onx)}
-
-
-# ---------------------------------------------------------------- running the sides
+# ---------------------------------------------------------------- calling the sides
 
 
 def _edgekit_cli() -> list[str]:
@@ -316,169 +172,6 @@ def run_aiq_from_keras(keras_model: Path, calib: Path, out: Path, options: dict)
         return {**export, "status": f"{export['status']} (the float export)"}
     res = run_peer("aiq", out / "float.tflite", calib, out / "int8.tflite", options)
     return {**res, "wall_s": (res.get("wall_s") or 0.0) + export["wall_s"], "export_wall_s": export["wall_s"]}
-
-
-# ---------------------------------------------------------------- one evaluator for every side
-
-
-def _tflite_interp(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    with quiet():
-        it = Interpreter(model_path=str(path), num_threads=1)
-        it.allocate_tensors()
-    return it
-
-
-def _tflite_feed(it, x: np.ndarray) -> np.ndarray:
-    d = it.get_input_details()[0]
-    if d["dtype"] in (np.int8, np.uint8, np.int16):
-        scale, zp = d["quantization"]
-        info = np.iinfo(d["dtype"])
-        return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(d["dtype"])
-    return x.astype(d["dtype"])
-
-
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    o = ort.SessionOptions()
-    o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = 1, 1, 3
-    return ort.InferenceSession(str(path), sess_options=o, providers=["CPUExecutionProvider"])
-
-
-def predict(path: Path, x: np.ndarray) -> np.ndarray:
-    """Top-1 class per image, batch 1, with the runtime the file is for."""
-    out = np.empty(len(x), dtype=np.int64)
-    if path.suffix == ".tflite":
-        it = _tflite_interp(path)
-        din, dout = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-        feed = _tflite_feed(it, x)
-        for i in range(len(x)):
-            it.set_tensor(din, feed[i : i + 1])
-            it.invoke()
-            out[i] = int(it.get_tensor(dout).argmax())
-        return out
-    s = _ort_session(path)
-    name = s.get_inputs()[0].name
-    for i in range(len(x)):
-        out[i] = int(s.run(None, {name: x[i : i + 1]})[0].argmax())
-    return out
-
-
-def paired_drop(y: np.ndarray, pred_float: np.ndarray, pred_int8: np.ndarray) -> tuple[float, float, float]:
-    """Accuracy drop in points and its 95% CI (Agresti-Min adjusted Wald interval for a paired difference).
-
-    b: images the float model gets right and the int8 model wrong, c: the reverse; the drop is
-    (b - c) / n. The interval adds 0.5 to each cell of the 2x2 table, so it does not collapse to
-    zero width when no image changes.
-    """
-    n = len(y)
-    b = int(((pred_float == y) & (pred_int8 != y)).sum())
-    c = int(((pred_float != y) & (pred_int8 == y)).sum())
-    pb, pc = (b + 0.5) / (n + 2), (c + 0.5) / (n + 2)
-    half = 1.96 * math.sqrt(max(pb + pc - (pb - pc) ** 2, 0.0) / (n + 2))
-    mid = pb - pc
-    return (b - c) / n * 100, (mid - half) * 100, (mid + half) * 100
-
-
-def latency(paths: dict[str, Path], x_one: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median per-run ms of each file (batch 1, 1 thread), ``rounds`` interleaved rounds, each the median of a block."""
-    runners = {}
-    for key, p in paths.items():
-        if p.suffix == ".tflite":
-            it = _tflite_interp(p)
-            it.set_tensor(it.get_input_details()[0]["index"], _tflite_feed(it, x_one))
-            runners[key] = it.invoke
-        else:
-            s = _ort_session(p)
-            feed = {s.get_inputs()[0].name: x_one}
-            runners[key] = lambda s=s, feed=feed: s.run(None, feed)
-    blocks = {}
-    for key, run in runners.items():
-        for _ in range(5):
-            run()
-        t0 = time.perf_counter()
-        run()
-        blocks[key] = max(5, min(300, int(0.15 / max(time.perf_counter() - t0, 1e-6))))
-    per_round: dict[str, list[float]] = {k: [] for k in runners}
-    keys = list(runners)
-    for r in range(rounds):
-        for k in keys if r % 2 == 0 else reversed(keys):
-            run, times = runners[k], []
-            for _ in range(blocks[k]):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            per_round[k].append(float(np.median(times)) * 1e3)
-    return {k: median(v) for k, v in per_round.items()}
-
-
-def _bytes(path: Path) -> int:
-    """The model file plus any external-data file saved beside it (name starting with the model's)."""
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.iterdir()
-                                     if p != path and p.name.startswith(path.stem) and not p.name.endswith(".json") and p.is_file()
-                                     and p.suffix not in (".npz", ".tflite", ".onnx", ".ort"))
-
-
-_GRID_KEEPING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu", "Clip", "Pad")
-
-
-def activation_dtypes(path: Path) -> dict[str, int]:
-    """Input dtype of each conv / fully-connected / matmul node of the file, counted."""
-    counts: dict[str, int] = {}
-    if path.suffix == ".tflite":
-        from tensorflow.lite.python import schema_py_generated as schema
-
-        m = schema.Model.GetRootAsModel(path.read_bytes(), 0)
-        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if isinstance(v, int)}
-        tnames = {v: k.lower() for k, v in vars(schema.TensorType).items() if isinstance(v, int)}
-        for s in range(m.SubgraphsLength()):
-            g = m.Subgraphs(s)
-            for i in range(g.OperatorsLength()):
-                op = g.Operators(i)
-                code = m.OperatorCodes(op.OpcodeIndex())
-                name = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "?")
-                if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"):
-                    t = tnames[g.Tensors(op.Inputs(0)).Type()]
-                    counts[t] = counts.get(t, 0) + 1
-        return counts
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
-    inits = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    for n in g.node:
-        if n.op_type in ("Conv", "Gemm", "MatMul"):
-            src = producer.get(n.input[0])
-            # values still on the int8 grid when they pass through data-movement ops after a DequantizeLinear
-            while src is not None and src.op_type in _GRID_KEEPING and src.input:
-                src = producer.get(src.input[0])
-            w = producer.get(n.input[1]) if len(n.input) > 1 else None
-            while w is not None and w.op_type in ("Transpose", "Reshape", "Identity") and w.input:
-                w = producer.get(w.input[0])
-            if w is None or w.op_type != "DequantizeLinear":
-                t = "float32"  # float weights: the node computes in float whatever its input
-            elif src is not None and src.op_type == "DequantizeLinear":
-                t = inits.get(src.input[2], "?") if len(src.input) > 2 else "uint8"
-            else:
-                t = "float32"
-        elif n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
-            t = inits.get(n.input[2], "?") if n.op_type.startswith("QLinear") else "int8/uint8 (dynamic)"
-        else:
-            continue
-        counts[t] = counts.get(t, 0) + 1
-    return counts
-
-
-def acts_label(counts: dict[str, int]) -> tuple[str, bool]:
-    """('int8', True) when every compute node takes 8-bit integers; otherwise the mix, False."""
-    if not counts:
-        return "-", False
-    eight = {"int8", "uint8"}
-    if set(counts) <= eight:
-        return "/".join(sorted(counts)), True
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), False
 
 
 # ---------------------------------------------------------------- one model
@@ -572,7 +265,7 @@ def bench_model(label: str, work: Path, sides: list[str], args) -> dict:
     for r in ok:
         r["lat_ms"], r["float_lat_ms"] = lat[f"{r['format']} {r['side']}"], lat[f"float {r['float_ref']}"]
         r["lat_ratio"] = r["lat_ms"] / r["float_lat_ms"]
-        r["bytes"], r["float_bytes"] = _bytes(r["model"]), _bytes(r["float_ref"])
+        r["bytes"], r["float_bytes"] = size_bytes(r["model"]), size_bytes(r["float_ref"])
         r["size_ratio"] = r["bytes"] / r["float_bytes"]
         r["acts_counts"] = activation_dtypes(r["model"])
         r["acts"], r["acts_int8"] = acts_label(r["acts_counts"])
@@ -585,122 +278,6 @@ def bench_model(label: str, work: Path, sides: list[str], args) -> dict:
             "float_lat_ms": {"tflite": lat[f"float {floats['tflite']}"], "onnx": lat[f"float {floats['onnx']}"],
                              "edgekit tflite": lat[f"float {ek_floats['tflite']}"], "edgekit onnx": lat[f"float {ek_floats['onnx']}"]},
             "rows": rows, "latency_other_load_cores": load.cores, "seconds": time.perf_counter() - t_model}
-
-
-# ---------------------------------------------------------------- goals, tables, docs
-
-
-def goal_ratios(results: list[dict]) -> list[Ratio]:
-    ratios = []
-    for m in results:
-        by = {(r["format"], r["side"]): r for r in m["rows"] if r["status"] == "ok"}
-        for fmt in ("tflite", "onnx"):
-            ek = by.get((fmt, "edgekit"))
-            peers = [r for (f, s), r in by.items() if f == fmt and not s.startswith("edgekit")]
-            if m["accuracy"] and ek is not None:
-                if m["model"] == "dsb_cnn":
-                    ratios.append(Ratio(f"dsb_cnn {fmt}: edgekit drop (pt)", ek["drop_pt"], MAX_DROP, f"activations {ek['acts']}"))
-                    ratios.append(Ratio(f"dsb_cnn {fmt}: edgekit activations not int8 (0 = int8)", 0.0 if ek["acts_int8"] else 1.0, 0.0))
-                    if peers:
-                        best = min(peers, key=lambda r: r["drop_pt"])
-                        ratios.append(Ratio(f"dsb_cnn {fmt}: edgekit drop - best peer drop (pt)", ek["drop_pt"] - best["drop_pt"], 0.0,
-                                            f"best peer {best['side']} {best['drop_pt']:+.1f}"))
-                within = [r for r in peers if r["drop_pt"] <= MAX_DROP]
-                if within:
-                    fastest = min(within, key=lambda r: r["wall_s"])
-                    ratios.append(Ratio(f"{m['model']} {fmt}: wall edgekit (from .keras) / fastest peer within {MAX_DROP} pt",
-                                        ek["wall_s"] / fastest["wall_s"], GOAL_WALL_RATIO, f"{fastest['side']} {fastest['wall_s']:.1f} s"))
-                    from_keras = [r for r in within if r["side"] in FROM_KERAS]
-                    if fmt == "tflite" and from_keras and fastest not in from_keras:  # the same input file as edgekit's
-                        fk = min(from_keras, key=lambda r: r["wall_s"])
-                        ratios.append(Ratio(f"{m['model']} {fmt}: wall edgekit / fastest peer from the same .keras within {MAX_DROP} pt",
-                                            ek["wall_s"] / fk["wall_s"], GOAL_WALL_RATIO, f"{fk['side']} {fk['wall_s']:.1f} s"))
-                    same = by.get((fmt, "edgekit-onnx"))
-                    if same is not None:  # the same input file as the ONNX peers
-                        ratios.append(Ratio(f"{m['model']} {fmt}: wall edgekit (from the peers' float .onnx) / fastest peer within {MAX_DROP} pt",
-                                            same["wall_s"] / fastest["wall_s"], GOAL_WALL_RATIO,
-                                            f"{fastest['side']} {fastest['wall_s']:.1f} s; edgekit drop {same['drop_pt']:+.1f} pt"))
-                else:
-                    ratios.append(Ratio(f"{m['model']} {fmt}: wall edgekit / fastest peer (none within {MAX_DROP} pt)",
-                                        ek["wall_s"] / min(r["wall_s"] for r in peers), None) if peers else None)
-            if not m["accuracy"] and ek is not None:
-                ratios.append(Ratio(f"{m['model']} {fmt}: edgekit int8 / float latency", ek["lat_ratio"], 1.0, f"activations {ek['acts']}"))
-    return [r for r in ratios if r is not None]
-
-
-def _status_cell(r: dict) -> str:
-    return r["status"] if r["status"] != "ok" else ""
-
-
-def table_rows(m: dict) -> list[list[str]]:
-    out = []
-    for r in m["rows"]:
-        name = SIDES[r["side"]][2]
-        if r["status"] != "ok":
-            status = r["status"] if len(r["status"]) <= 220 else r["status"][:217] + "..."
-            out.append([m["model"], r["format"], name, "-", "-", "-", "-", "-", f"{r['wall_s']:.1f}" if r.get("wall_s") else "-", status])
-            continue
-        acc = f"{r['top1']:.1f}%" if "top1" in r else "-"
-        drop = f"{r['drop_pt']:+.1f} [{r['drop_lo']:+.1f}, {r['drop_hi']:+.1f}]" if "drop_pt" in r else "-"
-        note = r.get("recipe") or ""
-        if r["side"].startswith("edgekit"):
-            note = f"{r.get('recipe')} ({r.get('precision')}, {r.get('attempts')} attempts)"
-        out.append([m["model"], r["format"], name, r["acts"], acc, drop, f"{r['lat_ratio']:.2f}", f"{r['size_ratio']:.2f}",
-                    f"{r['wall_s']:.1f}", note])
-    return out
-
-
-HEADERS = ["model", "format", "side", "activations", "top-1", "drop pt [95% CI]", "lat int8/float", "size int8/float", "wall s", "recipe / status"]
-
-
-def render_doc(host: dict, peers_versions: dict, results: list[dict], ratios: list[Ratio], args, started: str, took: float) -> str:
-    v = host["versions"]
-    lines = [BEGIN, "## Quantization vs peer tools (issue 11, `bench/quantization_peers.py`)", "",
-             (f"Written by `make bench` (`python bench/quantization_peers.py`), run of {started} "
-             f"({took / 60:.0f} min). Machine: {host['cpu']}, {host['cpus']} cores "
-             f"({', '.join(host['cpu_flags'])}), {host['mem_gib']} GiB, {host['system']}, no GPU; shared, so wall times are "
-             f"indicative (load average {host['loadavg_at_start'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)."),
-             f"Project venv: Python {host['python']}, " + ", ".join(f"{k} {v[k]}" for k in v) + ".",
-             "Peers (own venvs, `scripts/peers-venv.sh`): "
-             + (", ".join(f"{k} {val}" for k, val in peers_versions.items()) or "none installed") + ".", "",
-             (f"Every side quantizes the same float model with the same calibration images; edgekit runs "
-             f"`edgekit convert --profile {PROFILE} --max-accuracy-drop {MAX_DROP} --allow-over-budget` with a selection set as `--eval`; "
-             "`edgekit convert (from the peers' float .onnx)` is the same command on the float .onnx the ONNX peers get "
-             "(no TensorFlow import, no export: the same input as theirs). "
-             "Every file is then scored here on a test set no side saw, with one evaluator: LiteRT (XNNPACK) for .tflite, "
-             "ONNX Runtime CPU EP for .onnx, batch 1, 1 thread. Drop: float minus int8 top-1 in the same runtime, "
-             "with an Agresti-Min 95% interval for the paired difference. Latency: median of "
-             f"{args.rounds} interleaved rounds (each the median of a block of runs), against the float model the side started "
-             "from (edgekit: its own float export). Activations: input dtype of every conv / fully-connected node in the file. "
-             f"Wall: the side's whole process (Python start, imports, quantization; edgekit also its recipe search and evaluation), "
-             f"median of {args.reps}. MobileNets have random weights (`weights=None`): size and latency only."), ""]
-    for m in results:
-        n = f"{m['test_images']} test images" if m["test_images"] else "no accuracy (random weights)"
-        fl = ", ".join(f"{k} {v:.1f}%" for k, v in m["float_top1"].items())
-        fl_lat = ", ".join(f"{k} {v * 1e3:.0f} µs" for k, v in m["float_lat_ms"].items())
-        busy = m["latency_other_load_cores"]
-        lines.append(f"- `{m['model']}` (measured {m['run_at']}, edgekit at {m['edgekit_commit']}): {n}"
-                     + (f"; float top-1 {fl}" if fl else "") + f"; float latency {fl_lat}"
-                     + (f"; other processes kept {busy:.1f} cores busy during its latency rounds" if busy is not None else "") + ".")
-    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    for m in results:
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(m)]
-    lines += ["", "| goal | measured | target | result |", "|---|---:|---:|---|"]
-    for r in ratios:
-        mark = {True: "met", False: "missed", None: "-"}[r.met]
-        lines.append(f"| {r.name}{f' ({r.note})' if r.note else ''} | {r.value:.3f} | {'-' if r.goal is None else f'<= {r.goal:g}'} | {mark} |")
-    lines += ["", END]
-    return "\n".join(lines) + "\n"
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
 
 
 def build_peers(args) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import peers_report
 from bench import quantization_peers as qp
 
 
@@ -100,12 +101,12 @@ def test_a_missing_or_failed_peer_venv_is_reported_with_the_reason(tmp_path: Pat
 def test_the_docs_section_is_replaced_between_its_markers_only(tmp_path: Path, monkeypatch) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nbefore\n")
-    monkeypatch.setattr(qp, "DOC", doc)
-    qp.write_doc(f"{qp.BEGIN}\nfirst\n{qp.END}\n")
+    monkeypatch.setattr(peers_report, "DOC", doc)
+    peers_report.write_doc(f"{peers_report.BEGIN}\nfirst\n{peers_report.END}\n")
     doc.write_text(doc.read_text() + "\n## Later section\nafter\n")
-    qp.write_doc(f"{qp.BEGIN}\nsecond\n{qp.END}\n")
+    peers_report.write_doc(f"{peers_report.BEGIN}\nsecond\n{peers_report.END}\n")
     text = doc.read_text()
-    assert "first" not in text and text.count(qp.BEGIN) == 1 and "second" in text
+    assert "first" not in text and text.count(peers_report.BEGIN) == 1 and "second" in text
     assert text.index("before") < text.index("second") < text.index("after")
 
 
@@ -115,11 +116,11 @@ def test_the_wall_goal_compares_edgekit_from_each_input_with_the_fastest_peer_wi
 
     rows = [row("edgekit", 0.1, 12.0), row("edgekit-onnx", 0.1, 3.0), row("ort-plain", 0.0, 2.0), row("nncf", 0.2, 1.0),
             row("aimet", 1.4, 0.5)]  # aimet is faster but over the budget: not the reference
-    ratios = {r.name: r for r in qp.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
+    ratios = {r.name: r for r in peers_report.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
     keras = next(r for n, r in ratios.items() if "from .keras" in n)
     same = next(r for n, r in ratios.items() if "from the peers' float .onnx" in n)
     assert keras.value == pytest.approx(12.0) and same.value == pytest.approx(3.0)
-    assert "nncf" in keras.note and keras.goal == qp.GOAL_WALL_RATIO
+    assert "nncf" in keras.note and keras.goal == peers_report.GOAL_WALL_RATIO
 
 
 def test_tflite_wall_goal_also_against_the_fastest_peer_that_starts_from_the_same_keras() -> None:
@@ -128,7 +129,7 @@ def test_tflite_wall_goal_also_against_the_fastest_peer_that_starts_from_the_sam
         return {"side": side, "format": "tflite", "status": "ok", "drop_pt": drop, "wall_s": wall, "acts": "int8", "acts_int8": True}
 
     rows = [row("edgekit", 0.1, 12.0), row("aiq", 0.0, 2.0), row("aiq-keras", 0.0, 6.0), row("litert-plain", 0.2, 8.0)]
-    ratios = {r.name: r for r in qp.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
+    ratios = {r.name: r for r in peers_report.goal_ratios([{"model": "mnist_cnn", "accuracy": True, "rows": rows}])}
     any_input = next(r for n, r in ratios.items() if "from .keras) / fastest peer within" in n)
     same = next(r for n, r in ratios.items() if "from the same .keras" in n)
     assert any_input.value == pytest.approx(6.0) and "aiq 2.0" in any_input.note
