@@ -52,13 +52,15 @@ def digits() -> dict[str, Path]:
 
     keras.utils.set_random_seed(0)
     parts = _digits_split()
+    # Explicit names, the ones a fresh process would give: Keras numbers automatic names per process, so a
+    # model built earlier in the session would otherwise turn 'input_layer' into 'input_layer_1'.
     model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(8, 3, activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+        keras.Input((8, 8, 1), name="input_layer"),
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv2d"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(32, activation="relu", name="dense"),
+        keras.layers.Dense(10, activation="softmax", name="dense_1"),
+    ], name="sequential")
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(*parts["train"], epochs=15, batch_size=32, verbose=0)
     tmp = d.with_name(d.name + ".tmp")
