@@ -101,11 +101,13 @@ def render_table(report: RunReport) -> Table:
     """A rich table of the run."""
     from rich.table import Table
 
-    t = Table(title=_summary(report), title_justify="left")
+    from rich.markup import escape
+
+    t = Table(title=escape(_summary(report)), title_justify="left")  # report text is never markup: '[uint8]' must print
     for c in TERMINAL:
         t.add_column(c, overflow="fold")
     for r in rows(report):
-        t.add_row(r[0], r[1], r[2], f"{r[3]} ({r[4]})", r[5], f"{r[7]} ({r[8]})", r[9], r[12], f"{r[10]} ({r[11]})")
+        t.add_row(*map(escape, (r[0], r[1], r[2], f"{r[3]} ({r[4]})", r[5], f"{r[7]} ({r[8]})", r[9], r[12], f"{r[10]} ({r[11]})")))
     return t
 
 

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgekit.cli.output import emit, stdout
 
@@ -148,16 +149,16 @@ def install(bundle: Path, data_dir: Path, profile_id: str | None, profile_runs: 
     def render() -> None:
         if result["ok"]:
             p = result["profile"] or {}
-            stdout.print(f"[green]activated[/] {result['name']} {result['version']} ({result['sha256'][:12]})", highlight=False)
+            stdout.print("[green]activated[/] " + escape(f"{result['name']} {result['version']} ({result['sha256'][:12]})"), highlight=False)
             stdout.print(f"load {p.get('load_ms', 0):.1f} ms · p50 {p.get('p50_ms', 0):.3f} ms · p95 {p.get('p95_ms', 0):.3f} ms · "
                          f"p99 {p.get('p99_ms', 0):.3f} ms over {p.get('runs')} runs · peak RSS {p.get('peak_rss_mb', 0):.1f} MB · "
                          f"golden top-1 {p.get('golden_top1_agreement')} · {p.get('runtime')}+{p.get('delegate')}"
-                         + (f" · {p['timing_note']}" if p.get("timing_note") else ""), highlight=False)
+                         + (f" · {p['timing_note']}" if p.get("timing_note") else ""), highlight=False, markup=False)
         else:
-            stdout.print(f"[red]not activated[/]: {result['failure']['reason']}: {result['failure']['message']}", highlight=False)
+            stdout.print("[red]not activated[/]: " + escape(f"{result['failure']['reason']}: {result['failure']['message']}"), highlight=False)
         active = result["active"]
         stdout.print(f"active: {active['name']} {active['version']} ({active['sha256'][:12]})" if active else "active: none",
-                     highlight=False)
+                     highlight=False, markup=False)
 
     emit(result, as_json, render)
     if not result["ok"]:
@@ -177,25 +178,25 @@ def status(data_dir: Path, as_json: bool) -> None:
     def render() -> None:
         a, p = st["active"], st["previous"]
         stdout.print(f"device: {st['name'] or '-'} ({st['device_id'] or 'not enrolled'}) · profile {st['profile'] or '-'} · "
-                     f"server {st['server'] or '-'}", highlight=False)
+                     f"server {st['server'] or '-'}", highlight=False, markup=False)
         stdout.print(f"state: {st['state']}" + (f" (serial {st['assignment']['serial']}, attempt {st['attempts']})" if st["assignment"] else ""),
-                     highlight=False)
-        stdout.print(f"active: {a['name']} {a['version']} {a['sha256'][:12]}" if a else "active: none", highlight=False)
-        stdout.print(f"previous: {p['name']} {p['version']} {p['sha256'][:12]}" if p else "previous: none", highlight=False)
+                     highlight=False, markup=False)
+        stdout.print(f"active: {a['name']} {a['version']} {a['sha256'][:12]}" if a else "active: none", highlight=False, markup=False)
+        stdout.print(f"previous: {p['name']} {p['version']} {p['sha256'][:12]}" if p else "previous: none", highlight=False, markup=False)
         lp = st["last_profile"]
         if lp:
             m = lp["metrics"]
             stdout.print(f"last profile: {lp['name']} {lp['version']} at {lp['at']}: p95 {m['p95_ms']:.3f} ms, peak RSS "
                          f"{m['peak_rss_mb']:.1f} MB, golden top-1 {m['golden_top1_agreement']}"
-                         + (f" ({m['timing_note']})" if m.get("timing_note") else ""), highlight=False)
+                         + (f" ({m['timing_note']})" if m.get("timing_note") else ""), highlight=False, markup=False)
         lr = st["last_result"]
         if lr:
             stdout.print(f"last result: {'failed: ' + lr['failure']['reason'] if lr.get('failure') else 'ok'} "
-                         f"({lr.get('action') or 'install'} {lr.get('version')}, finished {lr.get('finished_at')})", highlight=False)
+                         f"({lr.get('action') or 'install'} {lr.get('version')}, finished {lr.get('finished_at')})", highlight=False, markup=False)
         t = st["telemetry"]
         stdout.print(f"telemetry buffer: {t['buffered_points']}/{t['capacity']} points, {t['dropped_unreported']} dropped (unreported); "
-                     f"reports queued: {st['reports_queued']}", highlight=False)
+                     f"reports queued: {st['reports_queued']}", highlight=False, markup=False)
         c = st["last_contact"]
-        stdout.print(f"last contact: {c['at']}" if c else "last contact: never", highlight=False)
+        stdout.print(f"last contact: {c['at']}" if c else "last contact: never", highlight=False, markup=False)
 
     emit(st, as_json, render)

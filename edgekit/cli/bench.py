@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgekit.cli.output import emit, stdout
 
@@ -25,8 +26,9 @@ def bench(bundle: Path, runs: int, warmup: int, threads: int | None, as_json: bo
 
     def render() -> None:
         r = result
-        stdout.print(f"[bold]{r['name']} {r['version']}[/] ({r['format']}, {r['runtime']}, threads {r['threads'] or 'auto'}) on {r['host']}")
+        stdout.print("[bold]" + escape(f"{r['name']} {r['version']}") + "[/] "
+                     + escape(f"({r['format']}, {r['runtime']}, threads {r['threads'] or 'auto'}) on {r['host']}"))
         stdout.print(f"load {r['load_ms']:.2f} ms · p50 {r['p50_ms']:.3f} ms · p95 {r['p95_ms']:.3f} ms · p99 {r['p99_ms']:.3f} ms "
-                     f"· mean {r['mean_ms']:.3f} ms over {r['runs']} runs")
+                     f"· mean {r['mean_ms']:.3f} ms over {r['runs']} runs", markup=False)
 
     emit(result, as_json, render)

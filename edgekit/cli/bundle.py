@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgekit.bundle import open_bundle, pack as pack_bundle, verify_bundle
-from edgekit.cli.output import emit, stdout
+from edgekit.cli.output import add_row, emit, stdout
 from edgekit.errors import BundleError
 
 __all__ = ["bundle"]
@@ -30,22 +31,22 @@ def inspect(path: Path, as_json: bool) -> None:
     def render() -> None:
         from rich.table import Table
 
-        stdout.print(f"[bold]{m.name} {m.version}[/] · {m.format} for [bold]{m.profile}[/] · {m.file} ({m.size_bytes:,} bytes)")
-        stdout.print(f"sha256 {m.sha256}")
+        stdout.print(f"[bold]{escape(f'{m.name} {m.version}')}[/] · {m.format} for [bold]{escape(m.profile)}[/] · {escape(m.file)} ({m.size_bytes:,} bytes)")
+        stdout.print(f"sha256 {m.sha256}", markup=False)
         for role, specs in (("input", m.inputs), ("output", m.outputs)):
             for s in specs:
                 q = f" scale={s.quantization.scale:.6g} zero_point={s.quantization.zero_point}" if s.quantization else ""
-                stdout.print(f"{role}: {s.name} {list(s.shape)} {s.dtype}{q}")
+                stdout.print(f"{role}: {s.name} {list(s.shape)} {s.dtype}{q}", markup=False)
         q = m.quantization
         stdout.print(f"quantization: {q.recipe} (weights {q.weights}, activations {q.activations}, per-channel {q.per_channel}, "
-                     f"{q.calibration_samples} calibration samples, {len(q.attempts)} attempt(s))")
+                     f"{q.calibration_samples} calibration samples, {len(q.attempts)} attempt(s))", markup=False)
         t = Table("metric", "value", "status", "note")
         for k, v in m.metrics.items():
-            t.add_row(k, "n/a" if v.value is None else f"{v.value:.4g} {v.unit}", v.status, v.note)
+            add_row(t, k, "n/a" if v.value is None else f"{v.value:.4g} {v.unit}", v.status, v.note)
         stdout.print(t)
         if m.coverage:
             c = m.coverage
-            stdout.print(f"ops: {c.ops_on_target}/{c.total_ops} on {c.target}; fallbacks: {', '.join(c.fallbacks) or 'none'}")
+            stdout.print(f"ops: {c.ops_on_target}/{c.total_ops} on {c.target}; fallbacks: {', '.join(c.fallbacks) or 'none'}", markup=False)
 
     emit(json.loads(m.model_dump_json()), as_json, render)
 
@@ -65,7 +66,7 @@ def verify(path: Path, trusted_key: tuple[str, ...], as_json: bool) -> None:
         for check, ok, detail in result.checks:
             stdout.print(f"{'[green]ok[/]  ' if ok else '[red]FAIL[/]'} {check}: {detail}", highlight=False)
         if not trusted_key:
-            stdout.print("note: the signer was not checked against a trusted key (pass --trusted-key to require one)", highlight=False)
+            stdout.print("note: the signer was not checked against a trusted key (pass --trusted-key to require one)", highlight=False, markup=False)
 
     emit({**result.to_dict(), "signer_checked": bool(trusted_key)}, as_json, render)
     if not result.ok:

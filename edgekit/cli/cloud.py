@@ -121,9 +121,9 @@ def export_triton(model: Path, name: str, out: Path, max_batch: int, max_delay_u
     data = {"repository": str(r.repository), "config": str(r.config), "model": str(r.model_file)}
 
     def render() -> None:
-        stdout.print(f"Triton model repository: {r.repository}")
-        stdout.print(f"  {r.config}")
-        stdout.print(f"  {r.model_file}")
-        stdout.print(f"Serve it with: tritonserver --model-repository {r.repository}")
+        stdout.print(f"Triton model repository: {r.repository}", markup=False)
+        stdout.print(f"  {r.config}", markup=False)
+        stdout.print(f"  {r.model_file}", markup=False)
+        stdout.print(f"Serve it with: tritonserver --model-repository {r.repository}", markup=False)
 
     emit(data, as_json, render)

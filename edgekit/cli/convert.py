@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edgekit.cli.output import emit, progress, stdout
 from edgekit.errors import InputError, UsageError
@@ -125,23 +126,23 @@ def convert(model: Path, profiles: tuple[str, ...], formats: tuple[str, ...], ca
         report = run_convert(opts, step)
 
     def render() -> None:
-        stdout.print(f"task: {report.task} ({report.task_reason})", highlight=False)
+        stdout.print(f"task: {report.task} ({report.task_reason})", highlight=False, markup=False)
         for w in report.warnings:
-            stdout.print(f"[yellow]warning[/] {w}", highlight=False)
+            stdout.print(f"[yellow]warning[/] {escape(w)}", highlight=False)
         stdout.print(render_table(report))
         if report.confidence_output:
             c = report.confidence_output
-            stdout.print(f"[cyan]confidence output[/] {c['note'] if c['output'] else 'none: ' + c['note']}", highlight=False)
+            stdout.print(f"[cyan]confidence output[/] {escape(c['note'] if c['output'] else 'none: ' + c['note'])}", highlight=False)
         for line in fallback_lines(report):
-            stdout.print(f"[cyan]fallback[/] {line}", highlight=False)
+            stdout.print(f"[cyan]fallback[/] {escape(line)}", highlight=False)
         for line in selection_lines(report):
-            stdout.print(f"[cyan]measured[/] {line}", highlight=False)
+            stdout.print(f"[cyan]measured[/] {escape(line)}", highlight=False)
         for r in report.results:
             for w in (w for w in r.warnings if w not in report.warnings):
-                stdout.print(f"[yellow]warning[/] {r.profile}/{r.format}: {w}", highlight=False)
+                stdout.print(f"[yellow]warning[/] {escape(f'{r.profile}/{r.format}: {w}')}", highlight=False)
             if r.manifest.metrics.get("int8_accuracy") and r.manifest.metrics["int8_accuracy"].status == "not_measurable":
                 for v in r.verification:
-                    stdout.print(f"[cyan]checked[/] {r.profile}/{r.format}: {v}", highlight=False)
-        stdout.print(f"Bundles and report.json / report.md in {report.out}")
+                    stdout.print(f"[cyan]checked[/] {escape(f'{r.profile}/{r.format}: {v}')}", highlight=False)
+        stdout.print(f"Bundles and report.json / report.md in {report.out}", highlight=False, markup=False)
 
     emit(report.to_dict(), as_json, render)

@@ -15,7 +15,7 @@ from click.core import ParameterSource
 
 from edgekit.bundle import open_bundle, pack, verify_bundle
 from edgekit.cli.fleet_render import byte_progress, devices_table, print_model_version, print_ssh_push, rollout_summary, rollout_view
-from edgekit.cli.output import emit, stderr, stdout
+from edgekit.cli.output import add_row, emit, stderr, stdout
 from edgekit.errors import BundleError, RemoteError, UsageError
 from edgekit.fleet_client import TERMINAL_STATES, FleetClient, RolloutSpec, parse_gates, parse_selector, parse_waves
 
@@ -143,8 +143,8 @@ def _push_fleet(bundles: tuple[Path, ...], server: str | None, token: str | None
         print_model_version(mv)
         if created is not None:
             stdout.print(rollout_summary(created), highlight=False)
-            stdout.print(f"rollout id: {created.get('id')}", highlight=False)
-            stderr.print(f"Follow it with: edgekit rollout status {created.get('id')} --watch", highlight=False)
+            stdout.print(f"rollout id: {created.get('id')}", highlight=False, markup=False)
+            stderr.print(f"Follow it with: edgekit rollout status {created.get('id')} --watch", highlight=False, markup=False)
 
     emit({"model": mv, "rollout": created}, as_json, render)
 
@@ -233,9 +233,9 @@ def _action(verb: str, doc: str) -> click.Command:
             r = client.rollout_action(rollout_id, verb)
 
         def render() -> None:
-            stdout.print(f"{verb}: {rollout_summary(r)}", highlight=False)
+            stdout.print(f"{verb}: {rollout_summary(r)}", highlight=False, markup=False)
             if r.get("state") not in TERMINAL_STATES:
-                stderr.print(f"Follow it with: edgekit rollout status {r.get('id')} --watch", highlight=False)
+                stderr.print(f"Follow it with: edgekit rollout status {r.get('id')} --watch", highlight=False, markup=False)
 
         emit(r, as_json, render)
 
@@ -300,8 +300,8 @@ def list_rollouts(server: str | None, token: str | None, timeout: float, state: 
     def render() -> None:
         t = Table("id", "model", "version", "state", "waves", "created", "reason", title=f"{page['total']} rollout(s)", title_justify="left")
         for r in page["items"]:
-            t.add_row(r["id"], r["model"], r["version"], r["state"], " ".join(w["state"] for w in r["waves"]), r["created_at"] or "",
-                      r["reason"] or "")
+            add_row(t, r["id"], r["model"], r["version"], r["state"], " ".join(w["state"] for w in r["waves"]), r["created_at"] or "",
+                    r["reason"] or "")
         stdout.print(t)
 
     emit(page, as_json, render)

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from edgekit.cli.fleet import _client, _server_options
-from edgekit.cli.output import emit, stderr, stdout
+from edgekit.cli.output import add_row, emit, stderr, stdout
 
 __all__ = ["audit", "fleet", "token"]
 
@@ -53,22 +53,22 @@ def _print_stats(data: dict[str, Any]) -> None:
                   title=f"{data['model']}: {w['since']} → {w['until']}", title_justify="left")
         for v in data["versions"]:
             lat = v["latency_ms"]
-            t.add_row(v["version"], f"{v['requests']:,}", _pct(v["escalation_rate"]), _pct(v["degraded_rate"]), _pct(v["error_rate"]),
-                      _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["p99"]))
+            add_row(t, v["version"], f"{v['requests']:,}", _pct(v["escalation_rate"]), _pct(v["degraded_rate"]), _pct(v["error_rate"]),
+                    _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["p99"]))
         stdout.print(t)
         return
     tot = data["totals"]
     lat, drift = tot["latency_ms"], tot["drift"]
-    stdout.print(f"{data['model']} {data['version']}: {w['since']} → {w['until']}")
+    stdout.print(f"{data['model']} {data['version']}: {w['since']} → {w['until']}", markup=False)
     stdout.print(f"  requests {tot['requests']:,}  escalation {_pct(tot['escalation_rate'])}  degraded {_pct(tot['degraded_rate'])}  "
                  f"errors {_pct(tot['error_rate'])}  latency p50/p95/p99 {_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms",
-                 highlight=False)
+                 highlight=False, markup=False)
     value = "-" if drift["value"] is None else f"{drift['value']:.3f}"
     stdout.print(f"  drift: PSI {value} (drifted above {drift['threshold']}) against {drift['reference']}", highlight=False, markup=False)
     if data.get("buckets"):
         t = Table("start", "requests", "escalation", "errors", "p95 ms", title_justify="left")
         for b in data["buckets"]:
-            t.add_row(b["start"], f"{b['requests']:,}", _pct(b["escalation_rate"]), _pct(b["error_rate"]), _ms(b["latency_ms"]["p95"]))
+            add_row(t, b["start"], f"{b['requests']:,}", _pct(b["escalation_rate"]), _pct(b["error_rate"]), _ms(b["latency_ms"]["p95"]))
         stdout.print(t)
 
 
@@ -88,7 +88,7 @@ def audit(server: str | None, token: str | None, timeout: float, since: str | No
     def render() -> None:
         t = Table("at", "who", "action", "target", "from", "result", title=f"{data['total']} event(s)", title_justify="left")
         for e in data["items"]:
-            t.add_row(e["at"], e["actor"], e["action"], e["target"] or "", e["remote_addr"] or "", f"{e['status']} {e['result']}")
+            add_row(t, e["at"], e["actor"], e["action"], e["target"] or "", e["remote_addr"] or "", f"{e['status']} {e['result']}")
         stdout.print(t)
 
     emit(data, as_json, render)
@@ -112,7 +112,7 @@ def list_tokens(server: str | None, token: str | None, timeout: float, scope: st
     def render() -> None:
         t = Table("id", "name", "scope", "label", "created", "revoked", title=f"{data['total']} token(s)", title_justify="left")
         for x in data["items"]:
-            t.add_row(str(x["id"]), x["name"] or "-", x["scope"], x["label"] or "", x["created_at"] or "", x["revoked_at"] or "")
+            add_row(t, str(x["id"]), x["name"] or "-", x["scope"], x["label"] or "", x["created_at"] or "", x["revoked_at"] or "")
         stdout.print(t)
 
     emit(data, as_json, render)
@@ -129,7 +129,7 @@ def create_token(server: str | None, token: str | None, timeout: float, name: st
     with _client(server, token, timeout) as client:
         data = client.create_token(name, scope, label)
     emit(data, as_json, lambda: (stdout.print(data["token"], highlight=False, markup=False, soft_wrap=True),
-                                 stderr.print("Store it now: the server keeps only its hash.")))
+                                 stderr.print("Store it now: the server keeps only its hash.", markup=False)))
 
 
 @token.command(name="revoke")

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from edgekit.cli.output import stderr, stdout
+from edgekit.cli.output import add_row, stderr, stdout
 
 __all__ = ["byte_progress", "devices_table", "print_model_version", "print_ssh_push", "rollout_view", "rollout_summary"]
 
@@ -83,21 +84,21 @@ def rollout_view(r: dict[str, Any]) -> RenderableType:
         devices = w.get("devices") or []
         done = sum(1 for d in devices if d.get("phase") in ("activated", "failed", "rolled_back"))
         idx = (w.get("index") or 0) + 1
-        wt.add_row(str(idx), f"{_num(w.get('percent'), 'g')}%", _styled(w.get("state")), str(len(devices)), str(done),
-                   _short_time(w.get("started_at")), _short_time(w.get("finished_at")))
+        add_row(wt, str(idx), f"{_num(w.get('percent'), 'g')}%", _styled(w.get("state")), str(len(devices)), str(done),
+                _short_time(w.get("started_at")), _short_time(w.get("finished_at")))
         for d in devices:
             m = d.get("metrics") or {}
             base = m.get("baseline") or {}
-            dt.add_row(str(idx), str(d.get("name") or d.get("device_id")), str(d.get("profile") or "-"), _styled(d.get("phase") or "assigned"),
-                       _num(m.get("p95_ms")), _num(base.get("p95_ms")), _num(m.get("golden_top1_agreement")), _num(m.get("peak_rss_mb")),
-                       str(d.get("reason") or ""))
+            add_row(dt, str(idx), str(d.get("name") or d.get("device_id")), str(d.get("profile") or "-"), _styled(d.get("phase") or "assigned"),
+                    _num(m.get("p95_ms")), _num(base.get("p95_ms")), _num(m.get("golden_top1_agreement")), _num(m.get("peak_rss_mb")),
+                    str(d.get("reason") or ""))
         for g in w.get("gate_results") or []:
             passed = g.get("passed")
-            gt.add_row(str(idx), str(g.get("gate")), f"{_GATE_OPS.get(str(g.get('gate')), '')} {_num(g.get('limit'), 'g')}".strip(),
-                       _num(g.get("value"), ".4g"),
-                       Text("unknown" if passed is None else "pass" if passed else "FAIL",
-                            style="yellow" if passed is None else "green" if passed else "bold red"),
-                       str(names.get(g.get("device_id")) or g.get("device_id") or ""))
+            add_row(gt, str(idx), str(g.get("gate")), f"{_GATE_OPS.get(str(g.get('gate')), '')} {_num(g.get('limit'), 'g')}".strip(),
+                    _num(g.get("value"), ".4g"),
+                    Text("unknown" if passed is None else "pass" if passed else "FAIL",
+                         style="yellow" if passed is None else "green" if passed else "bold red"),
+                    str(names.get(g.get("device_id")) or g.get("device_id") or ""))
     parts.append(wt)
     if dt.row_count:
         parts.append(dt)
@@ -113,52 +114,52 @@ def devices_table(devices: list[dict[str, Any]]) -> Table:
     for d in devices:
         a = d.get("active") or None
         active = f"{a.get('model')} {a.get('version')}" if a else "-"
-        t.add_row(str(d.get("name")), str(d.get("id")), str(d.get("profile")), ", ".join(d.get("tags") or []) or "-", active,
-                  _styled(d.get("phase")), _num(d.get("serial"), "d") if isinstance(d.get("serial"), int) else "-",
-                  str(d.get("last_seen") or "never").replace("T", " ")[:19])
+        add_row(t, str(d.get("name")), str(d.get("id")), str(d.get("profile")), ", ".join(d.get("tags") or []) or "-", active,
+                _styled(d.get("phase")), _num(d.get("serial"), "d") if isinstance(d.get("serial"), int) else "-",
+                str(d.get("last_seen") or "never").replace("T", " ")[:19])
     return t
 
 
 def print_model_version(mv: dict[str, Any]) -> None:
     """The uploaded version and its artifacts."""
     arts = mv.get("artifacts") or []
-    stdout.print(f"[bold]uploaded {mv.get('name')} {mv.get('version')}[/]: {len(arts)} artifact(s)", highlight=False)
+    stdout.print(f"[bold]uploaded {escape(str(mv.get('name')))} {escape(str(mv.get('version')))}[/]: {len(arts)} artifact(s)", highlight=False)
     t = Table("profile", "format", "file", "bytes", "sha256", "loads", "golden")
     for a in arts:
         v = a.get("validation") or {}
         golden = v.get("golden") or {}
         gold = "-" if not golden else ("passed" if golden.get("passed", golden.get("ok")) else "FAILED")
-        t.add_row(str(a.get("profile")), str(a.get("format")), str(a.get("file")), f"{a.get('size_bytes', 0):,}",
-                  str(a.get("sha256", ""))[:16] + "…", "yes" if v.get("loads") else "no" if "loads" in v else "-", gold)
+        add_row(t, str(a.get("profile")), str(a.get("format")), str(a.get("file")), f"{a.get('size_bytes', 0):,}",
+                str(a.get("sha256", ""))[:16] + "…", "yes" if v.get("loads") else "no" if "loads" in v else "-", gold)
     stdout.print(t)
 
 
 def print_ssh_push(result: dict[str, Any]) -> None:
     """An SSH push: where the bundle went and what the device's edgekit said."""
     added = " (new: saved to known_hosts)" if result["host_key_added"] else ""
-    stdout.print(f"[bold]pushed[/] {result['local_bundle']} → {result['target']}:{result['remote_bundle']}", highlight=False)
-    stdout.print(f"host key {result['host_key']}{added}", highlight=False)
-    stdout.print(f"{result['size_bytes']:,} bytes, sha256 {result['sha256']} (checked on the device)", highlight=False)
-    stdout.print(f"device ran: {result['remote_command']}", highlight=False)
+    stdout.print("[bold]pushed[/] " + escape(f"{result['local_bundle']} → {result['target']}:{result['remote_bundle']}"), highlight=False)
+    stdout.print(f"host key {result['host_key']}{added}", highlight=False, markup=False)
+    stdout.print(f"{result['size_bytes']:,} bytes, sha256 {result['sha256']} (checked on the device)", highlight=False, markup=False)
+    stdout.print(f"device ran: {result['remote_command']}", highlight=False, markup=False)
     remote = result.get("remote")
     if isinstance(remote, dict) and "active" in remote:  # edgekit agent install
         prof = remote.get("profile") or {}
         state = "[green]activated[/]" if remote.get("ok") else "[red]not activated[/]"
         stdout.print(f"  {state} {remote.get('name')} {remote.get('version')} · phases {', '.join(remote.get('phases') or []) or '-'}",
-                     highlight=False)
+                     highlight=False, markup=False)
         if prof:
             stdout.print(f"  on the device: load {_num(prof.get('load_ms'))} ms · p50 {_num(prof.get('p50_ms'))} ms · "
                          f"p95 {_num(prof.get('p95_ms'))} ms · peak RSS {_num(prof.get('peak_rss_mb'))} MB · "
-                         f"golden top-1 {_num(prof.get('golden_top1_agreement'))}", highlight=False)
+                         f"golden top-1 {_num(prof.get('golden_top1_agreement'))}", highlight=False, markup=False)
         active = remote.get("active") or {}
-        stdout.print(f"  active: {active.get('name')} {active.get('version')}" if active else "  active: none", highlight=False)
+        stdout.print(f"  active: {active.get('name')} {active.get('version')}" if active else "  active: none", highlight=False, markup=False)
     elif isinstance(remote, dict) and "checks" in remote:
         for c in remote["checks"]:
-            stdout.print(f"  {'[green]ok[/]  ' if c.get('ok') else '[red]FAIL[/]'} {c.get('check')}: {c.get('detail')}", highlight=False)
+            stdout.print(f"  {'[green]ok[/]  ' if c.get('ok') else '[red]FAIL[/]'} " + escape(f"{c.get('check')}: {c.get('detail')}"), highlight=False)
     elif isinstance(remote, dict):
         for k, v in remote.items():
             if not isinstance(v, (dict, list)):
-                stdout.print(f"  {k}: {v}", highlight=False)
+                stdout.print(f"  {k}: {v}", highlight=False, markup=False)
 
 
 @contextmanager

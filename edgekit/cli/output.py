@@ -10,11 +10,19 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-__all__ = ["emit", "progress", "stderr", "stdout"]
+__all__ = ["add_row", "emit", "progress", "stderr", "stdout"]
 
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True)
+
+
+def add_row(table: Any, *cells: Any) -> None:
+    """Add a row whose strings print as given: rich ``Text``, never markup ('[uint8]' or a device named '[red]x' shows as is)."""
+    from rich.text import Text
+
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
 
 
 def emit(data: Any, as_json: bool, render: Callable[[], None]) -> None:
@@ -42,10 +50,10 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
 
         def step(msg: str) -> None:
             if done:
-                stderr.print(f"[green]✓[/] {done[-1]}", highlight=False)
+                stderr.print(f"[green]✓[/] {escape(done[-1])}", highlight=False)
             done.append(msg)
-            bar.update(task, description=msg)
+            bar.update(task, description=escape(msg))
 
         yield step
         if done:
-            stderr.print(f"[green]✓[/] {done[-1]}", highlight=False)
+            stderr.print(f"[green]✓[/] {escape(done[-1])}", highlight=False)

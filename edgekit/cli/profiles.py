@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import yaml
 
-from edgekit.cli.output import emit, stdout
+from edgekit.cli.output import add_row, emit, stdout
 from edgekit.errors import OutputError
 from edgekit.profiles import find_profile, list_profiles, load_profile_file, profile_json_schema
 
@@ -35,7 +35,7 @@ def list_cmd(as_json: bool) -> None:
 
         t = Table("id", "name", "os", "formats", "accelerators", "RAM")
         for d in data:
-            t.add_row(d["id"], d["name"], d["os"], ", ".join(d["formats"]), ", ".join(d["accelerators"]), f"{d['ram_mb']:,} MB")
+            add_row(t, d["id"], d["name"], d["os"], ", ".join(d["formats"]), ", ".join(d["accelerators"]), f"{d['ram_mb']:,} MB")
         stdout.print(t)
 
     emit(data, as_json, render)

@@ -44,7 +44,7 @@ def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, esc
         stdout.print(f"temperature [bold]{s['temperature']:.4f}[/]  ECE {s['ece_before']:.4f} -> {s['ece_after']:.4f}  "
                      f"({s['temperature_examples']} examples fit it, {s['threshold_examples']} chose the threshold)")
         stdout.print(f"device-only {s['device_accuracy'] * 100:.2f}%  cloud-only {s['cloud_accuracy'] * 100:.2f}%  "
-                     f"hybrid {s['hybrid_accuracy'] * 100:.2f}%  (threshold split)")
+                     f"hybrid {s['hybrid_accuracy'] * 100:.2f}%  (threshold split)", markup=False)
         stdout.print(f"threshold [bold]{s['threshold']:.6f}[/]: escalates [bold]{s['escalation_rate'] * 100:.1f}%[/]; loss "
                      f"{s['loss_points']:.2f} pt, upper bound {s['loss_bound_points']:.2f} pt at {s['confidence']:.0%}")
         stdout.print(f"score [bold]{s['score']}[/] (" + ", ".join(f"{m} {c['escalation_rate'] * 100:.1f}%" for m, c in s["scores"].items())
@@ -55,12 +55,12 @@ def calibrate(device: Path, cloud: Path, data: Path, max_loss: float | None, esc
             stdout.print(f"point-estimate threshold would escalate {pe['escalation_rate'] * 100:.1f}%: the guarantee costs "
                          f"[bold]{s['guarantee_extra_escalation'] * 100:.1f}[/] points of extra escalation")
             stdout.print(f"certified: 0.00 pt at 100% escalation (cloud only); keeping examples on the device, the smallest certifiable "
-                         f"loss is {s['best_certifiable_loss_points']:.2f} pt (escalating {s['best_certifiable_escalation_rate'] * 100:.1f}%)")
+                         f"loss is {s['best_certifiable_loss_points']:.2f} pt (escalating {s['best_certifiable_escalation_rate'] * 100:.1f}%)", markup=False)
             if s.get("escalates_everything"):
                 stdout.print("[yellow]no threshold keeping examples on the device is certified at this target: the policy escalates "
                              "everything; more labelled data tightens the bound[/]")
-        stdout.print(f"bundle: {s['bundle']}")
-        stdout.print(f"report: {result.report_dir / 'router_report.md'}")
+        stdout.print(f"bundle: {s['bundle']}", markup=False)
+        stdout.print(f"report: {result.report_dir / 'router_report.md'}", markup=False)
 
     emit(s, as_json, render)
 
@@ -81,11 +81,11 @@ def eval_(bundle: Path, cloud_url: str, cloud_model: str, data: Path, deadline_m
 
     def render() -> None:
         cloud = f"{r['cloud_accuracy'] * 100:.2f}%" if r["cloud_accuracy"] is not None else f"unavailable ({r['cloud_error']})"
-        stdout.print(f"{r['examples']} examples, deadline {r['deadline_ms']:g} ms, threshold {r['threshold']:.6f}")
+        stdout.print(f"{r['examples']} examples, deadline {r['deadline_ms']:g} ms, threshold {r['threshold']:.6f}", markup=False)
         stdout.print(f"accuracy: device-only {r['device_accuracy'] * 100:.2f}%  cloud-only {cloud}  hybrid [bold]{r['hybrid_accuracy'] * 100:.2f}%[/]")
         stdout.print(f"escalated {r['escalation_rate'] * 100:.1f}%  answered by the cloud {r['answered_by_cloud']}  "
-                     f"degraded {r['degraded']} {r['degraded_reasons'] or ''}  answered {r['answered']}/{r['examples']}")
+                     f"degraded {r['degraded']} {r['degraded_reasons'] or ''}  answered {r['answered']}/{r['examples']}", markup=False)
         lat = r["latency_ms"]
-        stdout.print(f"latency p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  max {lat['max']:.2f} ms; breaker {r['breaker_state']}")
+        stdout.print(f"latency p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  max {lat['max']:.2f} ms; breaker {r['breaker_state']}", markup=False)
 
     emit(r, as_json, render)

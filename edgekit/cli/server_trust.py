@@ -60,7 +60,7 @@ def add(key: str | None, label: str, db: str | None, data_dir: Path | None, as_j
                 row = add_publisher(s, public, label)
         except Exception as e:  # noqa: BLE001 - a domain error becomes Error/Hint
             raise _as_remote(e) from None
-    emit(row, as_json, lambda: stdout.print(f"allowed publisher key {row['key_id']} ({row['label'] or 'no label'})", highlight=False))
+    emit(row, as_json, lambda: stdout.print(f"allowed publisher key {row['key_id']} ({row['label'] or 'no label'})", highlight=False, markup=False))
 
 
 @publisher.command("list")
@@ -74,10 +74,10 @@ def list_(db: str | None, data_dir: Path | None, as_json: bool) -> None:
 
     def render() -> None:
         if not rows:
-            stdout.print("no publisher keys: every upload is refused (add one with 'edgekit server publisher add')", highlight=False)
+            stdout.print("no publisher keys: every upload is refused (add one with 'edgekit server publisher add')", highlight=False, markup=False)
         for r in rows:
-            stdout.print(f"{r['key_id']}  {r['public_key']}  {r['label'] or '-'}  added {r['added_at']:%Y-%m-%d %H:%M}", highlight=False)
-        stdout.print(f"allow-list version {version}", highlight=False)
+            stdout.print(f"{r['key_id']}  {r['public_key']}  {r['label'] or '-'}  added {r['added_at']:%Y-%m-%d %H:%M}", highlight=False, markup=False)
+        stdout.print(f"allow-list version {version}", highlight=False, markup=False)
 
     emit({"version": version, "publishers": rows}, as_json, render)
 
@@ -95,7 +95,7 @@ def remove(key_id: str, db: str | None, data_dir: Path | None, as_json: bool) ->
                 row = remove_publisher(s, key_id)
         except Exception as e:  # noqa: BLE001
             raise _as_remote(e) from None
-    emit(row, as_json, lambda: stdout.print(f"removed publisher key {row['key_id']}", highlight=False))
+    emit(row, as_json, lambda: stdout.print(f"removed publisher key {row['key_id']}", highlight=False, markup=False))
 
 
 @click.group()
@@ -118,4 +118,4 @@ def rotate(server: str | None, token: str | None, timeout: float, as_json: bool)
         result = client.rotate_server_key()
     emit(result, as_json, lambda: stdout.print(
         f"server key rotated: {result['old_key_id']} -> {result['new_key_id']} (rotation {result['sequence']}, "
-        f"{result['resigned_assignments']} desired assignments re-signed). Restart other replicas with the new key file.", highlight=False))
+        f"{result['resigned_assignments']} desired assignments re-signed). Restart other replicas with the new key file.", highlight=False, markup=False))
