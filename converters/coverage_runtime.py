@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NodePlacement", "litert_nodes", "onnx_nodes", "litert_xnnpack_placement", "ort_node_providers", "xnnpack_host_label"]
+__all__ = ["NodePlacement", "litert_nodes", "onnx_nodes", "litert_xnnpack_placement", "ort_float_ops", "ort_node_providers", "xnnpack_host_label"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,19 @@ def ort_node_providers(model: Path, providers: list[str], workdir: Path) -> list
         dtype = _PROFILE_TYPES.get(next(iter(first), ""), next(iter(first), ""))
         seen[name] = NodePlacement(len(seen), args.get("op_name", "?"), dtype, args["provider"])
     return list(seen.values())
+
+
+def ort_float_ops(model: Path) -> set[str] | None:
+    """Op types that ONNX Runtime's CPU EP runs on float inputs in a quantized model's optimised graph (after its QDQ fusion),
+    Q/DQ themselves aside; None when the model cannot run here."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekit-float-ops-") as tmp:
+            nodes = ort_node_providers(model, ["CPUExecutionProvider"], Path(tmp))
+    except Exception:  # noqa: BLE001 - a report detail, never a failed conversion
+        return None
+    return {n.op for n in nodes if n.op not in {"QuantizeLinear", "DequantizeLinear"} and n.dtype in ("float32", "float16", "float64")}
 
 
 def onnx_nodes(model: Path) -> list[NodePlacement]:

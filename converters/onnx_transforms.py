@@ -1,4 +1,4 @@
-"""Transforms on ONNX initializers that help INT8 keep the float model's accuracy.
+"""Transforms on ONNX graphs that help INT8 keep the float model's accuracy and speed.
 
 - ``equalize_cross_layer``: cross-layer equalization (Nagel et al. 2019) of Conv -> [ReLU, pooling] -> Conv/Gemm
   pairs on the float graph, depthwise -> pointwise included. The float function is unchanged; the channel
@@ -11,6 +11,10 @@
   its FastBiasCorrection feeds each layer the float input mean instead (weight error only).
 - ``dequantize_head``: the graph outputs leave the last layer's int32 accumulator as float instead of being
   requantized to 8 bits (which ties the top classes of low-margin inputs).
+- ``global_average_pools``: a ReduceMean over every spatial axis (how tf2onnx and torch.onnx write global
+  average pooling, squeeze-excite blocks included) becomes GlobalAveragePool, the same values: ONNX Runtime
+  has an int8 kernel for that one (QLinearGlobalAveragePool) and none for ReduceMean, which otherwise runs in
+  float between a DequantizeLinear and a QuantizeLinear.
 
 The math (ranges, scales, shifts) is ``converters.quant_math``; this module walks the graphs.
 """
@@ -26,7 +30,8 @@ import numpy as np
 from converters.quant_math import channel_ranges, equalization_scales, measured_output_shift
 from converters.source import Feeds
 
-__all__ = ["BiasCorrection", "correct_bias", "dequantize_head", "equalize_cross_layer"]
+__all__ = ["BiasCorrection", "correct_bias", "dequantize_head", "equalize_cross_layer", "global_average_pools",
+           "global_average_pools_in_file"]
 
 # Ops between two layers through which a positive per-channel scale passes unchanged (f(s x) = s f(x), s > 0).
 _HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
@@ -335,3 +340,50 @@ def dequantize_head(model) -> list[str]:
             removed.append(q.name)
             t = new
     return removed
+
+
+def global_average_pools(model) -> int:
+    """Rewrite, in place, each ReduceMean over all spatial axes of an N, C, spatial... tensor as GlobalAveragePool; the count.
+
+    keepdims=0 adds a Flatten (N, C, 1, 1 -> N, C, exactly ReduceMean's shape). Axes come from the attribute
+    (opset < 18) or a constant input (opset 18+); a ReduceMean whose rank or axes are not known is left alone.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)  # GlobalAveragePool's types
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape") and v.type.tensor_type.elem_type in floats}
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, count = [], 0
+    for n in model.graph.node:
+        rank = ranks.get(n.input[0]) if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx") else None
+        axes = _attr(n, "axes", None)
+        if rank is not None and axes is None and len(n.input) > 1 and n.input[1] in inits:
+            axes = numpy_helper.to_array(inits[n.input[1]]).tolist()
+        if rank is None or rank < 3 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
+            nodes.append(n)
+            continue
+        count += 1
+        if _attr(n, "keepdims", 1):
+            nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name))
+        else:
+            pooled = f"{n.output[0]}__global_pool"
+            nodes += [helper.make_node("GlobalAveragePool", [n.input[0]], [pooled], name=n.name),
+                      helper.make_node("Flatten", [pooled], list(n.output), name=f"{n.name}__flatten", axis=1)]
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
+
+
+def global_average_pools_in_file(path: Path) -> int:
+    """``global_average_pools`` on an ONNX file in place (external weights stay where they are); the count."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    n = global_average_pools(m)
+    if n:
+        onnx.save(m, str(path))
+    return n

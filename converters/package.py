@@ -199,8 +199,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
             "latency_ratio": measured(sp.ratio, "x", "quantized / float on this host (median of the per-round ratios)"),
         }
         if metrics["size_ratio"].value > 1:
-            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size (quantization "
-                            "parameters dominate on very small models)")
+            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size ({_size_reason(metrics)})")
         chosen = attempts[cand.attempt_index]
         if sp.slower_than_float:
             warnings.append(f"on this host the quantized model is slower than float: {chosen.slower_than_float or f'{sp.ratio:.2f}x'} "
@@ -230,6 +229,10 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
     if any("unverified" in n for n in facts.notes):  # the converter already says it, in its own words
         verification = ()
     source_notes = tuple(ctx.source.cache.get("source_notes", ())) if conv.format == "onnx" else ()  # how the ONNX graph was normalised
+    pools = ctx.source.cache.get("onnx_global_pools", 0) if conv.format == "onnx" else 0
+    if pools:
+        source_notes += (f"{pools} ReduceMean over the spatial axes quantized as GlobalAveragePool (the same values; ONNX Runtime "
+                         "has an int8 kernel for it and runs ReduceMean in float between Q/DQ pairs)",)
     verification += source_notes + facts.notes + tuple(f"quantization: {w}" for w in facts.warnings)
     confidence, confidence_notes = confidence_metrics(ctx, conv, cand, facts, on_host)  # the logits output's marker and cost
     metrics |= confidence
@@ -280,3 +283,17 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
                           atol=_atol(facts, golden), extra_files=extras)
     return ConversionResult(prof.id, conv.format, opts.out / bundle_dir.name, bundle.manifest, coverage, tuple(attempts),
                             tuple(dict.fromkeys(warnings)), tuple(verification))
+
+
+def _size_reason(metrics: dict[str, Metric]) -> str:
+    """Why an INT8 file is larger than the float one, from the byte counts measured on both files."""
+    size, float_size = metrics["size_bytes"].value, metrics["float_size_bytes"].value
+    w8, wf = metrics.get("int8_weight_bytes"), metrics.get("float_weight_bytes")
+    if w8 is None or w8.value is None or size is None or float_size is None:
+        return "the weight bytes of this format are not counted here"
+    if w8.value > float_size:
+        return (f"its int8 weights alone are {w8.value:,.0f} bytes, more than the whole float file's {float_size:,.0f}: the float "
+                "graph computes its weights at run time (constant-producing nodes), the quantized one stores them")
+    floats = (wf.value or 0.0) if wf is not None else 0.0
+    return (f"of its {size:,.0f} bytes, {w8.value:,.0f} are int8 weights, {floats:,.0f} float initializers (scales, biases) "
+            f"and {max(size - w8.value - floats, 0.0):,.0f} graph structure (Q/DQ nodes, names)")
