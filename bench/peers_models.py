@@ -13,7 +13,7 @@ from bench.harness import ROOT, quiet
 __all__ = ["DSB_RECIPE", "MOBILENET_CALIB", "OPSET", "build_dsb_cnn", "edgekit_floats", "ensure_dsb", "float_models", "prepare_model"]
 
 OPSET = 17
-DSB_RECIPE = {"version": 1, "epochs": 15, "batch_size": 64, "seed": 11, "train": 3500, "select": 500, "test": 1000, "calib": 500}
+DSB_RECIPE = {"version": 2, "epochs": 15, "batch_size": 64, "seed": 11, "train": 3500, "select": 500, "test": 1000, "calib": 500}
 MOBILENET_CALIB = 32
 
 
@@ -58,6 +58,9 @@ def ensure_dsb(out: Path) -> dict[str, Path]:
     idx = np.random.default_rng(r["seed"]).permutation(len(x))
     te, se, tr = idx[: r["test"]], idx[r["test"] : r["test"] + r["select"]], idx[r["test"] + r["select"] :]
     keras.utils.set_random_seed(r["seed"])
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()  # the same weights in every process (version 1 moved 88.4% -> 90.2%)
     model = build_dsb_cnn()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x[tr], y[tr], epochs=r["epochs"], batch_size=r["batch_size"], verbose=0)
