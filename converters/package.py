@@ -199,7 +199,7 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
             "latency_ratio": measured(sp.ratio, "x", "quantized / float on this host (median of the per-round ratios)"),
         }
         if metrics["size_ratio"].value > 1:
-            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size ({_size_reason(metrics)})")
+            warnings.append(f"the quantized model is {metrics['size_ratio'].value:.2f}x the float model's size ({_size_reason(metrics | dict(facts.metrics))})")
         chosen = attempts[cand.attempt_index]
         if sp.slower_than_float:
             warnings.append(f"on this host the quantized model is slower than float: {chosen.slower_than_float or f'{sp.ratio:.2f}x'} "
