@@ -134,6 +134,12 @@ class Converter(ABC):
         """Open the produced model: I/O specs with quantization, op list, activation memory."""
 
 
+def weight_byte_metrics(int8_bytes: int, float_bytes: int, int8_what: str, float_what: str) -> tuple[tuple[str, Metric], ...]:
+    """The file's constant bytes, measured, as ModelFacts.metrics (the size warning's byte split reads them)."""
+    return (("int8_weight_bytes", Metric(value=float(int8_bytes), unit="B", status="measured", note=int8_what)),
+            ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note=float_what)))
+
+
 def check_weight_budget(source: SourceModel, profile: HardwareProfile) -> None:
     """Refuse before any work when the int8 weights alone (one byte each) exceed the profile's model budget."""
     weights_mb = source.param_count / 1e6

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
+from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget, weight_byte_metrics
 from converters.coverage_runtime import ort_float_ops
 from converters.onnx_calibration import CalibrationReader, calibration_cache_path, calibration_stride, mse_ranges
 from converters.onnx_export import compact_names, embed_preprocessing, export_float_onnx
@@ -24,7 +24,7 @@ from converters.onnx_layout import EPLayout, ep_layout
 from converters.onnx_transforms import global_average_pools_in_file
 from converters.source import Feeds, SourceModel
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
-from edgekit.manifest import Metric, TensorSpec
+from edgekit.manifest import TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, ONNXConstraints
 
@@ -384,10 +384,7 @@ class ONNXConverter(Converter):
             activation_bytes=act_bytes,
             activation_note="peak of the activation tensors alive at once in execution order (buffers freed after their last use, "
                             "as ONNX Runtime's arena does)",
-            metrics=(
-                ("int8_weight_bytes", Metric(value=float(int8_bytes), unit="B", status="measured", note="int8/uint8 initializers")),
-                ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured", note="float initializers (scales, biases, excluded layers)")),
-            ),
+            metrics=weight_byte_metrics(int8_bytes, float_bytes, "int8/uint8 initializers", "float initializers (scales, biases, excluded layers)"),
             extra_files=extra,
             notes=tuple(notes),
             warnings=tuple(warnings),

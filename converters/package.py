@@ -295,5 +295,5 @@ def _size_reason(metrics: dict[str, Metric]) -> str:
         return (f"its int8 weights alone are {w8.value:,.0f} bytes, more than the whole float file's {float_size:,.0f}: the float "
                 "graph computes its weights at run time (constant-producing nodes), the quantized one stores them")
     floats = (wf.value or 0.0) if wf is not None else 0.0
-    return (f"of its {size:,.0f} bytes, {w8.value:,.0f} are int8 weights, {floats:,.0f} float initializers (scales, biases) "
-            f"and {max(size - w8.value - floats, 0.0):,.0f} graph structure (Q/DQ nodes, names)")
+    return (f"of its {size:,.0f} bytes, {w8.value:,.0f} are int8 weights, {floats:,.0f} float constants (scales, float layers) "
+            f"and {max(size - w8.value - floats, 0.0):,.0f} the rest (int32 biases, graph structure: Q/DQ nodes, names)")

@@ -9,14 +9,14 @@ from typing import Literal
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget
+from converters.base import Converter, ModelFacts, Recipe, RecipeOptions, check_weight_budget, weight_byte_metrics
 from converters.source import Feeds, SourceModel, import_tensorflow
 from converters.tflite_child import isolated, process_bytes, run_in_child
 from edgekit.errors import ConversionError, IncompatibleError
 from edgekit.manifest import QuantParams, TensorSpec
 from edgekit.nativelog import captured_output
 from edgekit.profiles import HardwareProfile, TFLiteConstraints
-from edgekit.runtime.tflite import arena_span_bytes, signature_names
+from edgekit.runtime.tflite import arena_span_bytes, constant_bytes, signature_names
 
 __all__ = ["TFLiteConverter", "TFLiteOptions"]
 
@@ -371,6 +371,7 @@ class TFLiteConverter(Converter):
         activation_ids = {int(i) for op in ops for i in op["outputs"] if i >= 0}
         activation_ids |= {d["index"] for d in interp.get_input_details()}
         activation_bytes = arena_span_bytes(interp, activation_ids)
+        consts = constant_bytes(interp)
         violations: list[str] = []
         warnings: list[str] = []
         c = profile.formats.tflite
@@ -401,4 +402,6 @@ class TFLiteConverter(Converter):
             activation_note="LiteRT's arena on this host after allocate_tensors (no delegate): activation buffers, shared buffers "
                             "counted once; a device delegate may plan its memory differently",
             dtype_violations=tuple(violations),
+            metrics=weight_byte_metrics(consts.get("int8", 0) + consts.get("uint8", 0), consts.get("float32", 0) + consts.get("float16", 0),
+                                        "int8/uint8 constant tensors", "float32/float16 constant tensors (layers kept in float)"),
         )

@@ -70,6 +70,25 @@ def arena_span_bytes(interp, indices: set[int] | None = None) -> int:
     return total
 
 
+def constant_bytes(interp) -> dict[str, int]:
+    """Bytes of the model's constant tensors (weights, biases, shapes) by dtype name.
+
+    A constant is an operand of some op that no op produces and that is not a graph input.
+    """
+    ops = interp._get_ops_details()  # the only API that lists the graph's ops
+    produced = {int(i) for op in ops for i in op["outputs"] if i >= 0} | {d["index"] for d in interp.get_input_details()}
+    used = {int(i) for op in ops for i in op["inputs"] if i >= 0}
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    out: dict[str, int] = {}
+    for i in sorted(used - produced):
+        d = details.get(i)
+        if d is None:
+            continue
+        dtype = np.dtype(d["dtype"])
+        out[dtype.name] = out.get(dtype.name, 0) + int(np.prod(d["shape"], dtype=np.int64)) * dtype.itemsize
+    return out
+
+
 def _spec_from_detail(d: dict, names: dict[int, str]) -> TensorSpec:
     scale, zp = d["quantization"]
     quant = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
