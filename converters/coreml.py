@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import Converter, ModelFacts, Recipe, check_weight_budget
+from converters.base import Converter, ModelFacts, Recipe, check_weight_budget, weight_byte_metrics
 from converters.source import Feeds, SourceModel, import_tensorflow
 from edgekit.errors import ConversionError, IncompatibleError, RuntimeUnavailableError
 from edgekit.manifest import Metric, TensorSpec
@@ -292,10 +292,8 @@ class CoreMLConverter(Converter):
         metrics: list[tuple[str, Metric]] = [
             ("int8_weight_tensors", Metric(value=float(int8_tensors), unit="tensors", status="measured",
                                            note=f"int8 weight tensors in the package ({', '.join(sorted(int8_ops)) or 'none'})")),
-            ("int8_weight_bytes", Metric(value=float(int8_bytes), unit="B", status="measured",
-                                         note="int8 weight data, from the ML Program spec (zero points and scales excluded)")),
-            ("float_weight_bytes", Metric(value=float(float_bytes), unit="B", status="measured",
-                                          note="float16/float32 constants left: biases, quantization scales, unquantized weights")),
+            *weight_byte_metrics(int8_bytes, float_bytes, "int8 weight data, from the ML Program spec (zero points and scales excluded)",
+                                 "float16/float32 constants left: biases, quantization scales, unquantized weights"),
         ]
         notes = [
             f"Core ML package loads with coremltools {ct.__version__}: yes (ML Program, specification version "
