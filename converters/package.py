@@ -218,6 +218,8 @@ def package_candidate(ctx: RunContext, prof: HardwareProfile, conv: Converter, s
             if cand.selection is not None and cand.selection.within_budget and cand.evaluation is not None and not cand.evaluation.within_budget:
                 warnings.append(f"within the budget ({ctx.judge.budget_text}) on the selection split, not on the test split "
                                 f"(drop {cand.evaluation.drop:.2f} there)")
+        if cand.why:
+            verification += (f"recipe: {cand.why}",)
         if sp.host.note:
             verification += (f"latency: {sp.host.note}",)
     metrics |= {

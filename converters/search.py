@@ -12,8 +12,8 @@ from converters.base import Converter, Recipe
 from converters.evaluate import Evaluation, Judge, evaluate
 from converters.memory import release_freed_memory
 from converters.selection import EvalSplit, split_evaluation
-from converters.speed import SPEED_CLASSES, HostRuntime, Speed, displaces, early_stop_reason, graph_key, host_runtime, load_for_timing, measure_speed, \
-    slowdown_reason, speed_class
+from converters.speed import FIDELITY_MARGIN_DB, FIDELITY_SIBLINGS, SPEED_CLASSES, HostRuntime, Speed, displaces, early_stop_reason, \
+    fidelity_sibling, graph_key, host_runtime, load_for_timing, measure_speed, slowdown_reason, speed_class
 from edgekit.bundle import _size
 from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError
 from edgekit.manifest import Attempt, SplitScore, TensorSpec
@@ -38,6 +38,7 @@ class Candidate:
     attempt_index: int
     selection: Evaluation | None = None  # on the selection split: the decision
     speed: Speed | None = None
+    why: str = ""  # why it was kept over a faster-tried candidate, when it was (the report's verification)
 
 
 def _plain(name: str) -> str:
@@ -136,8 +137,10 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     Each candidate is scored on the selection split (the decision) and the test split (the report),
     and timed against the float model on this host (converters.speed). A candidate within budget
     displaces the best so far only when more than DISPLACE_TOLERANCE faster; recipes that cannot be
-    faster than the best are skipped with the reason (``early_stop_reason``). Without any candidate
-    within budget: the lowest selection drop, with --allow-over-budget.
+    faster than the best are skipped with the reason (``early_stop_reason``), except up to FIDELITY_SIBLINGS
+    bias-corrected variants of the best's graph (``fidelity_sibling``): the same speed, and one within budget whose
+    outputs are more than FIDELITY_MARGIN_DB closer to the float model's (min SQNR on the selection split) is kept
+    instead. Without any candidate within budget: the lowest selection drop, with --allow-over-budget.
     """
     opts = ctx.opts
     warnings = conv.check(ctx.source, prof)
@@ -152,9 +155,12 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     best: Candidate | None = None  # the fastest within budget so far
     fallback: Candidate | None = None  # the lowest selection drop, for --allow-over-budget
     timed: dict[tuple, tuple[str, float]] = {}  # graph_key -> the fastest recipe timed with that graph, and its ratio to float
+    siblings = 0  # fidelity siblings tried
     for i, recipe in enumerate(recipes):
         ctx.check_interrupted()
         skip = early_stop_reason(recipe, best.recipe, best.speed.ratio if best.speed else None, timed) if best is not None else None
+        if skip and best is not None and best.speed is not None and siblings < FIDELITY_SIBLINGS and fidelity_sibling(recipe, best.recipe):
+            skip, siblings = None, siblings + 1
         if not skip:  # hand the previous recipe's peak back before measuring what this one would need (not for a recipe skipped anyway)
             release_freed_memory()
             skip = ctx.memory.skip_reason(ctx, conv, recipe)
@@ -205,6 +211,11 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
             fallback = cand
         if ev_sel.within_budget and (best is None or displaces(speed.ratio, best.speed.ratio)):  # type: ignore[union-attr]
             best = cand
+        elif ev_sel.within_budget and best is not None and graph_key(recipe) == graph_key(best.recipe) and \
+                (gain := _more_faithful(ev_sel, best.selection)) is not None:
+            best = replace(cand, why=f"{recipe.name} kept over {best.recipe.name}: the same graph (the same speed), outputs closer to the "
+                                     f"float model's on the {'evaluation data' if same else 'selection split'} (min SQNR {gain[0]:.1f} vs "
+                                     f"{gain[1]:.1f} dB)")
         del model, outputs, cand
     if best is not None:
         return best, attempts, warnings
@@ -219,6 +230,14 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     kind = "fidelity" if (ctx.judge.task != "classification" and ctx.judge.metric is None) else "accuracy"
     warnings.append(f"over the {kind} budget ({ctx.judge.budget_text}) with --allow-over-budget: kept the best attempt, {fallback.recipe.name}")
     return fallback, attempts, warnings
+
+
+def _more_faithful(ev: Evaluation, best: Evaluation | None) -> tuple[float, float] | None:
+    """(SQNR of ``ev``, of ``best``) when ``ev``'s outputs are more than FIDELITY_MARGIN_DB closer to the float model's; else None."""
+    if best is None or not ev.fidelity or not best.fidelity:
+        return None
+    mine, theirs = ev.min_sqnr_db, best.min_sqnr_db
+    return (mine, theirs) if mine > theirs + FIDELITY_MARGIN_DB else None
 
 
 def _attempt_line(a: Attempt) -> str:

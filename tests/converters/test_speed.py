@@ -18,9 +18,11 @@ from converters.coverage_runtime import litert_xnnpack_placement, ort_node_provi
 from converters.pipeline import ConvertOptions, run_convert
 from converters.speed import (
     DISPLACE_TOLERANCE,
+    FIDELITY_MARGIN_DB,
     TIMING_THREADS,
     displaces,
     early_stop_reason,
+    fidelity_sibling,
     graph_key,
     host_runtime,
     load_for_timing,
@@ -136,6 +138,34 @@ def test_displacement_tolerance_and_early_stop_rule() -> None:
     assert early_stop_reason(same, plain, 2.0, {graph_key(plain): (plain.name, 2.0)}) is not None  # the same graph: the same speed
     # ... unless that graph ran fast enough to win and only missed the budget: the same graph may now meet it.
     assert early_stop_reason(same, plain, 2.0, {graph_key(plain): ("x", 1.0)}) is None
+
+
+def test_fidelity_siblings_are_bias_corrected_variants_of_the_same_graph() -> None:
+    from converters.evaluate import Evaluation, Fidelity
+    from converters.onnx import ONNXConverter
+    from converters.search import _more_faithful
+    from converters.tflite import TFLiteConverter
+
+    tfl = {r.name: r for r in TFLiteConverter().recipes(find_profile("x86-64-avx512-server"), 1000, 500)}
+    plain = tfl["int8-per-channel"]
+    assert fidelity_sibling(tfl["int8-bias-corrected"], plain) and fidelity_sibling(tfl["int8-cle-bias-corrected"], plain)
+    assert not fidelity_sibling(tfl["int8-cle"], plain)  # same graph, no error correction
+    assert not fidelity_sibling(tfl["int8-legacy-calibrator"], plain)  # another quantizer, another graph
+    assert not fidelity_sibling(plain, plain)
+    onx = {r.name: r for r in ONNXConverter().recipes(find_profile("x86-64-avx512-server"), 1000, 500)}
+    bc = next(r for n, r in onx.items() if n.endswith("-bc") and "cle" not in n and "minmax" in n and not r.options.keep_sensitive)
+    others = [r for r in onx.values() if fidelity_sibling(r, bc)]
+    assert others and all(r.options.bias_correction and graph_key(r) == graph_key(bc) for r in others)
+    assert not any(fidelity_sibling(r, bc) for r in onx.values() if r.options.keep_sensitive)  # float nodes: another graph
+
+    def ev(*sqnr: float) -> Evaluation:
+        return Evaluation(task="classification", accuracy=90.0, agreement=99.0,
+                          fidelity={f"out{i}": Fidelity(sqnr_db=v, cosine=1.0, max_rel_error=0.0, max_abs_error=0.0) for i, v in enumerate(sqnr)})
+
+    assert _more_faithful(ev(34.0), ev(30.4)) == (34.0, 30.4)
+    assert _more_faithful(ev(30.4 + FIDELITY_MARGIN_DB / 2), ev(30.4)) is None  # within the margin: the first (faster-tried) stays
+    assert _more_faithful(ev(40.0, 20.0), ev(30.0, 25.0)) is None  # the worst output decides
+    assert _more_faithful(ev(34.0), None) is None
 
 
 def test_host_runtime_names_what_ran_here() -> None:

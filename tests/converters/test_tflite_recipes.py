@@ -344,3 +344,25 @@ def test_xnnpack_mixed_is_offered_for_a_one_channel_stem_only(ds_cnn: dict[str, 
     rep = correct_bias(model, [calib], float_narrow=3)
     np.testing.assert_array_equal(stem.bias.numpy(), before)
     assert stem.name not in rep.layers and len(rep.layers) == 5
+
+
+def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(ds_cnn: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    """Plain per-channel meets a wide budget first; the bias-corrected variants of its graph still run (the same speed),
+    and one whose outputs are closer to the float model's on the selection split is kept, with the reason."""
+    code, out, err = run_cli("convert", ds_cnn["model"], "--profile", "x86-64-avx512-server", "--format", "tflite",
+                             "--calibration", ds_cnn["calib"], "--eval", ds_cnn["eval"], "--out", tmp_path, "--name", "ds",
+                             "--max-accuracy-drop", "50", "--latency-runs", "3", "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)["results"]
+    tried = {a["recipe"]: a for a in result["attempts"]}
+    assert tried["int8-per-channel"]["within_budget"]
+    for name in ("int8-bias-corrected", "int8-cle-bias-corrected"):
+        assert not tried[name].get("skipped") and tried[name]["selection"]["min_sqnr_db"] is not None, tried[name]
+    assert tried["int8-cle"].get("skipped")  # same graph without error correction: still skipped
+    kept = [v for v in result["verification"] if " kept over " in v]
+    chosen = tried[result["recipe"]]
+    if kept:  # the reason quotes the two selection-split SQNRs of the attempts
+        (line,) = kept
+        over = line.split(" kept over ")[1].split(":")[0]
+        assert f"min SQNR {chosen['selection']['min_sqnr_db']:.1f} vs {tried[over]['selection']['min_sqnr_db']:.1f} dB" in line
+        assert chosen["selection"]["min_sqnr_db"] > tried[over]["selection"]["min_sqnr_db"] + 0.5
