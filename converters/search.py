@@ -12,7 +12,7 @@ from converters.base import Converter, Recipe
 from converters.evaluate import Evaluation, Judge, evaluate
 from converters.memory import release_freed_memory
 from converters.selection import EvalSplit, split_evaluation
-from converters.speed import FIDELITY_MARGIN_DB, FIDELITY_SIBLINGS, SPEED_CLASSES, HostRuntime, Speed, displaces, early_stop_reason, \
+from converters.speed import FIDELITY_MARGIN_DB, FIDELITY_MAX_PARAMS, FIDELITY_SIBLINGS, SPEED_CLASSES, HostRuntime, Speed, displaces, early_stop_reason, \
     fidelity_sibling, graph_key, host_runtime, load_for_timing, measure_speed, slowdown_reason, speed_class
 from edgekit.bundle import _size
 from edgekit.errors import AccuracyBudgetError, ConversionError, EdgekitError, IncompatibleError
@@ -137,8 +137,9 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     Each candidate is scored on the selection split (the decision) and the test split (the report),
     and timed against the float model on this host (converters.speed). A candidate within budget
     displaces the best so far only when more than DISPLACE_TOLERANCE faster; recipes that cannot be
-    faster than the best are skipped with the reason (``early_stop_reason``), except up to FIDELITY_SIBLINGS
-    bias-corrected variants of the best's graph (``fidelity_sibling``): the same speed, and one within budget whose
+    faster than the best are skipped with the reason (``early_stop_reason``), except, on models of at most
+    FIDELITY_MAX_PARAMS weights, up to FIDELITY_SIBLINGS bias-corrected variants of the best's graph
+    (``fidelity_sibling``): the same speed, and one within budget whose
     outputs are more than FIDELITY_MARGIN_DB closer to the float model's (min SQNR on the selection split) is kept
     instead. Without any candidate within budget: the lowest selection drop, with --allow-over-budget.
     """
@@ -155,7 +156,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
     best: Candidate | None = None  # the fastest within budget so far
     fallback: Candidate | None = None  # the lowest selection drop, for --allow-over-budget
     timed: dict[tuple, tuple[str, float]] = {}  # graph_key -> the fastest recipe timed with that graph, and its ratio to float
-    siblings = 0  # fidelity siblings tried
+    siblings = 0 if ctx.source.param_count <= FIDELITY_MAX_PARAMS else FIDELITY_SIBLINGS  # fidelity siblings tried (none on large models)
     for i, recipe in enumerate(recipes):
         ctx.check_interrupted()
         skip = early_stop_reason(recipe, best.recipe, best.speed.ratio if best.speed else None, timed) if best is not None else None

@@ -30,7 +30,7 @@ from converters.evaluate import latency_ms
 from edgekit.profiles import HardwareProfile
 from edgekit.runtime import LocalModel, load_model_file
 
-__all__ = ["DISPLACE_TOLERANCE", "FIDELITY_MARGIN_DB", "FIDELITY_SIBLINGS", "SPEED_CLASSES", "TIMING_ROUNDS", "TIMING_THREADS", "HostRuntime", "Speed", "displaces", "early_stop_reason",
+__all__ = ["DISPLACE_TOLERANCE", "FIDELITY_MARGIN_DB", "FIDELITY_MAX_PARAMS", "FIDELITY_SIBLINGS", "SPEED_CLASSES", "TIMING_ROUNDS", "TIMING_THREADS", "HostRuntime", "Speed", "displaces", "early_stop_reason",
            "fidelity_sibling", "graph_key", "host_runtime", "load_for_timing", "measure_speed", "slowdown_reason", "speed_class"]
 
 TIMING_THREADS = 1
@@ -39,6 +39,8 @@ DISPLACE_TOLERANCE = 0.05  # a later candidate must be more than 5% faster to di
 SPEED_CLASSES = ("int8", "mixed", "int16x8")
 FIDELITY_SIBLINGS = 2  # bias-corrected variants of the best graph still tried once it meets the budget (same speed, maybe more faithful)
 FIDELITY_MARGIN_DB = 0.5  # a same-graph candidate displaces the best when its selection-split SQNR is this much higher
+FIDELITY_MAX_PARAMS = 1_000_000  # above this the siblings are not tried: each bias-corrected TFLite recipe on MobileNetV2 (3.5M) took
+# about 15 s here and doubled the search (32 -> 62 s); selection noise is a small-eval-set problem, the cost a large-model one
 # Recipe option fields that change only values (ranges, rounding, weights), never the graph's ops and dtypes. A converter's
 # new value-only option belongs here; an option not listed counts as changing the graph (so it is timed, not assumed).
 VALUE_ONLY_OPTIONS = frozenset({"calibration_all", "method", "embed", "cle", "bias_correction"})
