@@ -366,3 +366,19 @@ def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(d
         over = line.split(" kept over ")[1].split(":")[0]
         assert f"min SQNR {chosen['selection']['min_sqnr_db']:.1f} vs {tried[over]['selection']['min_sqnr_db']:.1f} dB" in line
         assert chosen["selection"]["min_sqnr_db"] > tried[over]["selection"]["min_sqnr_db"] + 0.5
+
+
+def test_large_models_skip_the_fidelity_siblings(ds_cnn: dict[str, Path], tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FIDELITY_MAX_PARAMS weights the early stop holds for the bias-corrected variants too (their cost grows with the model)."""
+    import converters.search
+
+    monkeypatch.setattr(converters.search, "FIDELITY_MAX_PARAMS", 10)  # the ds CNN counts as large
+    code, out, err = run_cli("convert", ds_cnn["model"], "--profile", "x86-64-avx512-server", "--format", "tflite",
+                             "--calibration", ds_cnn["calib"], "--eval", ds_cnn["eval"], "--out", tmp_path, "--name", "ds",
+                             "--max-accuracy-drop", "50", "--latency-runs", "3", "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)["results"]
+    tried = {a["recipe"]: a for a in result["attempts"]}
+    assert tried["int8-per-channel"]["within_budget"]
+    assert all(tried[n].get("skipped") for n in ("int8-bias-corrected", "int8-cle-bias-corrected"))
+    assert not any(" kept over " in v for v in result["verification"])
