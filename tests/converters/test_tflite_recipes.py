@@ -346,15 +346,20 @@ def test_xnnpack_mixed_is_offered_for_a_one_channel_stem_only(ds_cnn: dict[str, 
     assert stem.name not in rep.layers and len(rep.layers) == 5
 
 
-def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(ds_cnn: dict[str, Path], tmp_path: Path, run_cli) -> None:
-    """Plain per-channel meets a wide budget first; the bias-corrected variants of its graph still run (the same speed),
-    and one whose outputs are closer to the float model's on the selection split is kept, with the reason."""
+def _wide_budget_run(ds_cnn: dict[str, Path], tmp_path: Path, run_cli) -> tuple[dict, dict[str, dict]]:
+    """One TFLite conversion of the ds CNN under a budget plain per-channel meets: the result and its attempts by recipe."""
     code, out, err = run_cli("convert", ds_cnn["model"], "--profile", "x86-64-avx512-server", "--format", "tflite",
                              "--calibration", ds_cnn["calib"], "--eval", ds_cnn["eval"], "--out", tmp_path, "--name", "ds",
                              "--max-accuracy-drop", "50", "--latency-runs", "3", "--json")
     assert code == 0, err
     (result,) = json.loads(out)["results"]
-    tried = {a["recipe"]: a for a in result["attempts"]}
+    return result, {a["recipe"]: a for a in result["attempts"]}
+
+
+def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(ds_cnn: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    """Plain per-channel meets a wide budget first; the bias-corrected variants of its graph still run (the same speed),
+    and one whose outputs are closer to the float model's on the selection split is kept, with the reason."""
+    result, tried = _wide_budget_run(ds_cnn, tmp_path, run_cli)
     assert tried["int8-per-channel"]["within_budget"]
     for name in ("int8-bias-corrected", "int8-cle-bias-corrected"):
         assert not tried[name].get("skipped") and tried[name]["selection"]["min_sqnr_db"] is not None, tried[name]
@@ -373,12 +378,7 @@ def test_large_models_skip_the_fidelity_siblings(ds_cnn: dict[str, Path], tmp_pa
     import converters.search
 
     monkeypatch.setattr(converters.search, "FIDELITY_MAX_PARAMS", 10)  # the ds CNN counts as large
-    code, out, err = run_cli("convert", ds_cnn["model"], "--profile", "x86-64-avx512-server", "--format", "tflite",
-                             "--calibration", ds_cnn["calib"], "--eval", ds_cnn["eval"], "--out", tmp_path, "--name", "ds",
-                             "--max-accuracy-drop", "50", "--latency-runs", "3", "--json")
-    assert code == 0, err
-    (result,) = json.loads(out)["results"]
-    tried = {a["recipe"]: a for a in result["attempts"]}
+    result, tried = _wide_budget_run(ds_cnn, tmp_path, run_cli)
     assert tried["int8-per-channel"]["within_budget"]
     assert all(tried[n].get("skipped") for n in ("int8-bias-corrected", "int8-cle-bias-corrected"))
     assert not any(" kept over " in v for v in result["verification"])
