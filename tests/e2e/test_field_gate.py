@@ -104,8 +104,8 @@ def test_a_version_that_escalates_twice_as_often_fails_its_first_wave_on_the_fie
         x = t["x"].astype(np.float32)
     slow = next(r.bundle_dir for r in slow_digits_bundles.results if r.profile == "raspberry-pi-5")
     v1_dir = calibrate_router(fleet_bundles.dirs["v1"]["raspberry-pi-5"], digits_cloud["onnx"], digits_cloud["calib"], tmp_path / "cal1",
-                              escalation_budget=0.10).bundle
-    v2_dir = calibrate_router(slow, digits_cloud["onnx"], digits_cloud["calib"], tmp_path / "cal2", escalation_budget=0.25).bundle
+                              escalation_budget=0.05).bundle
+    v2_dir = calibrate_router(slow, digits_cloud["onnx"], digits_cloud["calib"], tmp_path / "cal2", escalation_budget=0.30).bundle
     rate_v1, rate_v2 = _escalation_rate(v1_dir, x), _escalation_rate(v2_dir, x)
     assert rate_v2 >= 2 * rate_v1 and rate_v2 - rate_v1 > 0.05, (rate_v1, rate_v2)  # the premise, on the bundles themselves
 
