@@ -362,7 +362,11 @@ def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(d
     result, tried = _wide_budget_run(ds_cnn, tmp_path, run_cli)
     assert tried["int8-per-channel"]["within_budget"]
     for name in ("int8-bias-corrected", "int8-cle-bias-corrected"):
-        assert not tried[name].get("skipped") and tried[name]["selection"]["min_sqnr_db"] is not None, tried[name]
+        if tried[name].get("skipped"):  # a faster graph (the stem in float) displaced per-channel first: siblings of another graph
+            reason = tried[name]["skipped"]
+            assert "same graph as int8-per-channel" in reason and "cannot displace int8-per-channel " not in reason, reason
+        else:
+            assert tried[name]["selection"]["min_sqnr_db"] is not None, tried[name]
     assert tried["int8-cle"].get("skipped")  # same graph without error correction: still skipped
     kept = [v for v in result["verification"] if " kept over " in v]
     chosen = tried[result["recipe"]]
