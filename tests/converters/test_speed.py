@@ -35,13 +35,30 @@ from edgekit.profiles import find_profile
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _check_fastest_wins(attempts) -> None:
-    """The chosen attempt is within budget and no timed within-budget attempt is more than the tolerance faster."""
+def _graph_keys(model: Path, profile: str, calib: Path, tmp_path: Path) -> dict[str, tuple]:
+    """Recipe name -> graph_key for the TFLite recipes the search offers this source on this profile (check() sets what it offers)."""
+    from converters.source import load_source
+    from converters.tflite import TFLiteConverter
+
+    source, prof, conv = load_source(model, tmp_path), find_profile(profile), TFLiteConverter()
+    conv.check(source, prof)
+    count = len(next(iter(np.load(calib).values())))
+    return {r.name: graph_key(r) for r in conv.recipes(prof, count, ConvertOptions.calibration_samples)}
+
+
+def _check_fastest_wins(attempts, keys: dict[str, tuple]) -> None:
+    """The chosen attempt is within budget and no timed within-budget attempt is more than the tolerance faster than its graph.
+
+    Recipes that build the same graph run at the same speed; their timings differ by noise. A bias-corrected variant kept
+    for fidelity over a same-graph recipe (converters.search) may have timed slower than it: its graph's speed is the
+    fastest within-budget timing of that graph.
+    """
     chosen = next(a for a in attempts if a.chosen)
     within = [a for a in attempts if a.within_budget and a.speedup_vs_float is not None]
     assert chosen in within
     ratio = lambda a: 1.0 / a.speedup_vs_float
-    assert ratio(chosen) <= (1 + DISPLACE_TOLERANCE) * min(ratio(a) for a in within) + 1e-12
+    of_graph = min(ratio(a) for a in within if keys[a.recipe] == keys[chosen.recipe])
+    assert of_graph <= (1 + DISPLACE_TOLERANCE) * min(ratio(a) for a in within) + 1e-12
     for a in attempts:
         if a.latency_ms_p50 is not None and 1.0 / a.speedup_vs_float > 1 + DISPLACE_TOLERANCE:
             assert a.slower_than_float and "float model's latency" in a.slower_than_float  # measured reason, always
@@ -62,9 +79,9 @@ def _int16_profile(tmp_path: Path) -> Path:
     return path
 
 
-def test_chosen_is_the_fastest_within_budget_and_speed_is_in_every_attempt(digits_bundles) -> None:
+def test_chosen_is_the_fastest_within_budget_and_speed_is_in_every_attempt(digits_bundles, digits, tmp_path: Path) -> None:
     for r in digits_bundles.results:
-        _check_fastest_wins(r.attempts)
+        _check_fastest_wins(r.attempts, _graph_keys(digits["model"], r.profile, digits["calib"], tmp_path / r.profile))
         m = r.manifest.metrics
         chosen = next(a for a in r.attempts if a.chosen)
         assert m["host_latency_ms_p50"].value == chosen.latency_ms_p50 and m["latency_ratio"].value == pytest.approx(1 / chosen.speedup_vs_float)
@@ -87,7 +104,7 @@ def test_int16x8_that_would_pass_is_not_chosen_over_int8(digits, tmp_path: Path)
     assert by_name["int16x8"].skipped and "int16x8 graphs are never faster than int8 ones" in by_name["int16x8"].skipped
     chosen = next(a for a in r.attempts if a.chosen)
     assert chosen.speed_class == "int8" and r.manifest.quantization.precision.startswith("INT8")
-    _check_fastest_wins(r.attempts)
+    _check_fastest_wins(r.attempts, _graph_keys(digits["model"], str(profile), digits["calib"], tmp_path / "keys"))
     assert [a.speed_class for a in r.attempts] == sorted((a.speed_class for a in r.attempts), key=["int8", "mixed", "int16x8"].index)
 
 

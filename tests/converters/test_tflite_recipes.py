@@ -375,6 +375,7 @@ def test_bias_corrected_variants_are_tried_for_fidelity_once_the_budget_is_met(d
         over = line.split(" kept over ")[1].split(":")[0]
         assert f"min SQNR {chosen['selection']['min_sqnr_db']:.1f} vs {tried[over]['selection']['min_sqnr_db']:.1f} dB" in line
         assert chosen["selection"]["min_sqnr_db"] > tried[over]["selection"]["min_sqnr_db"] + 0.5
+        assert f"timed at {1 / chosen['speedup_vs_float']:.2f}x and " in line and "timing noise" in line  # both timings, said as noise
 
 
 def test_large_models_skip_the_fidelity_siblings(ds_cnn: dict[str, Path], tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
