@@ -221,8 +221,7 @@ def search_recipes(ctx: RunContext, prof: HardwareProfile, conv: Converter, embe
                 (gain := _more_faithful(ev_sel, best.selection)) is not None:
             # The same graph runs at the same speed: the two timings differ by noise, and the faster one stays the reference
             # later recipes must beat (a noisy slow timing of the kept file never lets a slower graph displace it).
-            ref = min(speed.ratio, best.graph_ratio or speed.ratio)
-            best = replace(cand, graph_ratio=ref,
+            best = replace(cand, graph_ratio=min(speed.ratio, best.graph_ratio),  # type: ignore[type-var]
                            why=f"{recipe.name} kept over {best.recipe.name}: the same graph (the same speed: timed at {speed.ratio:.2f}x "
                                f"and {best.graph_ratio:.2f}x the float latency, timing noise), outputs closer to the float model's on the "
                                f"{'evaluation data' if same else 'selection split'} (min SQNR {gain[0]:.1f} vs {gain[1]:.1f} dB)")
